@@ -1,0 +1,209 @@
+"""The Engine interface and its registry.
+
+An engine is a named transform of the reference model. It never times itself: ``prepare`` returns a module
+with the reference's ``forward(tokens, input_pos) -> logits`` and ``setup_caches(max_batch_size,
+max_seq_length)``, and the harness drives it with the shared decoding loops.
+
+Parameters are a dataclass per engine (``Params``); its fields are the keys of the engine's Hydra config group,
+so ``engine.bits=4`` is validated, typed and sweepable. Third-party engines register through the
+``harness.engines`` entry-point group (an entry point may name an Engine subclass or a module that registers
+one with ``@register``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from types import UnionType
+from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
+
+import torch
+from torch import nn
+
+from engines.llama import ModelArgs
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "harness.engines"
+BUILTIN_MODULES = ("engines.eager",)
+
+
+class EngineError(ValueError):
+    """Invalid engine name or parameter; the message names the field and what is allowed."""
+
+
+@dataclass(frozen=True)
+class NoParams:
+    pass
+
+
+def choice(default: Any, choices: tuple[Any, ...], help: str = "") -> Any:
+    """A dataclass field restricted to a set of values (validated and listed in errors)."""
+    return field(default=default, metadata={"choices": choices, "help": help})
+
+
+@dataclass
+class PrepareContext:
+    """What an engine may know when it transforms the reference model."""
+
+    device: torch.device
+    dtype: torch.dtype
+    seed: int
+    model_name: str
+    model_args: ModelArgs
+    cache_dir: Path
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine:
+    """Base class: subclass, set ``name`` (and ``Params``), implement ``prepare``, decorate with @register."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
+    description: ClassVar[str] = ""
+
+    def __init__(self, params: Any | None = None) -> None:
+        self.params = params if params is not None else self.Params()
+
+    def available(self, device: torch.device) -> str | None:
+        """None when this engine (with its params) can run on ``device``, else the human reason."""
+        return None
+
+    def timing_caveat(self, device: torch.device) -> str | None:
+        """None when timings on ``device`` are representative, else why not (e.g. an interpreted kernel)."""
+        return None
+
+    def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
+        """Return the model to time. Must not modify ``model`` in place: the reference is shared."""
+        raise NotImplementedError
+
+    # -- identity ---------------------------------------------------------------------------------------
+    def param_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.params)
+
+    def non_default_params(self) -> dict[str, Any]:
+        default = dataclasses.asdict(self.Params())
+        return {k: v for k, v in self.param_dict().items() if default.get(k) != v}
+
+    def variant(self) -> str:
+        """Readable label: the name plus non-default parameters, e.g. ``quantized(scheme=int8_dynamic)``."""
+        extra = self.non_default_params()
+        if not extra:
+            return self.name
+        return f"{self.name}({', '.join(f'{k}={v}' for k, v in sorted(extra.items()))})"
+
+
+_REGISTRY: dict[str, type[Engine]] = {}
+_LOADED = False
+
+
+def register(cls: type[Engine]) -> type[Engine]:
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} needs a non-empty `name`")
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise TypeError(f"engine name {cls.name!r} is taken by {existing.__module__}.{existing.__qualname__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    for mod in BUILTIN_MODULES:
+        importlib.import_module(mod)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+        except Exception as exc:  # a broken plugin must not take the harness down
+            log.warning("engine entry point %r failed to load: %s", ep.name, exc)
+            continue
+        if isinstance(obj, type) and issubclass(obj, Engine):
+            register(obj)
+
+
+def engine_names() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get_engine_class(name: str) -> type[Engine]:
+    _load_all()
+    if name not in _REGISTRY:
+        raise EngineError(f"engine.name: unknown engine {name!r}; allowed: {', '.join(engine_names())}")
+    return _REGISTRY[name]
+
+
+def _coerce(key: str, value: Any, typ: Any, choices: tuple[Any, ...] | None) -> Any:
+    """Check one parameter against its dataclass type (``int``, ``float``, ``bool``, ``str``, tuples, Optional)."""
+    if hasattr(value, "_content"):  # an OmegaConf node
+        from omegaconf import OmegaConf
+
+        value = OmegaConf.to_container(value)
+    members = get_args(typ) if isinstance(typ, UnionType) or get_origin(typ) is Union else (typ,)
+    base = next((t for t in members if t is not type(None)), typ)
+    if value is None:
+        if type(None) in members:
+            return None
+        raise EngineError(f"engine.{key}: a value is required (got null)")
+    if base is bool and not isinstance(value, bool):
+        raise EngineError(f"engine.{key}: expected true or false, got {value!r}")
+    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise EngineError(f"engine.{key}: expected an integer, got {value!r}")
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise EngineError(f"engine.{key}: expected a number, got {value!r}")
+        value = float(value)
+    if base is str:
+        value = str(value)
+    if get_origin(base) is tuple:
+        if not isinstance(value, list | tuple):
+            raise EngineError(f"engine.{key}: expected a list, got {value!r}")
+        value = tuple(value)
+    if choices is not None and value not in choices:
+        raise EngineError(f"engine.{key}: {value!r} is not allowed; allowed: {', '.join(map(str, choices))}")
+    return value
+
+
+def make_engine(cfg: dict[str, Any]) -> Engine:
+    """Build an engine from its config node ``{name: ..., <param>: ...}``, validating every parameter."""
+    cfg = dict(cfg)
+    name = cfg.pop("name", None)
+    if not name:
+        raise EngineError(f"engine.name: missing; allowed: {', '.join(engine_names())}")
+    cls = get_engine_class(str(name))
+    hints = get_type_hints(cls.Params)
+    known = {f.name: f for f in dataclasses.fields(cls.Params)}
+    kwargs = {}
+    for key, value in cfg.items():
+        if key not in known:
+            allowed = ", ".join(sorted(known)) or "(none)"
+            raise EngineError(f"engine.{key}: not a parameter of engine {name!r}; allowed: {allowed}")
+        kwargs[key] = _coerce(key, value, hints[key], known[key].metadata.get("choices"))
+    try:
+        params = cls.Params(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise EngineError(f"engine: invalid parameters for {name!r}: {exc}") from None
+    return cls(params)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights a forward pass reads: the model's own ``weight_bytes()`` when it defines one (quantized
+    or sparse formats know their storage), else every distinct parameter counted once (tied ones too)."""
+    own = getattr(model, "weight_bytes", None)
+    if callable(own):
+        return int(own())
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total

@@ -1,0 +1,56 @@
+"""The Hydra application behind `harness run`: one call of ``task`` measures one point."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from harness.config import validate
+from harness.paths import config_dir
+from harness.point import run_point
+from harness.progress import progress, progress_text
+
+log = logging.getLogger("harness")
+
+
+def _describe(spec) -> str:
+    w = spec.workload
+    beams = f" beams={w.num_beams}" if w.decoding == "beam" else ""
+    return (
+        f"{spec.engine.variant()} · {spec.model.name} · batch={w.batch_size} prompt={w.prompt_len} "
+        f"gen={w.gen_len}{beams} · {spec.device.type} {spec.dtype_name}"
+    )
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+def task(cfg: DictConfig) -> dict[str, Any]:
+    spec = validate(cfg)
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    sweep_dir = Path(hc.sweep.dir) if multirun else None
+    job = hc.job.num if multirun else None
+    sweep = {
+        "dir": str(sweep_dir.resolve()) if sweep_dir else None,
+        "job": job,
+        "overrides": list(OmegaConf.to_container(hc.overrides.task)),
+        "mode": "multirun" if multirun else "run",
+    }
+    prefix = progress_text(progress(sweep_dir, job)) + " " if multirun else ""
+    log.info("%s%s", prefix, _describe(spec))
+    record = run_point(spec, Path(hc.runtime.output_dir), sweep)
+    if record["status"] == "ok":
+        s, m = record["summary"], record["metrics"]
+        log.info(
+            "  ok: TTFT p50 %.3g ms, TPOT p50 %.3g ms (±%.1f%%), %.4g decode tok/s, n=%d (%s), peak %.0f MiB",
+            s["ttft_ms"]["p50"], s["tpot_ms"]["p50"], 100 * s["tpot_ms"]["ci_rel_halfwidth"],
+            m["decode_tokens_per_s"], record["timing"]["reps"], record["timing"]["stop_reason"], m["peak_memory_mb"],
+        )
+    else:
+        log.warning("  %s: %s", record["status"], record["error"])
+    return {"status": record["status"], "point_key": record["point_key"]}

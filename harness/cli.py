@@ -1,0 +1,167 @@
+"""`harness` console script: `run` (the Hydra app) and `env`.
+
+Bad input never shows a traceback: it prints one line naming the problem and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+USAGE = """usage: harness <command> [args]
+
+commands:
+  run [hydra args...]   measure one point, or a sweep with -m / +sweep=<name> (Hydra overrides)
+  env [--json]          print the device, threads, versions and git SHA this machine would record
+
+examples:
+  harness run                                       # one default point (eager, tiny, batch 1)
+  harness run +sweep=demo                           # the demo sweep
+  harness run -m engine=eager model=tiny workload.batch_size=1,4 measure=quick
+  harness run --cfg job                             # print the composed config
+"""
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Invalid user input: printed as one line, exit code 2."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def format_hydra_error(exc: BaseException) -> str:
+    """Hydra's multi-line composition errors as one line naming the field and what is allowed."""
+    from hydra.errors import MissingConfigException
+
+    from hydra.errors import OverrideParseException
+
+    text = str(exc)
+    if isinstance(exc, OverrideParseException):
+        first = re.split(r"\s*See https://", text)[0]
+        return f"cannot parse override {exc.override!r}: {_one_line(first)} (expected key=value; see --help)"
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and "/" in exc.missing_cfg_file:
+        group, _, name = exc.missing_cfg_file.rpartition("/")
+        options = ", ".join(exc.options or []) or "(none)"
+        return f"{group}: unknown option {name!r}; allowed: {options}"
+    cause = str(exc.__cause__ or "")
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m and "not in struct" in cause:
+        key = m.group(1)
+        parent = key.rpartition(".")[0]
+        allowed = _allowed_keys(parent)
+        hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
+        return f"{key}: unknown field{hint} (prefix with + to add a new key)"
+    m = re.search(r"Could not append to config\. An item is already at '([^']+)'", text)
+    if m:
+        return f"{m.group(1)}: already set by the config; override it without the leading +"
+    return _one_line(f"{text} {cause}")
+
+
+def _allowed_keys(parent: str) -> list[str]:
+    """Keys of a config node, for error messages (empty when it cannot be composed)."""
+    try:
+        from hydra import compose, initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+        from omegaconf import OmegaConf
+
+        from harness.paths import config_dir
+
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name="config")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        return sorted(str(k) for k in node.keys()) if node is not None else []
+    except Exception:
+        return []
+
+
+def cmd_run(args: Sequence[str]) -> int:
+    """Run the Hydra app with ``args`` as its command line."""
+    # Let exceptions reach us instead of Hydra printing a traceback and exiting with 1.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from harness import callbacks
+    from harness.app import task
+    from harness.callbacks import PreflightAbort
+    from harness.config import ConfigError
+
+    callbacks.LAST_RESULT.clear()
+    saved = sys.argv
+    sys.argv = ["harness run", *args]
+    try:
+        task()
+    except (ConfigError, PreflightAbort) as exc:
+        raise UsageError(str(exc)) from None
+    except (MissingConfigException, OverrideParseException, HydraException, OmegaConfBaseException) as exc:
+        raise UsageError(format_hydra_error(exc)) from None
+    finally:
+        sys.argv = saved
+    return EXIT_FAILED if callbacks.LAST_RESULT.get("all_failed") else EXIT_OK
+
+
+def cmd_env(args: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="harness env", description="Print the environment a record would carry.")
+    parser.add_argument("--json", action="store_true", help="print the full fingerprint as JSON")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    opts = parser.parse_args(args)
+
+    from harness.config import ConfigError, resolve_device
+    from harness.env import fingerprint
+
+    try:
+        device = resolve_device(opts.device)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    fp = fingerprint(device)
+    if opts.json:
+        print(json.dumps(fp, indent=2, default=str))
+        return EXIT_OK
+    git = fp["git"]
+    lines = [
+        ("device", f"{fp['device_type']}: {fp['device_name']}"),
+        ("cpu", f"{fp['cpu_model']} ({fp['cpu_count_logical']} logical, {fp['cpu_affinity']} usable)"),
+        ("torch threads", fp["torch_threads"]),
+        ("memory", f"{fp['memory_gb']} GB"),
+        ("python", fp["python"]),
+        ("platform", fp["platform"]),
+        ("git", f"{git['sha']}{' (dirty)' if git['dirty'] else ''} in {git['repo']}" if git["sha"] else "not a git checkout"),
+        ("fingerprint", fp["id"]),
+    ]
+    for key, value in fp.get("cuda", {}).items():
+        lines.append((f"cuda.{key}", value))
+    lines += [(f"version.{k}", v or "not installed") for k, v in fp["versions"].items()]
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key:<{width}}  {value}")
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"run": cmd_run, "env": cmd_env}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE)
+        return EXIT_OK if argv else EXIT_USAGE
+    name, rest = argv[0], argv[1:]
+    command = COMMANDS.get(name)
+    try:
+        if command is None:
+            raise UsageError(f"unknown command {name!r}; allowed: {', '.join(COMMANDS)}")
+        return command(rest)
+    except UsageError as exc:
+        sys.stderr.write(f"harness {name}: error: {_one_line(str(exc))}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("harness: interrupted\n")
+        return 130

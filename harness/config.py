@@ -1,0 +1,205 @@
+"""Validation of a composed config into a typed point specification.
+
+Every check names the config field and what is allowed, in one line, and runs before any work starts (for a
+multirun: for every point of the sweep before the first one runs).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from engines.base import Engine, EngineError, make_engine
+from engines.llama import ModelArgs
+from harness.timing import Policy
+
+DEVICES = "auto, cpu, cuda, cuda:N"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DECODINGS = ("greedy", "beam")
+WEIGHTS = ("random",)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message is one line naming the field and the allowed values."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch_size: int = 1
+    prompt_len: int = 128
+    gen_len: int = 32
+    decoding: str = "greedy"
+    num_beams: int = 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    weights: str
+    args: ModelArgs
+
+
+@dataclass
+class PointSpec:
+    """Everything a point needs, validated."""
+
+    model: ModelSpec
+    engine: Engine
+    workload: Workload
+    policy: Policy
+    device: torch.device
+    dtype: torch.dtype
+    seed: int
+    cfg: dict[str, Any]
+
+    @property
+    def dtype_name(self) -> str:
+        return next(k for k, v in DTYPES.items() if v == self.dtype)
+
+
+def _int(value: Any, field: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{field}: expected an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{field}: must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def _number(value: Any, field: str, minimum: float, strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{field}: expected a number, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        raise ConfigError(f"{field}: must be {'>' if strict else '>='} {minimum}, got {value}")
+    return float(value)
+
+
+def resolve_device(value: Any) -> torch.device:
+    text = str(value).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    m = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if not m:
+        raise ConfigError(f"device: {value!r} is not a device; allowed: {DEVICES}")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device: {value!r} requested but CUDA is not available on this machine; allowed: auto, cpu")
+    index = int(m.group(1) or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(f"device: {value!r} does not exist; this machine has cuda:0..cuda:{count - 1}")
+    return torch.device("cuda", index)
+
+
+def resolve_dtype(value: Any, device: torch.device) -> torch.dtype:
+    text = str(value).strip().lower()
+    if text == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if text not in DTYPES:
+        raise ConfigError(f"dtype: {value!r} is not supported; allowed: auto, {', '.join(DTYPES)}")
+    return DTYPES[text]
+
+
+def _model(m: dict[str, Any]) -> ModelSpec:
+    if not isinstance(m, dict) or not m.get("name"):
+        raise ConfigError("model: missing or has no name; choose a shape with model=<name> (see configs/model/)")
+    weights = m.get("weights", "random")
+    if weights not in WEIGHTS:
+        raise ConfigError(f"model.weights: {weights!r} is not supported; allowed: {', '.join(WEIGHTS)}")
+    known = {f.name for f in fields(ModelArgs)} | {"name", "weights"}
+    extra = sorted(set(m) - known)
+    if extra:
+        raise ConfigError(f"model.{extra[0]}: unknown field; allowed: {', '.join(sorted(known))}")
+    for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "max_seq_len"):
+        if key in m:
+            _int(m[key], f"model.{key}", 1)
+    args = ModelArgs.from_dict(m)
+    if args.dim % args.n_heads:
+        raise ConfigError(f"model.n_heads: must divide model.dim={args.dim}, got {args.n_heads}")
+    if args.n_heads % args.n_kv_heads:
+        raise ConfigError(f"model.n_kv_heads: must divide model.n_heads={args.n_heads}, got {args.n_kv_heads}")
+    if args.head_dim % 2:
+        raise ConfigError(f"model.dim: dim / n_heads must be even for rotary embeddings, got {args.head_dim}")
+    return ModelSpec(name=str(m["name"]), weights=str(weights), args=args)
+
+
+def _workload(w: dict[str, Any], model: ModelSpec) -> Workload:
+    known = {f.name for f in fields(Workload)}
+    extra = sorted(set(w) - known)
+    if extra:
+        raise ConfigError(f"workload.{extra[0]}: unknown field; allowed: {', '.join(sorted(known))}")
+    wl = Workload(**{**Workload().__dict__, **w})
+    _int(wl.batch_size, "workload.batch_size", 1)
+    _int(wl.prompt_len, "workload.prompt_len", 1)
+    _int(wl.gen_len, "workload.gen_len", 2)
+    _int(wl.num_beams, "workload.num_beams", 1)
+    if wl.decoding not in DECODINGS:
+        raise ConfigError(f"workload.decoding: {wl.decoding!r} is not supported; allowed: {', '.join(DECODINGS)}")
+    if wl.decoding == "greedy" and wl.num_beams != 1:
+        raise ConfigError(f"workload.num_beams: must be 1 with decoding=greedy (use decoding=beam), got {wl.num_beams}")
+    if wl.decoding == "beam" and wl.num_beams > model.args.vocab_size:
+        raise ConfigError(f"workload.num_beams: at most the vocabulary size {model.args.vocab_size}, got {wl.num_beams}")
+    total = wl.prompt_len + wl.gen_len
+    if total > model.args.max_seq_len:
+        raise ConfigError(
+            f"workload.prompt_len + workload.gen_len: {wl.prompt_len} + {wl.gen_len} = {total} exceeds "
+            f"model.max_seq_len={model.args.max_seq_len} of model {model.name!r}"
+        )
+    return wl
+
+
+def _policy(p: dict[str, Any]) -> Policy:
+    known = set(Policy.__dataclass_fields__)
+    extra = sorted(set(p) - known)
+    if extra:
+        raise ConfigError(f"measure.{extra[0]}: unknown field; allowed: {', '.join(sorted(known))}")
+    for key in ("warmup_iters", "min_reps", "max_reps"):
+        if key in p:
+            _int(p[key], f"measure.{key}", 1 if key != "warmup_iters" else 0)
+    for key in ("warmup_s", "warmup_max_s", "max_time_s", "warmup_stable_rel"):
+        if key in p:
+            _number(p[key], f"measure.{key}", 0.0)
+    if "target_ci" in p:
+        _number(p["target_ci"], "measure.target_ci", 0.0, strict=True)
+    if "confidence" in p and not 0.5 <= _number(p["confidence"], "measure.confidence", 0.5) < 1:
+        raise ConfigError(f"measure.confidence: must be in [0.5, 1), got {p['confidence']}")
+    policy = Policy.from_dict(p)
+    if policy.max_reps < policy.min_reps:
+        raise ConfigError(f"measure.max_reps: must be >= measure.min_reps={policy.min_reps}, got {policy.max_reps}")
+    return policy
+
+
+def to_container(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """Plain dict of the job config (Hydra's own node excluded), interpolations resolved."""
+    data: dict[str, Any] = {}
+    for key in cfg:
+        if key == "hydra":  # Hydra's node holds values only known once a job runs
+            continue
+        value = cfg[key]
+        data[str(key)] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return data
+
+
+def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
+    """Turn a composed config into a PointSpec, or raise ConfigError naming the first bad field."""
+    data = to_container(cfg)
+    for key in ("model", "engine", "workload", "measure"):
+        if not isinstance(data.get(key), dict):
+            raise ConfigError(f"{key}: missing config group; set {key}=<option>")
+    model = _model(data["model"])
+    try:
+        engine = make_engine(data["engine"])
+    except EngineError as exc:
+        raise ConfigError(str(exc)) from None
+    workload = _workload(data["workload"], model)
+    policy = _policy(data["measure"])
+    device = resolve_device(data.get("device", "auto"))
+    dtype = resolve_dtype(data.get("dtype", "auto"), device)
+    seed = _int(data.get("seed", 0), "seed", 0)
+    return PointSpec(model, engine, workload, policy, device, dtype, seed, data)

@@ -1,0 +1,128 @@
+"""Environment fingerprint: what hardware and software produced a measurement.
+
+The fingerprint ``id`` hashes only what changes performance (device, CPU model, thread count, driver and the
+numeric stack's versions), so two sweeps on the same machine and stack share it and the gate can tell
+comparable runs from incomparable ones; hostname, time and git SHA are recorded beside it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+PACKAGES = ("torch", "triton", "numpy", "hydra-core", "omegaconf", "pandas", "scipy", "torchao", "nvidia-ml-py")
+PROJECT = "llm-inference-harness"
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in (PROJECT, *PACKAGES):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+@functools.cache
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def git_state(path: Path | None = None) -> dict[str, Any]:
+    """SHA and dirtiness of the project being measured: the git checkout of ``path`` (default: cwd), else the
+    checkout the harness itself runs from."""
+    for where in (path or Path.cwd(), Path(__file__).resolve().parent):
+        sha = _git(["rev-parse", "HEAD"], where)
+        if sha:
+            status = _git(["status", "--porcelain", "--untracked-files=no"], where)
+            root = _git(["rev-parse", "--show-toplevel"], where)
+            return {"sha": sha, "dirty": bool(status), "repo": root}
+    return {"sha": None, "dirty": None, "repo": None}
+
+
+def cuda_info(device: torch.device) -> dict[str, Any]:
+    """Device name, capability, memory, driver and clocks (clocks through NVML when it is installed)."""
+    props = torch.cuda.get_device_properties(device)
+    info: dict[str, Any] = {
+        "name": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "memory_gb": round(props.total_memory / 2**30, 2),
+        "multiprocessors": props.multi_processor_count,
+        "cuda_runtime": torch.version.cuda,
+    }
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        info["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        info["sm_clock_mhz"] = pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
+        info["mem_clock_mhz"] = pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM)
+        info["max_sm_clock_mhz"] = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM)
+        info["power_limit_w"] = pynvml.nvmlDeviceGetPowerManagementLimit(handle) / 1000
+    except Exception as exc:  # NVML is optional; say why clocks are missing
+        info["nvml"] = f"unavailable: {exc.__class__.__name__}: {exc}"
+    return info
+
+
+def fingerprint(device: torch.device) -> dict[str, Any]:
+    """The environment record of a point."""
+    versions = package_versions()
+    fp: dict[str, Any] = {
+        "device_type": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "cpu_model": cpu_model(),
+        "cpu_count_logical": psutil.cpu_count(logical=True),
+        "cpu_count_physical": psutil.cpu_count(logical=False),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "versions": versions,
+        "torch_config": {"cuda": torch.version.cuda, "debug": torch.version.debug},
+        "git": git_state(),
+    }
+    if device.type == "cuda":
+        fp["cuda"] = cuda_info(device)
+    fp["id"] = fingerprint_id(fp)
+    return fp
+
+
+def fingerprint_id(fp: dict[str, Any]) -> str:
+    """Hash of what makes timings comparable (not hostname, time or git SHA)."""
+    v = fp.get("versions", {})
+    key = {
+        "device": [fp.get("device_type"), fp.get("device_name")],
+        "cpu": [fp.get("cpu_model"), fp.get("cpu_affinity"), fp.get("torch_threads")],
+        "stack": [v.get("torch"), v.get("triton"), v.get("torchao"), fp.get("torch_config", {}).get("cuda")],
+        "driver": fp.get("cuda", {}).get("driver"),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]

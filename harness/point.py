@@ -1,0 +1,162 @@
+"""One point end to end: reference model -> engine.prepare -> warm-up -> timed generations -> record.
+
+A point never raises (except for an invalid config, caught before any work): an unavailable engine is
+``skipped`` with its reason, running out of memory is ``oom``, any other exception is ``failed`` with its
+message and traceback, and the record is written in every case.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engines.base import PrepareContext, weight_bytes
+from engines.generate import cache_rows, generate, setup_caches
+from harness import reference
+from harness.config import PointSpec
+from harness.env import fingerprint
+from harness.memory import PeakMemory, current_rss_mb
+from harness.records import point_key, write_record
+from harness.stats import summarize
+from harness.timing import make_clock, repeat
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "llm-inference-harness"
+
+
+def identity(spec: PointSpec) -> dict[str, Any]:
+    """What the point measures; its hash is the point key that matches points across sweeps."""
+    w = spec.workload
+    return {
+        "engine": spec.engine.name,
+        "variant": spec.engine.variant(),
+        "engine_params": spec.engine.param_dict(),
+        "model": spec.model.name,
+        "weights": spec.model.weights,
+        "model_args": spec.model.args.to_dict(),
+        "n_params": spec.model.args.num_params(),
+        "batch_size": w.batch_size,
+        "prompt_len": w.prompt_len,
+        "gen_len": w.gen_len,
+        "decoding": w.decoding,
+        "num_beams": w.num_beams,
+        "device": spec.device.type,
+        "dtype": spec.dtype_name,
+        "seed": spec.seed,
+    }
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
+
+
+def _prompt(spec: PointSpec, rep: int) -> torch.Tensor:
+    """Fresh random token ids for each repetition (never zeros), from a seed fixed by the point and rep."""
+    gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + rep + 2**31)
+    vocab = spec.model.args.vocab_size
+    prompt = torch.randint(1, vocab, (spec.workload.batch_size, spec.workload.prompt_len), generator=gen)
+    return prompt.to(spec.device)
+
+
+def measure(spec: PointSpec, record: dict[str, Any]) -> None:
+    """Prepare the engine and time generations; fills timing, samples, summary and metrics of ``record``."""
+    w = spec.workload
+    model, build_s = reference.reference_model(spec)
+    cache_dir = Path(spec.cfg.get("cache_dir") or DEFAULT_CACHE_DIR)
+    ctx = PrepareContext(spec.device, spec.dtype, spec.seed, spec.model.name, spec.model.args, cache_dir)
+    t0 = time.perf_counter()
+    prepared = spec.engine.prepare(model, ctx)
+    prepare_s = time.perf_counter() - t0
+    setup_caches(prepared, cache_rows(w.batch_size, w.decoding, w.num_beams), w.prompt_len + w.gen_len)
+
+    clock = make_clock(spec.device)
+    if hasattr(clock, "ensure_capacity"):
+        clock.ensure_capacity(w.gen_len)
+
+    def rep(i: int) -> dict[str, Any]:
+        prompt = _prompt(spec, i)
+        generate(prepared, prompt, w.gen_len, w.decoding, w.num_beams, clock)
+        iv = clock.intervals_ms()
+        itl = iv[1:]
+        return {"ttft_ms": iv[0], "tpot_ms": float(itl.mean()), "e2e_ms": float(iv.sum()), "itl_ms": itl}
+
+    peak = PeakMemory(spec.device)
+    rss_before = current_rss_mb()
+    peak.reset()
+    reps = repeat(rep, spec.policy, converge_on=("ttft_ms", "tpot_ms"))
+    peak_mb, peak_method = peak.read()
+
+    caveat = spec.engine.timing_caveat(spec.device)
+    record["timing"] = {
+        "clock": clock.kind,
+        "overhead_ns": clock.overhead_ns,
+        "policy": spec.policy.__dict__,
+        **reps.to_dict(),
+        "representative": caveat is None,
+        "caveat": caveat,
+    }
+    record["samples"] = reps.samples
+    summary = {k: summarize(v, spec.policy.confidence) for k, v in reps.samples.items()}
+    record["summary"] = summary
+    b = w.batch_size
+    record["metrics"] = {
+        "decode_tokens_per_s": b * 1000.0 / summary["tpot_ms"]["p50"],
+        "prefill_tokens_per_s": b * w.prompt_len * 1000.0 / summary["ttft_ms"]["p50"],
+        "output_tokens_per_s": b * w.gen_len * 1000.0 / summary["e2e_ms"]["p50"],
+        "peak_memory_mb": peak_mb,
+        "peak_memory_method": peak_method,
+        "rss_before_mb": rss_before,
+        "weight_bytes": weight_bytes(prepared),
+        "model_build_s": build_s,
+        "prepare_s": prepare_s,
+        "warmup_s": float(np.sum(reps.warmup_times_s)),
+    }
+
+
+def run_point(spec: PointSpec, out_dir: Path, sweep: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Measure one point and write its record into ``out_dir``; returns the record."""
+    ident = identity(spec)
+    started = time.time()
+    record: dict[str, Any] = {
+        "status": None,
+        "error": None,
+        "point_key": point_key(ident),
+        "identity": ident,
+        "config": spec.cfg,
+        "env": fingerprint(spec.device),
+        "sweep": sweep or {},
+        "started_at": datetime.fromtimestamp(started, UTC).isoformat(),
+    }
+    torch.manual_seed(spec.seed)
+    try:
+        reason = spec.engine.available(spec.device)
+        if reason:
+            record["status"], record["error"] = "skipped", reason
+        else:
+            measure(spec, record)
+            record["status"] = "ok"
+    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+        record["status"], record["error"] = "oom", _one_line(exc)
+        record["traceback"] = traceback.format_exc()
+        reference.release()
+    except Exception as exc:
+        record["status"], record["error"] = "failed", _one_line(exc)
+        record["traceback"] = traceback.format_exc()
+    except KeyboardInterrupt:
+        record["status"], record["error"] = "failed", "interrupted (KeyboardInterrupt)"
+        raise
+    finally:
+        record["duration_s"] = time.time() - started
+        write_record(out_dir, record)
+        if spec.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return record

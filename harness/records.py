@@ -1,0 +1,205 @@
+"""Point records: one JSON file per point, written atomically, and the flat table built from them.
+
+A record is the complete account of one point (config, identity, environment, raw samples, summaries, status).
+``load`` turns any mix of record files and result directories into a pandas DataFrame with one row per point;
+report, gate, dashboard and exports read only this table and the records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+RECORD_NAME = "record.json"
+STATUSES = ("ok", "failed", "skipped", "oom", "timeout")
+TIMED_METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
+STAT_COLUMNS = ("p50", "p90", "p95", "p99", "mean", "std", "min", "max", "iqr", "ci_low", "ci_high", "n", "noisy")
+
+# Table column -> path inside the record. Figures a later stage fills in are NaN until it does.
+SCALAR_COLUMNS: dict[str, tuple[str, ...]] = {
+    "status": ("status",),
+    "error": ("error",),
+    "engine": ("identity", "engine"),
+    "variant": ("identity", "variant"),
+    "model": ("identity", "model"),
+    "weights": ("identity", "weights"),
+    "n_params": ("identity", "n_params"),
+    "batch_size": ("identity", "batch_size"),
+    "prompt_len": ("identity", "prompt_len"),
+    "gen_len": ("identity", "gen_len"),
+    "decoding": ("identity", "decoding"),
+    "num_beams": ("identity", "num_beams"),
+    "device": ("identity", "device"),
+    "dtype": ("identity", "dtype"),
+    "seed": ("identity", "seed"),
+    "device_name": ("env", "device_name"),
+    "decode_tokens_per_s": ("metrics", "decode_tokens_per_s"),
+    "prefill_tokens_per_s": ("metrics", "prefill_tokens_per_s"),
+    "output_tokens_per_s": ("metrics", "output_tokens_per_s"),
+    "peak_memory_mb": ("metrics", "peak_memory_mb"),
+    "weight_bytes": ("metrics", "weight_bytes"),
+    "util_mean": ("metrics", "util_mean"),
+    "energy_j_per_token": ("metrics", "energy_j_per_token"),
+    "mbu": ("metrics", "mbu"),
+    "mfu": ("metrics", "mfu"),
+    "fidelity_top1": ("quality", "top1_agreement"),
+    "fidelity_kl": ("quality", "kl"),
+    "ppl": ("quality", "ppl"),
+    "timing_representative": ("timing", "representative"),
+    "timing_caveat": ("timing", "caveat"),
+    "n_reps": ("timing", "reps"),
+    "converged": ("timing", "converged"),
+    "stop_reason": ("timing", "stop_reason"),
+    "clock": ("timing", "clock"),
+    "point_key": ("point_key",),
+    "fingerprint": ("env", "id"),
+    "git_sha": ("env", "git", "sha"),
+    "hostname": ("env", "hostname"),
+    "started_at": ("started_at",),
+    "duration_s": ("duration_s",),
+    "sweep_dir": ("sweep", "dir"),
+    "job": ("sweep", "job"),
+}
+NUMERIC_COLUMNS = {
+    "n_params", "batch_size", "prompt_len", "gen_len", "num_beams", "seed", "decode_tokens_per_s",
+    "prefill_tokens_per_s", "output_tokens_per_s", "peak_memory_mb", "weight_bytes", "util_mean",
+    "energy_j_per_token", "mbu", "mfu", "fidelity_top1", "fidelity_kl", "ppl", "n_reps", "duration_s",
+}
+
+
+class RecordError(ValueError):
+    """A record file that cannot be read; the message names the file."""
+
+
+def point_key(identity: dict[str, Any]) -> str:
+    """Stable hash of what the point measures (engine variant and params, model, workload, device type, dtype)."""
+    keep = {k: v for k, v in identity.items() if k not in ("n_params",)}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN and infinities become null (JSON has no NaN); numpy scalars become Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json_atomic(path: Path, data: Any) -> Path:
+    """Write to a temporary file in the same directory, fsync, then rename over ``path``: readers see the old
+    file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_json_safe(data), indent=1, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_record(directory: Path, record: dict[str, Any]) -> Path:
+    record = {"schema_version": SCHEMA_VERSION, **record}
+    return write_json_atomic(Path(directory) / RECORD_NAME, record)
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordError(f"{path}: unreadable record ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(data, dict) or "schema_version" not in data or "status" not in data:
+        raise RecordError(f"{path}: not a harness record (no schema_version/status)")
+    if data["schema_version"] > SCHEMA_VERSION:
+        raise RecordError(f"{path}: schema_version {data['schema_version']} is newer than this harness ({SCHEMA_VERSION})")
+    data["_path"] = str(path)
+    return data
+
+
+def find_records(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Record files under the given directories (recursively) and the given files, sorted, de-duplicated."""
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    found: set[Path] = set()
+    for p in map(Path, paths):
+        if p.is_dir():
+            found.update(p.rglob(RECORD_NAME))
+        elif p.exists():
+            found.add(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or directory")
+    return sorted(found)
+
+
+def _get(record: dict[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = record
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def flatten(record: dict[str, Any]) -> dict[str, Any]:
+    """One table row from one record."""
+    row: dict[str, Any] = {col: _get(record, path) for col, path in SCALAR_COLUMNS.items()}
+    summary = record.get("summary") or {}
+    for metric in TIMED_METRICS:
+        stats = summary.get(metric) or {}
+        for stat in STAT_COLUMNS:
+            row[f"{metric}_{stat}"] = stats.get(stat)
+    for key, value in (_get(record, ("identity", "engine_params")) or {}).items():
+        row[f"engine.{key}"] = value
+    row["noisy"] = any(bool((summary.get(m) or {}).get("noisy")) for m in ("ttft_ms", "tpot_ms"))
+    row["record_path"] = record.get("_path")
+    return row
+
+
+def load(paths: str | Path | Iterable[str | Path], strict: bool = False) -> pd.DataFrame:
+    """Load records into a DataFrame, one row per point.
+
+    Unreadable records are skipped with a warning naming each file (``strict=True`` raises instead); their
+    messages are kept in ``df.attrs["errors"]``.
+    """
+    rows, errors = [], []
+    for path in find_records(paths):
+        try:
+            rows.append(flatten(read_record(path)))
+        except RecordError as exc:
+            if strict:
+                raise
+            log.warning("%s", exc)
+            errors.append(str(exc))
+    df = pd.DataFrame(rows)
+    for col in SCALAR_COLUMNS:
+        if col not in df.columns:
+            df[col] = None
+    for col in NUMERIC_COLUMNS | {f"{m}_{s}" for m in TIMED_METRICS for s in STAT_COLUMNS if s != "noisy"}:
+        df[col] = pd.to_numeric(df[col], errors="coerce") if col in df.columns else np.nan
+    df.attrs["errors"] = errors
+    return df

@@ -1,0 +1,51 @@
+"""The terminal summary printed at the end of a run or sweep."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+COLUMNS = {
+    "variant": "variant",
+    "model": "model",
+    "batch_size": "batch",
+    "ttft_ms_p50": "TTFT p50 ms",
+    "tpot_ms_p50": "TPOT p50 ms",
+    "decode_tokens_per_s": "decode tok/s",
+    "n_reps": "n",
+    "status": "status",
+}
+
+
+def _fmt(value: object) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def summary_table(df: pd.DataFrame) -> str:
+    """One line per point, sorted by model, variant and batch; failed points show their error."""
+    if df.empty:
+        return "(no records)"
+    view = df.sort_values(["model", "variant", "batch_size"], na_position="last")
+    rows = []
+    for _, r in view.iterrows():
+        row = {label: _fmt(r.get(col)) for col, label in COLUMNS.items()}
+        if r.get("status") != "ok" and r.get("error"):
+            row["status"] = f"{r['status']}: {str(r['error'])[:80]}"
+        elif r.get("noisy"):
+            row["status"] = "ok (noisy)"
+        if r.get("timing_representative") is False:
+            row["status"] += " [timing not representative]"
+        rows.append(row)
+    return pd.DataFrame(rows).to_string(index=False)
+
+
+def status_counts(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "0 points"
+    counts = df["status"].value_counts()
+    return ", ".join(f"{n} {s}" for s, n in counts.items())

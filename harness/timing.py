@@ -1,0 +1,234 @@
+"""Timers and the adaptive repetition loop.
+
+Two clocks share one interface (``start()``, ``mark()`` per event, ``intervals_ms()`` after the run):
+
+* ``HostClock`` reads ``time.perf_counter_ns`` (CPU work is synchronous, so host time is device time);
+* ``CudaEventClock`` records preallocated CUDA events in the current stream and reads them after a single
+  synchronize at the end of the repetition, so timing never stalls the launch queue.
+
+Each clock measures its own overhead (the interval between two marks with nothing between them) and subtracts
+it from every interval, so the figures are the work's, not the timer's.
+
+``repeat`` warms up until timings are stable (compilation and autotuning finish during warm-up), then repeats
+until the median's confidence interval is within the policy's target or the time budget ends. Every raw
+sample is kept.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.stats import ci_relative_halfwidth, median_ci
+
+CALIBRATION_MARKS = 2000
+
+
+class HostClock:
+    kind = "perf_counter_ns"
+
+    def __init__(self) -> None:
+        self._t: list[int] = []
+        self.overhead_ns = 0.0
+        self.overhead_ns = self._calibrate()
+
+    def start(self) -> None:
+        self._t.clear()
+        self._t.append(time.perf_counter_ns())
+
+    def mark(self) -> None:
+        self._t.append(time.perf_counter_ns())
+
+    def intervals_ns(self) -> np.ndarray:
+        raw = np.diff(np.asarray(self._t, dtype=np.float64))
+        return np.maximum(raw - self.overhead_ns, 0.0)
+
+    def intervals_ms(self) -> np.ndarray:
+        return self.intervals_ns() / 1e6
+
+    def _calibrate(self) -> float:
+        """Median interval between consecutive empty marks: the cost one mark adds to an interval."""
+        best = math.inf
+        for _ in range(5):
+            self.start()
+            for _ in range(CALIBRATION_MARKS):
+                self.mark()
+            best = min(best, float(np.median(np.diff(np.asarray(self._t, dtype=np.float64)))))
+        return best
+
+
+class CudaEventClock:
+    kind = "cuda_event"
+
+    def __init__(self, device: torch.device, max_marks: int = 4096) -> None:
+        self.device = device
+        with torch.cuda.device(device):
+            self._events = [torch.cuda.Event(enable_timing=True) for _ in range(max_marks + 1)]
+        self._i = 0
+        self.overhead_ns = 0.0
+        self.overhead_ns = self._calibrate()
+
+    def ensure_capacity(self, marks: int) -> None:
+        while len(self._events) < marks + 1:
+            self._events.append(torch.cuda.Event(enable_timing=True))
+
+    def start(self) -> None:
+        self._i = 0
+        self._events[0].record()
+
+    def mark(self) -> None:
+        self._i += 1
+        self._events[self._i].record()
+
+    def intervals_ns(self) -> np.ndarray:
+        torch.cuda.synchronize(self.device)
+        ev = self._events[: self._i + 1]
+        raw = np.array([a.elapsed_time(b) for a, b in zip(ev, ev[1:], strict=False)], dtype=np.float64) * 1e6
+        return np.maximum(raw - self.overhead_ns, 0.0)
+
+    def intervals_ms(self) -> np.ndarray:
+        return self.intervals_ns() / 1e6
+
+    def _calibrate(self) -> float:
+        self.start()
+        for _ in range(min(256, len(self._events) - 1)):
+            self.mark()
+        return float(np.median(self.intervals_ns()))
+
+
+def make_clock(device: torch.device) -> HostClock | CudaEventClock:
+    return CudaEventClock(device) if device.type == "cuda" else HostClock()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How long to warm up and how many repetitions to take (configs/measure/*.yaml)."""
+
+    name: str = "default"
+    warmup_iters: int = 2
+    warmup_s: float = 0.5
+    warmup_max_s: float = 60.0
+    warmup_stable_rel: float = 0.10
+    min_reps: int = 5
+    max_reps: int = 200
+    max_time_s: float = 30.0
+    target_ci: float = 0.02
+    confidence: float = 0.95
+    disable_gc: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Policy:
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class Repetitions:
+    """The outcome of ``repeat``: raw samples per metric and how the loop ended."""
+
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    warmup_times_s: list[float] = field(default_factory=list)
+    reps: int = 0
+    elapsed_s: float = 0.0
+    stop_reason: str = ""
+    converged: bool = False
+    ci_rel_halfwidth: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("samples")
+        return d
+
+
+RepFn = Callable[[int], dict[str, Any]]
+
+
+def _run_rep(fn: RepFn, i: int, disable_gc: bool) -> tuple[dict[str, Any], float]:
+    if disable_gc:
+        gc.collect()
+        gc.disable()
+    t0 = time.perf_counter()
+    try:
+        out = fn(i)
+    finally:
+        if disable_gc:
+            gc.enable()
+    return out, time.perf_counter() - t0
+
+
+def repeat(fn: RepFn, policy: Policy, converge_on: tuple[str, ...]) -> Repetitions:
+    """Call ``fn(i)`` (one repetition, returning metric -> value or list of values) adaptively.
+
+    Warm-up runs at least ``warmup_iters`` times and ``warmup_s`` seconds, and until two consecutive
+    repetitions agree within ``warmup_stable_rel`` (or ``warmup_max_s`` passes). Timed repetitions stop when
+    every metric in ``converge_on`` has a median CI half-width within ``target_ci`` (after ``min_reps``), at
+    ``max_reps``, or when ``max_time_s`` is spent.
+    """
+    res = Repetitions()
+    t_start = time.perf_counter()
+    i = 0
+    while True:
+        _, dt = _run_rep(fn, -1 - i, policy.disable_gc)
+        res.warmup_times_s.append(dt)
+        i += 1
+        spent = time.perf_counter() - t_start
+        if spent >= policy.warmup_max_s:
+            break
+        if i < policy.warmup_iters or spent < policy.warmup_s:
+            continue
+        prev, last = res.warmup_times_s[-2:] if i > 1 else (math.inf, dt)
+        if abs(last - prev) <= policy.warmup_stable_rel * max(prev, 1e-12):
+            break
+    t0 = time.perf_counter()
+    while True:
+        out, _ = _run_rep(fn, res.reps, policy.disable_gc)
+        res.reps += 1
+        for key, value in out.items():
+            bucket = res.samples.setdefault(key, [])
+            if isinstance(value, list | tuple | np.ndarray):
+                bucket.extend(float(v) for v in value)
+            else:
+                bucket.append(float(value))
+        res.elapsed_s = time.perf_counter() - t0
+        if res.reps >= policy.min_reps:
+            for key in converge_on:
+                lo, hi, _ = median_ci(res.samples[key], policy.confidence)
+                res.ci_rel_halfwidth[key] = ci_relative_halfwidth(lo, hi, float(np.median(res.samples[key])))
+            if all(res.ci_rel_halfwidth[k] <= policy.target_ci for k in converge_on):
+                res.stop_reason, res.converged = "converged", True
+                break
+            if res.reps >= policy.max_reps:
+                res.stop_reason = "max_reps"
+                break
+            if res.elapsed_s >= policy.max_time_s:
+                res.stop_reason = "time_budget"
+                break
+    return res
+
+
+def measure_callable(
+    fn: Callable[[], Any], policy: Policy, device: torch.device | None = None
+) -> tuple[Repetitions, float]:
+    """Time one call of ``fn`` per repetition (in ms) with the harness' clock; returns (reps, overhead ns)."""
+    device = device or torch.device("cpu")
+    clock = make_clock(device)
+
+    def rep(_: int) -> dict[str, float]:
+        clock.start()
+        fn()
+        clock.mark()
+        return {"time_ms": float(clock.intervals_ms()[0])}
+
+    return repeat(rep, policy, ("time_ms",)), clock.overhead_ns
