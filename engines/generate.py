@@ -77,16 +77,15 @@ def beam_search(
     clock.start()
     logits = model(prompt.repeat_interleave(k, dim=0), positions[:p])[:, -1]
     for step in range(gen_len):
-        if step > 0:
-            logits = model(tok.reshape(b * k, 1), positions[p + step - 1 : p + step])[:, -1]
         logp = torch.log_softmax(logits.float(), dim=-1)
         v = logp.shape[-1]
         scores, flat = (scores[:, :, None] + logp.view(b, k, v)).view(b, k * v).topk(k, dim=-1)
         beam, tok = flat // v, flat % v
         tokens = torch.cat([tokens.gather(1, beam[:, :, None].expand(-1, -1, step)), tok[:, :, None]], dim=2)
+        clock.mark()
         if step + 1 < gen_len:
             reorder_caches(model, (rows + beam).reshape(-1))
-        clock.mark()
+            logits = model(tok.reshape(b * k, 1), positions[p + step : p + step + 1])[:, -1]
     best = scores.argmax(-1)
     idx = torch.arange(b, device=dev)
     return tokens[idx, best], scores[idx, best]

@@ -48,8 +48,13 @@ def task(cfg: DictConfig) -> dict[str, Any]:
         s, m = record["summary"], record["metrics"]
         log.info(
             "  ok: TTFT p50 %.3g ms, TPOT p50 %.3g ms (±%.1f%%), %.4g decode tok/s, n=%d (%s), peak %.0f MiB",
-            s["ttft_ms"]["p50"], s["tpot_ms"]["p50"], 100 * s["tpot_ms"]["ci_rel_halfwidth"],
-            m["decode_tokens_per_s"], record["timing"]["reps"], record["timing"]["stop_reason"], m["peak_memory_mb"],
+            s["ttft_ms"]["p50"],
+            s["tpot_ms"]["p50"],
+            100 * s["tpot_ms"]["ci_rel_halfwidth"],
+            m["decode_tokens_per_s"],
+            record["timing"]["reps"],
+            record["timing"]["stop_reason"],
+            m["peak_memory_mb"],
         )
     else:
         log.warning("  %s: %s", record["status"], record["error"])

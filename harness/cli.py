@@ -38,9 +38,7 @@ def _one_line(text: str) -> str:
 
 def format_hydra_error(exc: BaseException) -> str:
     """Hydra's multi-line composition errors as one line naming the field and what is allowed."""
-    from hydra.errors import MissingConfigException
-
-    from hydra.errors import OverrideParseException
+    from hydra.errors import MissingConfigException, OverrideParseException
 
     text = str(exc)
     if isinstance(exc, OverrideParseException):
@@ -133,7 +131,12 @@ def cmd_env(args: Sequence[str]) -> int:
         ("memory", f"{fp['memory_gb']} GB"),
         ("python", fp["python"]),
         ("platform", fp["platform"]),
-        ("git", f"{git['sha']}{' (dirty)' if git['dirty'] else ''} in {git['repo']}" if git["sha"] else "not a git checkout"),
+        (
+            "git",
+            f"{git['sha']}{' (dirty)' if git['dirty'] else ''} in {git['repo']}"
+            if git["sha"]
+            else "not a git checkout",
+        ),
         ("fingerprint", fp["id"]),
     ]
     for key, value in fp.get("cuda", {}).items():

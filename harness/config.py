@@ -144,7 +144,9 @@ def _workload(w: dict[str, Any], model: ModelSpec) -> Workload:
     if wl.decoding == "greedy" and wl.num_beams != 1:
         raise ConfigError(f"workload.num_beams: must be 1 with decoding=greedy (use decoding=beam), got {wl.num_beams}")
     if wl.decoding == "beam" and wl.num_beams > model.args.vocab_size:
-        raise ConfigError(f"workload.num_beams: at most the vocabulary size {model.args.vocab_size}, got {wl.num_beams}")
+        raise ConfigError(
+            f"workload.num_beams: at most the vocabulary size {model.args.vocab_size}, got {wl.num_beams}"
+        )
     total = wl.prompt_len + wl.gen_len
     if total > model.args.max_seq_len:
         raise ConfigError(

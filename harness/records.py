@@ -74,9 +74,26 @@ SCALAR_COLUMNS: dict[str, tuple[str, ...]] = {
     "job": ("sweep", "job"),
 }
 NUMERIC_COLUMNS = {
-    "n_params", "batch_size", "prompt_len", "gen_len", "num_beams", "seed", "decode_tokens_per_s",
-    "prefill_tokens_per_s", "output_tokens_per_s", "peak_memory_mb", "weight_bytes", "util_mean",
-    "energy_j_per_token", "mbu", "mfu", "fidelity_top1", "fidelity_kl", "ppl", "n_reps", "duration_s",
+    "n_params",
+    "batch_size",
+    "prompt_len",
+    "gen_len",
+    "num_beams",
+    "seed",
+    "decode_tokens_per_s",
+    "prefill_tokens_per_s",
+    "output_tokens_per_s",
+    "peak_memory_mb",
+    "weight_bytes",
+    "util_mean",
+    "energy_j_per_token",
+    "mbu",
+    "mfu",
+    "fidelity_top1",
+    "fidelity_kl",
+    "ppl",
+    "n_reps",
+    "duration_s",
 }
 
 
@@ -136,7 +153,9 @@ def read_record(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or "schema_version" not in data or "status" not in data:
         raise RecordError(f"{path}: not a harness record (no schema_version/status)")
     if data["schema_version"] > SCHEMA_VERSION:
-        raise RecordError(f"{path}: schema_version {data['schema_version']} is newer than this harness ({SCHEMA_VERSION})")
+        raise RecordError(
+            f"{path}: schema_version {data['schema_version']} is newer than this harness ({SCHEMA_VERSION})"
+        )
     data["_path"] = str(path)
     return data
 

@@ -156,8 +156,8 @@ RepFn = Callable[[int], dict[str, Any]]
 
 
 def _run_rep(fn: RepFn, i: int, disable_gc: bool) -> tuple[dict[str, Any], float]:
+    """One repetition with the cyclic garbage collector paused (its pauses land between repetitions)."""
     if disable_gc:
-        gc.collect()
         gc.disable()
     t0 = time.perf_counter()
     try:
@@ -171,12 +171,13 @@ def _run_rep(fn: RepFn, i: int, disable_gc: bool) -> tuple[dict[str, Any], float
 def repeat(fn: RepFn, policy: Policy, converge_on: tuple[str, ...]) -> Repetitions:
     """Call ``fn(i)`` (one repetition, returning metric -> value or list of values) adaptively.
 
-    Warm-up runs at least ``warmup_iters`` times and ``warmup_s`` seconds, and until two consecutive
-    repetitions agree within ``warmup_stable_rel`` (or ``warmup_max_s`` passes). Timed repetitions stop when
-    every metric in ``converge_on`` has a median CI half-width within ``target_ci`` (after ``min_reps``), at
-    ``max_reps``, or when ``max_time_s`` is spent.
+    Warm-up runs at least ``warmup_iters`` times (never fewer than two) and ``warmup_s`` seconds, and until
+    two consecutive repetitions agree within ``warmup_stable_rel`` (or ``warmup_max_s`` passes). Timed
+    repetitions stop when every metric in ``converge_on`` has a median CI half-width within ``target_ci``
+    (after ``min_reps``), at ``max_reps``, or when ``max_time_s`` is spent.
     """
     res = Repetitions()
+    gc.collect()
     t_start = time.perf_counter()
     i = 0
     while True:
@@ -186,11 +187,13 @@ def repeat(fn: RepFn, policy: Policy, converge_on: tuple[str, ...]) -> Repetitio
         spent = time.perf_counter() - t_start
         if spent >= policy.warmup_max_s:
             break
-        if i < policy.warmup_iters or spent < policy.warmup_s:
-            continue
-        prev, last = res.warmup_times_s[-2:] if i > 1 else (math.inf, dt)
-        if abs(last - prev) <= policy.warmup_stable_rel * max(prev, 1e-12):
+        if i < max(policy.warmup_iters, 2) or spent < policy.warmup_s:
+            continue  # stability needs two warm-ups to compare
+        prev, last = res.warmup_times_s[-2:]
+        if abs(last - prev) <= policy.warmup_stable_rel * prev:
             break
+    gc.collect()
+    next_check = policy.min_reps
     t0 = time.perf_counter()
     while True:
         out, _ = _run_rep(fn, res.reps, policy.disable_gc)
@@ -202,7 +205,10 @@ def repeat(fn: RepFn, policy: Policy, converge_on: tuple[str, ...]) -> Repetitio
             else:
                 bucket.append(float(value))
         res.elapsed_s = time.perf_counter() - t0
-        if res.reps >= policy.min_reps:
+        due = res.reps >= next_check or res.reps >= policy.max_reps or res.elapsed_s >= policy.max_time_s
+        if due and res.reps >= policy.min_reps:
+            # the CI costs a sort: check it at geometrically spaced counts so bookkeeping stays O(log n) per sample
+            next_check = max(res.reps + 1, int(res.reps * 1.1))
             for key in converge_on:
                 lo, hi, _ = median_ci(res.samples[key], policy.confidence)
                 res.ci_rel_halfwidth[key] = ci_relative_halfwidth(lo, hi, float(np.median(res.samples[key])))

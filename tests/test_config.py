@@ -1,0 +1,90 @@
+"""Config validation: each bad input is one line naming the field and what is allowed, exit code 2, no work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from harness.config import ConfigError, validate
+
+
+def test_default_config_is_valid(compose_cfg):
+    spec = validate(compose_cfg())
+    assert spec.engine.name == "eager" and spec.model.name == "tiny"
+    assert spec.workload.batch_size == 1 and spec.policy.name == "default"
+    assert spec.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert spec.dtype == (torch.float32 if spec.device.type == "cpu" else spec.dtype)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["workload.batch_size=-1"], r"^workload\.batch_size: must be an integer >= 1, got -1$"),
+        (["workload.batch_size=abc"], r"^workload\.batch_size: expected an integer >= 1, got 'abc'$"),
+        (
+            ["workload.prompt_len=1000", "workload.gen_len=100"],
+            r"^workload\.prompt_len \+ workload\.gen_len: 1000 \+ 100 = 1100 exceeds model\.max_seq_len=1024",
+        ),
+        (["workload.gen_len=1"], r"^workload\.gen_len: must be an integer >= 2"),
+        (["workload.decoding=topk"], r"^workload\.decoding: 'topk' is not supported; allowed: greedy, beam$"),
+        (["workload.num_beams=4"], r"^workload\.num_beams: must be 1 with decoding=greedy"),
+        (["dtype=int3"], r"^dtype: 'int3' is not supported; allowed: auto, fp32, bf16, fp16$"),
+        (["device=tpu"], r"^device: 'tpu' is not a device; allowed: auto, cpu, cuda, cuda:N$"),
+        (["model.n_kv_heads=3"], r"^model\.n_kv_heads: must divide model\.n_heads=8, got 3$"),
+        (["+model.flash=true"], r"^model\.flash: unknown field; allowed: "),
+        (["engine.name=nope"], r"^engine\.name: unknown engine 'nope'; allowed: .*eager"),
+        (["+engine.bits=4"], r"^engine\.bits: not a parameter of engine 'eager'; allowed: \(none\)$"),
+        (["measure.max_reps=2", "measure.min_reps=5"], r"^measure\.max_reps: must be >= measure\.min_reps=5, got 2$"),
+        (["measure.target_ci=0"], r"^measure\.target_ci: must be > 0"),
+        (["seed=-3"], r"^seed: must be an integer >= 0, got -3$"),
+    ],
+)
+def test_bad_values_name_the_field(compose_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        validate(compose_cfg(*overrides))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_on_a_machine_without_cuda(compose_cfg):
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match=rf"^device: '{device}' requested but CUDA is not available"):
+            validate(compose_cfg(f"device={device}"))
+
+
+CLI_CASES = [
+    (["engine=nope"], "engine: unknown option 'nope'; allowed: eager"),
+    (["model=huge"], "model: unknown option 'huge'; allowed: llama-3-8b, llama-3.2-1b, medium, small, tiny"),
+    (["workload.batch_size=-1"], "workload.batch_size: must be an integer >= 1, got -1"),
+    (["workload.prompt_len=1020", "workload.gen_len=8"], "exceeds model.max_seq_len=1024"),
+    (["workload.foo=1"], "workload.foo: unknown field; allowed: batch_size, decoding, gen_len, num_beams, prompt_len"),
+    (["workload.batch_size=[1"], "cannot parse override 'workload.batch_size=[1'"),
+    (["-m", "workload.batch_size=1,-2"], "workload.batch_size: must be an integer >= 1, got -2 (sweep point 2/2"),
+]
+
+
+@pytest.mark.parametrize("args,message", CLI_CASES)
+def test_cli_errors_are_one_line_exit_2_and_do_no_work(run_harness, tmp_path, capsys, args, message):
+    code = run_harness("run", *args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("harness run: error: ") and message in err[0], err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path, subprocess_env):
+    """The installed entry point, as a user runs it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness", "run", "workload.batch_size=0", f"hydra.run.dir={tmp_path}/r"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "harness run: error: workload.batch_size: must be an integer >= 1, got 0"
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "r").exists()

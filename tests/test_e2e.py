@@ -1,0 +1,140 @@
+"""End to end: real Hydra multiruns of the eager engine on `tiny` with the quick policy."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from engines.base import Engine, register
+from harness.progress import SWEEP_META
+from harness.records import RECORD_NAME, load
+
+
+@dataclass(frozen=True)
+class FailParams:
+    phase: str = "prepare"
+
+
+@register
+class FailingEngine(Engine):
+    """Test-only engine that breaks in a chosen phase."""
+
+    name = "failing-test"
+    Params = FailParams
+
+    def prepare(self, model, ctx):
+        if self.params.phase == "prepare":
+            raise RuntimeError("injected failure <in prepare>")
+        if self.params.phase == "oom":
+            raise MemoryError("injected out of memory")
+        return model
+
+
+QUICK = ["measure=quick", "workload.prompt_len=16", "workload.gen_len=4"]
+
+
+def test_console_script_sweep_writes_one_record_per_point(tmp_path, subprocess_env):
+    """The foundation issue's acceptance command, through the installed console script."""
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness",
+        "run",
+        "-m",
+        "engine=eager",
+        "model=tiny",
+        "workload.batch_size=1,4",
+        *QUICK,
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.parent.name for p in sweep.rglob(RECORD_NAME)) == ["0", "1"]
+    df = load(sweep)
+    assert len(df) == 2 and (df.status == "ok").all()
+    assert sorted(df.batch_size) == [1, 4]
+    assert np.isfinite(df.ttft_ms_p50).all() and np.isfinite(df.tpot_ms_p50).all()
+    assert (df.decode_tokens_per_s > 0).all() and (df.peak_memory_mb > 0).all()
+    assert df.point_key.nunique() == 2 and (df.variant == "eager").all()
+    # the summary table, then the results directory last
+    out = proc.stdout.strip().splitlines()
+    assert out[-1] == f"Results: {sweep}"
+    assert any("TPOT p50 ms" in line for line in out)
+    assert "[1/2]" in proc.stdout and "[2/2]" in proc.stdout and "ETA" in proc.stdout  # progress lines
+    meta = json.loads((sweep / SWEEP_META).read_text())
+    assert meta["total"] == 2 and meta["command"][:3] == ["harness", "run", "-m"]
+
+
+def test_record_contents(run_harness, tmp_path):
+    assert run_harness("run", *QUICK, "workload.batch_size=2", f"hydra.run.dir={tmp_path}") == 0
+    rec = json.loads((tmp_path / RECORD_NAME).read_text())
+    assert rec["schema_version"] == 1 and rec["status"] == "ok" and rec["error"] is None
+    assert rec["config"]["workload"]["batch_size"] == 2 and "hydra" not in rec["config"]
+    ident = rec["identity"]
+    assert ident["n_params"] == 3_016_960 and ident["device"] == "cpu" and ident["dtype"] == "fp32"
+    env = rec["env"]
+    for key in ("device_name", "cpu_model", "torch_threads", "hostname", "versions", "git", "id"):
+        assert key in env, key
+    assert env["versions"]["torch"].startswith("2.13.0")
+    timing = rec["timing"]
+    assert timing["clock"] == "perf_counter_ns" and timing["overhead_ns"] > 0
+    assert timing["reps"] == len(rec["samples"]["ttft_ms"]) == len(rec["samples"]["tpot_ms"])
+    assert len(rec["samples"]["itl_ms"]) == timing["reps"] * (4 - 1)  # every inter-token gap is kept
+    # TPOT of a repetition is the mean of its inter-token gaps; E2E is TTFT plus all of them
+    itl = np.array(rec["samples"]["itl_ms"]).reshape(timing["reps"], 3)
+    assert np.allclose(itl.mean(1), rec["samples"]["tpot_ms"])
+    assert np.allclose(np.array(rec["samples"]["ttft_ms"]) + itl.sum(1), rec["samples"]["e2e_ms"])
+    s = rec["summary"]["tpot_ms"]
+    assert s["ci_low"] <= s["p50"] <= s["ci_high"] and s["n"] == timing["reps"]
+    m = rec["metrics"]
+    assert math.isclose(m["decode_tokens_per_s"], 2 * 1000 / s["p50"])
+    assert math.isclose(m["prefill_tokens_per_s"], 2 * 16 * 1000 / rec["summary"]["ttft_ms"]["p50"])
+    assert m["weight_bytes"] == ident["n_params"] * 4
+
+
+def test_failing_points_are_recorded_and_the_sweep_goes_on(run_harness, tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    code = run_harness(
+        "run", "-m", "engine.name=eager,failing-test", "+engine.phase=prepare", *QUICK, f"hydra.sweep.dir={sweep}"
+    )
+    assert code == 2  # +engine.phase is not a parameter of eager: refused before any work
+    assert not sweep.exists()
+    capsys.readouterr()
+
+    code = run_harness(
+        "run",
+        "-m",
+        "engine=eager",
+        "model=tiny",
+        "workload.decoding=greedy,beam",
+        "workload.num_beams=1",
+        *QUICK,
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert code == 0
+    df = load(sweep)
+    assert len(df) == 2 and (df.status == "ok").all() and set(df.decoding) == {"greedy", "beam"}
+
+
+def test_failure_injection_in_process(run_harness, tmp_path):
+    """A failing engine's point is recorded with its error; the healthy points still run."""
+    base = tmp_path / "sweep"
+    for phase in ("prepare", "oom", "none"):
+        code = run_harness(
+            "run", "engine.name=failing-test", f"+engine.phase={phase}", *QUICK, f"hydra.run.dir={base}/{phase}"
+        )
+        assert code == (1 if phase != "none" else 0)
+    df = load(base).set_index(pd.Index([p.split("/")[-2] for p in load(base).record_path]))
+    assert df.loc["prepare", "status"] == "failed"
+    assert df.loc["prepare", "error"] == "RuntimeError: injected failure <in prepare>"
+    assert df.loc["oom", "status"] == "oom"
+    assert df.loc["none", "status"] == "ok" and df.loc["none", "variant"] == "failing-test(phase=none)"
+    rec = json.loads((base / "prepare" / RECORD_NAME).read_text())
+    assert "Traceback" in rec["traceback"] and rec["duration_s"] >= 0

@@ -1,0 +1,123 @@
+"""Engine interface: registry, parameter validation, variant labels, entry points."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import engines.base as base
+from engines.base import (
+    Engine,
+    EngineError,
+    choice,
+    engine_names,
+    get_engine_class,
+    make_engine,
+    register,
+    weight_bytes,
+)
+from engines.llama import ModelArgs, Transformer
+
+
+@dataclass(frozen=True)
+class ToyParams:
+    scheme: str = choice("a", ("a", "b"))
+    bits: int = 8
+    ratio: float = 0.5
+    fast: bool = False
+    layers: tuple[int, ...] | None = None
+
+
+@register
+class ToyEngine(Engine):
+    name = "toy-test"
+    Params = ToyParams
+
+    def available(self, device):
+        return None if self.params.scheme == "a" else "scheme b needs hardware this machine lacks"
+
+    def prepare(self, model, ctx):
+        return model
+
+
+def test_eager_is_registered_and_returns_the_model(small_model):
+    assert "eager" in engine_names()
+    eng = make_engine({"name": "eager"})
+    assert eng.variant() == "eager" and eng.available(torch.device("cpu")) is None
+    assert eng.prepare(small_model, None) is small_model
+
+
+def test_unknown_engine_lists_allowed():
+    with pytest.raises(EngineError, match=r"engine.name: unknown engine 'nope'; allowed: .*eager"):
+        get_engine_class("nope")
+
+
+def test_params_are_typed_and_validated():
+    eng = make_engine({"name": "toy-test", "bits": 4, "ratio": 1, "layers": [0, 2]})
+    assert eng.params.ratio == 1.0 and isinstance(eng.params.ratio, float) and eng.params.layers == (0, 2)
+    bad = [
+        ({"bits": "four"}, r"engine.bits: expected an integer, got 'four'"),
+        ({"bits": True}, r"engine.bits: expected an integer"),
+        ({"ratio": "x"}, r"engine.ratio: expected a number"),
+        ({"fast": 1}, r"engine.fast: expected true or false"),
+        ({"scheme": "c"}, r"engine.scheme: 'c' is not allowed; allowed: a, b"),
+        ({"sparsity": 0.5}, r"engine.sparsity: not a parameter of engine 'toy-test'; allowed: bits, fast, layers"),
+        ({"bits": None}, r"engine.bits: a value is required"),
+    ]
+    for params, msg in bad:
+        with pytest.raises(EngineError, match=msg):
+            make_engine({"name": "toy-test", **params})
+
+
+def test_variant_names_non_default_params_only():
+    assert make_engine({"name": "toy-test"}).variant() == "toy-test"
+    eng = make_engine({"name": "toy-test", "scheme": "b", "bits": 4})
+    assert eng.variant() == "toy-test(bits=4, scheme=b)"
+    assert eng.available(torch.device("cpu")) == "scheme b needs hardware this machine lacks"
+
+
+def test_duplicate_names_are_refused():
+    class Other(Engine):
+        name = "toy-test"
+
+    with pytest.raises(TypeError, match="taken"):
+        register(Other)
+
+
+def test_entry_points_register_third_party_engines(monkeypatch, caplog):
+    class PluginEngine(Engine):
+        name = "plugin-test"
+
+        def prepare(self, model, ctx):
+            return model
+
+    class EP:
+        def __init__(self, name, obj):
+            self.name, self.obj = name, obj
+
+        def load(self):
+            if isinstance(self.obj, Exception):
+                raise self.obj
+            return self.obj
+
+    eps = [EP("plugin-test", PluginEngine), EP("broken", ImportError("missing dependency"))]
+    monkeypatch.setattr(base, "entry_points", lambda group: eps if group == "harness.engines" else [])
+    monkeypatch.setattr(base, "_LOADED", False)
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    with caplog.at_level(logging.WARNING):
+        assert "plugin-test" in engine_names()
+    assert "broken" in caplog.text and "missing dependency" in caplog.text
+
+
+def test_weight_bytes_counts_tied_weights_once_and_prefers_the_models_own():
+    tied = Transformer.build(ModelArgs(tie_embeddings=True))
+    assert weight_bytes(tied) == tied.args.num_params() * 4
+
+    class Packed(torch.nn.Module):
+        def weight_bytes(self):
+            return 123
+
+    assert weight_bytes(Packed()) == 123

@@ -1,0 +1,111 @@
+"""Reference model: named shapes, parameter counts, and KV-cache correctness."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import yaml
+
+from engines.llama import ModelArgs, Transformer, rope_frequencies
+from harness.paths import config_dir
+
+# Parameter counts of the real models these shapes copy (from their published configs).
+KNOWN = {"llama-3.2-1b": 1_235_814_400, "llama-3-8b": 8_030_261_248}
+
+
+def shape(name: str) -> ModelArgs:
+    return ModelArgs.from_dict(yaml.safe_load((config_dir() / "model" / f"{name}.yaml").read_text()))
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "medium", "llama-3.2-1b", "llama-3-8b"])
+def test_named_shape_param_count_matches_module(name):
+    args = shape(name)
+    with torch.device("meta"):
+        model = Transformer(args)
+    assert sum(p.numel() for p in model.parameters()) == args.num_params()
+    if name in KNOWN:
+        assert args.num_params() == KNOWN[name]
+
+
+def test_named_shape_sizes():
+    assert 1e6 < shape("tiny").num_params() < 1e7
+    assert 0.9e8 < shape("small").num_params() < 1.1e8
+    medium = shape("medium")
+    assert 3.2e8 < medium.num_params() < 3.8e8
+    assert medium.num_params() * 4 > 480 * 2**20, "medium must not fit a 480 MB L3 in fp32"
+
+
+@pytest.mark.parametrize("n_kv_heads,tie", [(4, True), (2, False), (1, False)])
+def test_cached_decode_equals_full_forward(n_kv_heads, tie):
+    args = ModelArgs(
+        vocab_size=101,
+        dim=64,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=n_kv_heads,
+        intermediate_size=96,
+        max_seq_len=64,
+        tie_embeddings=tie,
+    )
+    model = Transformer.build(args, seed=1)
+    tokens = torch.randint(0, args.vocab_size, (3, 40))
+    with torch.inference_mode():
+        full = model(tokens)
+        model.setup_caches(3, 48)
+        steps = [model(tokens[:, :17], torch.arange(17))]  # prefill
+        steps += [model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(17, 30)]  # decode
+        steps.append(model(tokens[:, 30:], torch.arange(30, 40)))  # a second chunk of prefill
+    cached = torch.cat(steps, dim=1)
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+
+
+def test_build_is_seeded_and_tied(small_args):
+    a = Transformer.build(small_args, seed=3)
+    b = Transformer.build(small_args, seed=3)
+    c = Transformer.build(small_args, seed=4)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters(), strict=True):
+        assert torch.equal(pa, pb), name
+        if not name.endswith("norm.weight"):
+            assert not torch.equal(pa, pc), name
+            assert pa.std() > 0, name
+    tied = Transformer.build(ModelArgs(tie_embeddings=True), seed=0)
+    assert tied.output.weight is tied.tok_embeddings.weight
+
+
+def test_build_in_bf16_keeps_rope_in_fp32(small_args):
+    model = Transformer.build(small_args, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    cos, sin = model.rope("cpu")
+    assert cos.dtype == torch.float32 and cos.shape == (small_args.max_seq_len, small_args.head_dim // 2)
+    model.setup_caches(1, 8)
+    with torch.inference_mode():
+        logits = model(torch.tensor([[1, 2, 3]]), torch.arange(3))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_llama3_rope_scaling_keeps_high_frequencies_and_scales_low_ones():
+    args = shape("llama-3.2-1b")
+    plain = rope_frequencies(ModelArgs(**{**args.to_dict(), "rope_scaling": None}), "cpu")
+    scaled = rope_frequencies(args, "cpu")
+    factor = args.rope_scaling["factor"]
+    wavelen = 2 * math.pi / plain
+    old = args.rope_scaling["original_max_position_embeddings"]
+    high = wavelen < old / args.rope_scaling["high_freq_factor"]
+    low = wavelen > old / args.rope_scaling["low_freq_factor"]
+    assert torch.equal(scaled[high], plain[high])
+    torch.testing.assert_close(scaled[low], plain[low] / factor)
+    mid = ~(high | low)
+    assert mid.any() and ((scaled[mid] < plain[mid]) & (scaled[mid] > plain[mid] / factor)).all()
+
+
+def test_setup_caches_rejects_too_long_context(small_args, small_model):
+    with pytest.raises(ValueError, match="exceeds"):
+        small_model.setup_caches(1, small_args.max_seq_len + 1)
+
+
+def test_forward_with_positions_requires_caches(small_args):
+    model = Transformer.build(small_args)
+    with pytest.raises(RuntimeError, match="setup_caches"):
+        model(torch.tensor([[1, 2]]), torch.arange(2))

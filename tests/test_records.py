@@ -1,0 +1,148 @@
+"""Records: atomic writes, JSON safety, point keys, and the flat table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from harness.records import (
+    RECORD_NAME,
+    RecordError,
+    load,
+    point_key,
+    read_record,
+    write_json_atomic,
+    write_record,
+)
+from harness.stats import summarize
+
+TABLE_COLUMNS = (
+    "status engine model batch_size prompt_len gen_len device dtype ttft_ms_p50 tpot_ms_p50 tpot_ms_p90 tpot_ms_p99 "
+    "e2e_ms_p50 decode_tokens_per_s prefill_tokens_per_s peak_memory_mb util_mean energy_j_per_token mbu mfu "
+    "fidelity_top1 fidelity_kl ppl variant"
+).split()
+
+
+def fake_record(engine="eager", batch=1, status="ok", params=None, tpot=2.0):
+    ident = {
+        "engine": engine,
+        "variant": engine,
+        "engine_params": params or {},
+        "model": "tiny",
+        "weights": "random",
+        "model_args": {},
+        "n_params": 3,
+        "batch_size": batch,
+        "prompt_len": 8,
+        "gen_len": 4,
+        "decoding": "greedy",
+        "num_beams": 1,
+        "device": "cpu",
+        "dtype": "fp32",
+        "seed": 0,
+    }
+    rng = np.random.default_rng(batch)
+    samples = {"ttft_ms": list(rng.uniform(9, 11, 20)), "tpot_ms": list(rng.uniform(tpot, tpot * 1.1, 20))}
+    return {
+        "status": status,
+        "error": None if status == "ok" else "boom",
+        "point_key": point_key(ident),
+        "identity": ident,
+        "env": {"id": "abc", "device_name": "cpu"},
+        "samples": samples if status == "ok" else {},
+        "summary": {k: summarize(v) for k, v in samples.items()} if status == "ok" else {},
+        "metrics": {"decode_tokens_per_s": batch * 1000 / tpot, "peak_memory_mb": 100.0, "mbu": math.nan},
+        "timing": {"representative": True, "reps": 20},
+    }
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "r.json"
+    write_json_atomic(path, {"a": 1})
+    write_json_atomic(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    write_json_atomic(path, {"good": True})
+
+    def crash(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_json_atomic(path, {"good": False})
+    assert json.loads(path.read_text()) == {"good": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    with pytest.raises(TypeError):  # unserializable data never reaches the file either
+        monkeypatch.undo()
+        write_json_atomic(path, {"x": object()})
+    assert json.loads(path.read_text()) == {"good": True}
+
+
+def test_nan_and_numpy_values_become_valid_json(tmp_path):
+    path = write_json_atomic(
+        tmp_path / "r.json",
+        {"nan": math.nan, "inf": math.inf, "np": np.float32(1.5), "nested": [np.int64(3), math.nan]},
+    )
+    assert json.loads(path.read_text()) == {"nan": None, "inf": None, "np": 1.5, "nested": [3, None]}
+
+
+def test_point_key_is_stable_and_sensitive_to_identity():
+    a = fake_record()["identity"]
+    assert point_key(a) == point_key(dict(a))
+    assert point_key(a) != point_key({**a, "batch_size": 2})
+    assert point_key(a) != point_key({**a, "variant": "quantized(scheme=int8_dynamic)"})
+    assert point_key(a) == point_key({**a, "n_params": 99})  # derived facts do not change what is measured
+
+
+def test_load_gives_one_row_per_point_with_the_contract_columns(tmp_path):
+    write_record(tmp_path / "0", fake_record(batch=1))
+    write_record(tmp_path / "1", fake_record(batch=4))
+    write_record(tmp_path / "2", fake_record("quantized", params={"scheme": "int8"}, status="failed"))
+    df = load(tmp_path)
+    assert len(df) == 3
+    for col in TABLE_COLUMNS:
+        assert col in df.columns, col
+    ok = df[df.status == "ok"].sort_values("batch_size")
+    assert list(ok.batch_size) == [1, 4]
+    assert np.isfinite(ok.ttft_ms_p50).all() and np.isfinite(ok.tpot_ms_p50).all()
+    assert df.mbu.isna().all() and df.fidelity_top1.isna().all()  # not measured yet: NaN, not missing
+    failed = df[df.status == "failed"].iloc[0]
+    assert failed["engine.scheme"] == "int8" and failed.error == "boom" and math.isnan(failed.ttft_ms_p50)
+    assert df.record_path.str.endswith(RECORD_NAME).all()
+
+
+def test_load_names_and_skips_corrupted_records(tmp_path, caplog):
+    write_record(tmp_path / "0", fake_record())
+    bad = tmp_path / "1" / RECORD_NAME
+    bad.parent.mkdir()
+    bad.write_text('{"schema_version": 1, "status": "ok", "ident')  # truncated
+    other = tmp_path / "2" / RECORD_NAME
+    other.parent.mkdir()
+    other.write_text('{"something": "else"}')
+    df = load(tmp_path)
+    assert len(df) == 1
+    assert len(df.attrs["errors"]) == 2
+    assert str(bad) in caplog.text and str(other) in caplog.text
+    with pytest.raises(RecordError, match=str(bad)):
+        load(tmp_path, strict=True)
+
+
+def test_load_accepts_files_lists_and_rejects_missing_paths(tmp_path):
+    p0 = write_record(tmp_path / "0", fake_record())
+    p1 = write_record(tmp_path / "1", fake_record(batch=2))
+    assert len(load([p0, p1])) == 2
+    assert len(load([tmp_path, p0])) == 2  # de-duplicated
+    assert read_record(p0)["schema_version"] == 1
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    empty = load(tmp_path / "empty")
+    assert len(empty) == 0 and "tpot_ms_p50" in empty.columns and "status" in empty.columns

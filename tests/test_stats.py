@@ -1,0 +1,63 @@
+"""Statistics against numpy/scipy on known samples."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from harness.stats import ci_relative_halfwidth, median_ci, summarize
+
+
+@pytest.mark.parametrize("n", [6, 7, 10, 25, 50, 101, 1000])
+def test_median_ci_matches_scipy_quantile_test(n):
+    x = np.random.default_rng(n).lognormal(size=n)
+    lo, hi, coverage = median_ci(x, 0.95)
+    ci = sps.quantile_test(x, q=float(np.median(x)), p=0.5).confidence_interval(0.95)
+    assert (lo, hi) == (ci.low, ci.high)
+    assert coverage >= 0.95
+
+
+def test_median_ci_coverage_is_exact_binomial():
+    # n=10: [x(2), x(9)] covers the median with probability 1 - 2 * P(Bin(10, .5) <= 1) = 1 - 22/1024
+    lo, hi, coverage = median_ci(list(range(10)))
+    assert (lo, hi) == (1.0, 8.0)
+    assert coverage == pytest.approx(1 - 22 / 1024)
+
+
+def test_median_ci_with_too_few_samples_is_the_range_with_its_real_coverage():
+    lo, hi, coverage = median_ci([3.0, 1.0, 2.0])
+    assert (lo, hi) == (1.0, 3.0)
+    assert coverage == pytest.approx(0.75)
+    assert median_ci([])[2] == 0.0
+
+
+def test_summarize_matches_numpy():
+    x = np.random.default_rng(0).gamma(2.0, 3.0, size=257)
+    s = summarize(x)
+    assert s["n"] == 257
+    for p in (50, 90, 95, 99):
+        assert s[f"p{p}"] == pytest.approx(np.percentile(x, p))
+    assert s["median"] == pytest.approx(np.median(x))
+    assert s["mean"] == pytest.approx(x.mean())
+    assert s["std"] == pytest.approx(x.std(ddof=1))
+    assert (s["min"], s["max"]) == (x.min(), x.max())
+    assert s["iqr"] == pytest.approx(sps.iqr(x))
+    assert s["ci_low"] <= s["median"] <= s["ci_high"]
+    assert s["ci_rel_halfwidth"] == pytest.approx((s["ci_high"] - s["ci_low"]) / 2 / s["median"])
+
+
+def test_noise_flag_follows_iqr_over_median():
+    steady = summarize([10.0, 10.1, 9.9, 10.0, 10.2, 9.8])
+    assert steady["noisy"] is False
+    noisy = summarize([10.0, 13.0, 7.0, 10.0, 14.0, 6.0])
+    assert noisy["noisy"] is True
+
+
+def test_degenerate_inputs():
+    assert summarize([]) == {"n": 0}
+    one = summarize([4.0])
+    assert one["median"] == 4.0 and one["std"] == 0.0 and one["ci_coverage"] == 0.0
+    assert math.isinf(ci_relative_halfwidth(math.nan, math.nan, 1.0))

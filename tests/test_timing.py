@@ -1,0 +1,109 @@
+"""Timers and adaptive repetition. Timing checks are ratios within one run, never absolute times."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from harness.timing import HostClock, Policy, measure_callable, repeat
+
+FAST = Policy(
+    name="test", warmup_iters=1, warmup_s=0.0, warmup_max_s=5, min_reps=5, max_reps=50, max_time_s=5, target_ci=0.05
+)
+
+
+def busy(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_host_clock_overhead_is_measured_and_subtracted():
+    clock = HostClock()
+    assert 0 < clock.overhead_ns < 20_000  # a perf_counter_ns call: tens of ns, never zero
+    clock.start()
+    for _ in range(100):
+        clock.mark()
+    empty = clock.intervals_ns()
+    assert len(empty) == 100
+    assert np.median(empty) < clock.overhead_ns  # empty intervals are timer cost only, and it is removed
+
+
+def test_host_clock_intervals_follow_the_work():
+    clock = HostClock()
+    clock.start()
+    busy(0.002)
+    clock.mark()
+    busy(0.006)
+    clock.mark()
+    a, b = clock.intervals_ms()
+    assert 2.0 < b / a < 4.0
+
+
+def test_repeat_stops_when_ci_target_is_met():
+    res = repeat(lambda i: {"t": 1.0 + 1e-4 * (i % 3)}, FAST, ("t",))
+    assert res.converged and res.stop_reason == "converged" and res.reps == FAST.min_reps
+    assert res.ci_rel_halfwidth["t"] <= FAST.target_ci
+
+
+def test_repeat_stops_at_max_reps_on_noise():
+    rng = np.random.default_rng(0)
+    policy = Policy(**{**FAST.__dict__, "max_reps": 12, "target_ci": 1e-6})
+    res = repeat(lambda i: {"t": float(rng.uniform(1, 2))}, policy, ("t",))
+    assert res.stop_reason == "max_reps" and res.reps == 12 and not res.converged
+    assert len(res.samples["t"]) == 12  # every raw sample kept
+
+
+def test_repeat_stops_at_time_budget():
+    policy = Policy(**{**FAST.__dict__, "max_reps": 10_000, "target_ci": 1e-9, "max_time_s": 0.2})
+    rng = np.random.default_rng(1)
+
+    def rep(i):
+        busy(0.01)
+        return {"t": float(rng.uniform(1, 2))}
+
+    res = repeat(rep, policy, ("t",))
+    assert res.stop_reason == "time_budget" and FAST.min_reps <= res.reps < 100
+
+
+def test_warmup_absorbs_compilation_and_is_not_sampled():
+    calls = []
+
+    def rep(i):
+        calls.append(i)
+        busy(0.03 if len(calls) == 1 else 0.002)  # the first call "compiles"
+        return {"t": 1.0, "list": [1.0, 2.0]}
+
+    res = repeat(rep, FAST, ("t",))
+    assert len(res.warmup_times_s) >= 2
+    assert res.warmup_times_s[0] > 5 * res.warmup_times_s[-1]
+    assert all(i < 0 for i in calls[: len(res.warmup_times_s)])  # warm-up reps are told apart
+    assert len(res.samples["list"]) == 2 * res.reps  # list-valued metrics are extended
+
+
+def test_measure_callable_ratio_tracks_work():
+    small, _ = measure_callable(lambda: busy(0.001), FAST)
+    large, overhead = measure_callable(lambda: busy(0.003), FAST)
+    ratio = np.median(large.samples["time_ms"]) / np.median(small.samples["time_ms"])
+    assert 2.5 < ratio < 3.5
+    assert overhead > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_event_clock_times_device_work():
+    from harness.timing import CudaEventClock
+
+    dev = torch.device("cuda")
+    clock = CudaEventClock(dev)
+    a = torch.randn(2048, 2048, device=dev)
+    clock.start()
+    a @ a
+    clock.mark()
+    for _ in range(4):
+        a @ a
+    clock.mark()
+    one, four = clock.intervals_ms()
+    assert 2.5 < four / one < 6
