@@ -2,7 +2,7 @@
 
 For each CPU workload, the harness (one timed call per sample, timer cost subtracted) and
 ``torch.utils.benchmark.Timer.blocked_autorange`` (blocks of calls, per-call mean per block) are run in
-alternation, several rounds each, and the ratio of their medians is printed. It should be within 0.95-1.05.
+alternation, several rounds each, and the ratio of their medians is printed (target: within 0.95-1.05).
 Also printed: the harness' per-sample timer overhead (what it subtracts) and what remains on an empty call.
 
     python benchmarks/timer_overhead.py [--rounds 5] [--seconds 2]
@@ -39,12 +39,13 @@ def workloads() -> dict[str, callable]:
     }
 
 
-def harness_median_ms(fn, seconds: float) -> float:
+def harness_ms(fn, seconds: float) -> tuple[float, float]:
+    """(median, mean) of the harness' per-call samples."""
     policy = Policy(
         name="bench", warmup_iters=3, warmup_s=0.2, min_reps=20, max_reps=1_000_000, max_time_s=seconds, target_ci=1e-9
     )
     reps, _ = measure_callable(fn, policy)
-    return statistics.median(reps.samples["time_ms"])
+    return statistics.median(reps.samples["time_ms"]), statistics.fmean(reps.samples["time_ms"])
 
 
 def torch_benchmark_median_ms(fn, seconds: float) -> float:
@@ -69,18 +70,25 @@ def main() -> None:
         f"{statistics.median(empty.samples['time_ms']) * 1e3:.3f} us"
     )
     print()
-    print(f"{'workload':<36} {'harness ms':>11} {'torch.utils.benchmark ms':>25} {'ratio':>7}")
+    print(f"{'workload':<36} {'harness median':>15} {'harness mean':>13} {'torch.utils.benchmark':>22} {'ratio':>7}")
     ratios = []
     for name, fn in workloads().items():
-        ours, theirs = [], []
+        medians, means, theirs = [], [], []
         for _ in range(opts.rounds):
-            ours.append(harness_median_ms(fn, opts.seconds))
+            med, mean = harness_ms(fn, opts.seconds)
+            medians.append(med)
+            means.append(mean)
             theirs.append(torch_benchmark_median_ms(fn, opts.seconds))
-        h, t = statistics.median(ours), statistics.median(theirs)
+        h, t = statistics.median(medians), statistics.median(theirs)
         ratios.append(h / t)
-        print(f"{name:<36} {h:>11.4f} {t:>25.4f} {h / t:>7.3f}")
-    inside = all(0.95 <= r <= 1.05 for r in ratios)
-    print(f"\nall ratios within 0.95-1.05: {'yes' if inside else 'no'}")
+        print(f"{name:<36} {h:>12.4f} ms {statistics.median(means):>10.4f} ms {t:>19.4f} ms {h / t:>7.3f}")
+    inside = sum(0.95 <= r <= 1.05 for r in ratios)
+    print(f"\nratio (harness median / torch.utils.benchmark median) within 0.95-1.05: {inside} of {len(ratios)}")
+    print(
+        "note: blocked_autorange's median is a median of per-block means, so a block carries any slow call it\n"
+        "contains; the harness times each call, and its median drops those outliers. The two agree where calls\n"
+        "are steady; on microsecond workloads with jittery calls compare the block figure with the harness mean."
+    )
 
 
 if __name__ == "__main__":
