@@ -29,7 +29,7 @@ from engines.llama import ModelArgs
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "harness.engines"
-BUILTIN_MODULES = ("engines.eager",)
+BUILTIN_MODULES = ("engines.eager", "engines.distilled")
 
 
 class EngineError(ValueError):
@@ -56,6 +56,10 @@ class PrepareContext:
     model_name: str
     model_args: ModelArgs
     cache_dir: Path
+    reference_key: str = ""  # stable identity of the reference weights, for engines' own caches
+    trained: bool = False  # the weights were trained: data-driven transforms (calibration, distillation) apply
+    train_tokens: torch.Tensor | None = None  # corpus train split (calibration, distillation), 1-D int64
+    heldout_tokens: torch.Tensor | None = None  # corpus held-out split, for an engine's own evaluation
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -191,6 +195,13 @@ def make_engine(cfg: dict[str, Any]) -> Engine:
     except (TypeError, ValueError) as exc:
         raise EngineError(f"engine: invalid parameters for {name!r}: {exc}") from None
     return cls(params)
+
+
+def engine_info(model: nn.Module) -> dict[str, Any]:
+    """What an engine reports about its prepared model (``model.engine_info``, a dict set by ``prepare``):
+    measured sparsity, the student's shape and training, stored bytes per scheme... Goes into the record."""
+    info = getattr(model, "engine_info", None)
+    return dict(info) if isinstance(info, dict) else {}
 
 
 def weight_bytes(model: nn.Module) -> int:

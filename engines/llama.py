@@ -31,6 +31,11 @@ class ModelArgs:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     rope_scaling: dict[str, float] | None = field(default=None, hash=False)
+    head_dim: int = 0  # 0: dim // n_heads (set explicitly when heads are removed from a model)
+
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelArgs:
@@ -40,10 +45,6 @@ class ModelArgs:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
 
     def num_params(self) -> int:
         """Parameter count from the shape alone (tied embeddings counted once)."""

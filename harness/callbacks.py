@@ -1,4 +1,4 @@
-"""Hydra callback: pre-flight validation of every sweep point, sweep metadata, and the final summary."""
+"""Hydra callback: pre-flight validation of every sweep point, sweep metadata, the final summary and report."""
 
 from __future__ import annotations
 
@@ -66,6 +66,20 @@ def _print_summary(directory: Path) -> None:
     out.write(f"{status_counts(df)}\n")
     out.write(f"Results: {directory}\n")
     out.flush()
+    _write_report(directory)
+
+
+def _write_report(directory: Path) -> None:
+    """The HTML report, its path printed last; a report that cannot be built never fails the run."""
+    try:
+        from harness.report import write_report
+
+        path = write_report(directory)
+    except Exception as exc:  # the measurements are on disk whatever happens here
+        log.warning("report not written: %s: %s", exc.__class__.__name__, exc)
+        return
+    sys.stdout.write(f"Report: {path}\n")
+    sys.stdout.flush()
 
 
 class HarnessCallback(Callback):

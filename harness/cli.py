@@ -1,4 +1,4 @@
-"""`harness` console script: `run` (the Hydra app) and `env`.
+"""`harness` console script: `run` (the Hydra app), `env`, `train` and `report`.
 
 Bad input never shows a traceback: it prints one line naming the problem and exits with status 2.
 """
@@ -17,12 +17,15 @@ USAGE = """usage: harness <command> [args]
 commands:
   run [hydra args...]   measure one point, or a sweep with -m / +sweep=<name> (Hydra overrides)
   env [--json]          print the device, threads, versions and git SHA this machine would record
+  train [overrides...]  train a reference model on the corpus and cache it (model.weights=trained does it on use)
+  report DIR [-o FILE]  write the comparative HTML report of a sweep (default: DIR/report.html)
 
 examples:
   harness run                                       # one default point (eager, tiny, batch 1)
   harness run +sweep=demo                           # the demo sweep
   harness run -m engine=eager model=tiny workload.batch_size=1,4 measure=quick
   harness run --cfg job                             # print the composed config
+  harness report results/sweeps/<timestamp>         # rebuild a sweep's report.html
 """
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -65,15 +68,9 @@ def format_hydra_error(exc: BaseException) -> str:
 def _allowed_keys(parent: str) -> list[str]:
     """Keys of a config node, for error messages (empty when it cannot be composed)."""
     try:
-        from hydra import compose, initialize_config_dir
-        from hydra.core.global_hydra import GlobalHydra
         from omegaconf import OmegaConf
 
-        from harness.paths import config_dir
-
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose(config_name="config")
+        cfg = compose([])
         node = OmegaConf.select(cfg, parent) if parent else cfg
         return sorted(str(k) for k in node.keys()) if node is not None else []
     except Exception:
@@ -148,7 +145,79 @@ def cmd_env(args: Sequence[str]) -> int:
     return EXIT_OK
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"run": cmd_run, "env": cmd_env}
+def compose(overrides: Sequence[str]):
+    """The job config for ``overrides`` composed from the config tree, without running a job."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from harness.paths import config_dir
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def cmd_train(args: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="harness train",
+        description="Train a reference model on the corpus and cache its checkpoint (e.g. `harness train model=tiny`).",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides: model=..., train.steps=..., corpus.path=...")
+    parser.add_argument("--force", action="store_true", help="train again even when the checkpoint is cached")
+    opts = parser.parse_args(args)
+
+    import logging
+
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from harness.config import ConfigError, validate
+    from harness.corpus import CorpusError, load_corpus
+    from harness.training import ensure_trained
+
+    try:
+        spec = validate(compose(opts.overrides))
+        corpus = load_corpus(spec.corpus.path, spec.corpus.heldout_every)
+    except (ConfigError, CorpusError) as exc:
+        raise UsageError(str(exc)) from None
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UsageError(format_hydra_error(exc)) from None
+    if spec.model.args.vocab_size < 256:
+        raise UsageError(f"model.vocab_size: a byte-level corpus needs at least 256, got {spec.model.args.vocab_size}")
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    ckpt, info = ensure_trained(
+        spec.model.name, spec.model.args, corpus, spec.train, spec.seed, spec.device, spec.cache_dir, opts.force
+    )
+    c = corpus.identity()
+    print(
+        f"model {spec.model.name}: {spec.model.args.num_params() / 1e6:.2f}M params, {info['steps']} steps of "
+        f"{spec.train.batch_size}x{spec.train.seq_len} tokens on {c['name']} ({c['train_bytes']:,} train bytes, "
+        f"{c['heldout_bytes']:,} held out)\n"
+        f"held-out: {info['heldout_bits_per_byte']:.3f} bits/byte   "
+        f"unigram baseline: {info['unigram_bits_per_byte']:.3f} bits/byte   "
+        f"untrained: {info['init_heldout_bits_per_byte']:.3f} bits/byte\n"
+        f"{'loaded from cache, ' if info['cached'] else ''}trained in {info['seconds']:.0f} s on {info['device']}; "
+        f"checkpoint: {ckpt}"
+    )
+    return EXIT_OK
+
+
+def cmd_report(args: Sequence[str]) -> int:
+    from harness.report.cli import main as report_main  # lazy: plotly is imported only when a report is built
+
+    return report_main(args)
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "run": cmd_run,
+    "env": cmd_env,
+    "train": cmd_train,
+    "report": cmd_report,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

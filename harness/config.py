@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,12 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from engines.base import Engine, EngineError, make_engine
 from engines.llama import ModelArgs
+from engines.train import TrainConfig
 from harness.timing import Policy
 
 DEVICES = "auto, cpu, cuda, cuda:N"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DECODINGS = ("greedy", "beam")
-WEIGHTS = ("random",)
+WEIGHTS = ("random", "trained")
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "llm-inference-harness"
 
 
 class ConfigError(ValueError):
@@ -43,6 +46,22 @@ class ModelSpec:
     args: ModelArgs
 
 
+@dataclass(frozen=True)
+class CorpusSpec:
+    path: str | None = None
+    heldout_every: int = 20
+
+
+@dataclass(frozen=True)
+class QualitySpec:
+    enabled: bool = True
+    n_seqs: int = 8
+    seq_len: int = 256
+    greedy_prompts: int = 4
+    greedy_prompt_len: int = 64
+    greedy_len: int = 32
+
+
 @dataclass
 class PointSpec:
     """Everything a point needs, validated."""
@@ -55,10 +74,17 @@ class PointSpec:
     dtype: torch.dtype
     seed: int
     cfg: dict[str, Any]
+    corpus: CorpusSpec = CorpusSpec()
+    train: TrainConfig = TrainConfig()
+    quality: QualitySpec = QualitySpec()
 
     @property
     def dtype_name(self) -> str:
         return next(k for k, v in DTYPES.items() if v == self.dtype)
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.cfg.get("cache_dir") or DEFAULT_CACHE_DIR).expanduser()
 
 
 def _int(value: Any, field: str, minimum: int) -> int:
@@ -119,13 +145,17 @@ def _model(m: dict[str, Any]) -> ModelSpec:
     for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "max_seq_len"):
         if key in m:
             _int(m[key], f"model.{key}", 1)
+    if m.get("head_dim") is not None:
+        _int(m["head_dim"], "model.head_dim", 0)
+    if not m.get("head_dim") and m.get("dim", 0) % m.get("n_heads", 1):
+        raise ConfigError(
+            f"model.n_heads: must divide model.dim={m['dim']} (or set model.head_dim), got {m['n_heads']}"
+        )
     args = ModelArgs.from_dict(m)
-    if args.dim % args.n_heads:
-        raise ConfigError(f"model.n_heads: must divide model.dim={args.dim}, got {args.n_heads}")
     if args.n_heads % args.n_kv_heads:
         raise ConfigError(f"model.n_kv_heads: must divide model.n_heads={args.n_heads}, got {args.n_kv_heads}")
     if args.head_dim % 2:
-        raise ConfigError(f"model.dim: dim / n_heads must be even for rotary embeddings, got {args.head_dim}")
+        raise ConfigError(f"model.head_dim: must be even for rotary embeddings, got {args.head_dim}")
     return ModelSpec(name=str(m["name"]), weights=str(weights), args=args)
 
 
@@ -177,6 +207,60 @@ def _policy(p: dict[str, Any]) -> Policy:
     return policy
 
 
+def _fields(node: Any, name: str, cls: type) -> dict[str, Any]:
+    """Check a node's keys against a dataclass and return it as a dict."""
+    if node is None:
+        return {}
+    if not isinstance(node, dict):
+        raise ConfigError(f"{name}: expected a mapping of fields, got {node!r}")
+    known = set(cls.__dataclass_fields__)
+    extra = sorted(set(node) - known)
+    if extra:
+        raise ConfigError(f"{name}.{extra[0]}: unknown field; allowed: {', '.join(sorted(known))}")
+    return node
+
+
+def _corpus(c: Any) -> CorpusSpec:
+    c = _fields(c, "corpus", CorpusSpec)
+    path = c.get("path")
+    if path is not None and not isinstance(path, str):
+        raise ConfigError(f"corpus.path: expected a file path or null, got {path!r}")
+    if path is not None and not Path(path).expanduser().is_file():
+        raise ConfigError(f"corpus.path: {path!r} is not a readable file (null uses Python's bundled documentation)")
+    return CorpusSpec(path=path, heldout_every=_int(c.get("heldout_every", 20), "corpus.heldout_every", 2))
+
+
+def _train(t: Any, seed: int) -> TrainConfig:
+    t = _fields(t, "train", TrainConfig)
+    if "seed" in t:
+        raise ConfigError("train.seed: training uses the top-level seed; set seed=<int> instead")
+    for key in ("steps", "batch_size", "seq_len"):
+        if key in t:
+            _int(t[key], f"train.{key}", 1)
+    for key in ("warmup_steps", "seed"):
+        if key in t:
+            _int(t[key], f"train.{key}", 0)
+    if "lr" in t:
+        _number(t["lr"], "train.lr", 0.0, strict=True)
+    for key in ("min_lr_ratio", "weight_decay", "grad_clip"):
+        if key in t:
+            _number(t[key], f"train.{key}", 0.0)
+    return TrainConfig.from_dict({**t, "seed": seed})
+
+
+def _quality(q: Any) -> QualitySpec:
+    q = _fields(q, "quality", QualitySpec)
+    if not isinstance(q.get("enabled", True), bool):
+        raise ConfigError(f"quality.enabled: expected true or false, got {q['enabled']!r}")
+    for key in ("n_seqs", "greedy_prompts", "greedy_len"):
+        if key in q:
+            _int(q[key], f"quality.{key}", 0 if key.startswith("greedy") else 1)
+    for key in ("seq_len", "greedy_prompt_len"):
+        if key in q:
+            _int(q[key], f"quality.{key}", 2)
+    return QualitySpec(**q)
+
+
 def to_container(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Plain dict of the job config (Hydra's own node excluded), interpolations resolved."""
     data: dict[str, Any] = {}
@@ -204,4 +288,16 @@ def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
     device = resolve_device(data.get("device", "auto"))
     dtype = resolve_dtype(data.get("dtype", "auto"), device)
     seed = _int(data.get("seed", 0), "seed", 0)
-    return PointSpec(model, engine, workload, policy, device, dtype, seed, data)
+    corpus, train, quality = _corpus(data.get("corpus")), _train(data.get("train"), seed), _quality(data.get("quality"))
+    if model.weights == "trained" and model.args.vocab_size < 256:
+        raise ConfigError(
+            f"model.weights: 'trained' needs a byte vocabulary (vocab_size >= 256), got {model.args.vocab_size}"
+        )
+    if quality.enabled:
+        longest = max(quality.seq_len, quality.greedy_prompt_len + quality.greedy_len)
+        if longest > model.args.max_seq_len:
+            raise ConfigError(
+                f"quality.seq_len: quality windows of {longest} tokens exceed "
+                f"model.max_seq_len={model.args.max_seq_len}"
+            )
+    return PointSpec(model, engine, workload, policy, device, dtype, seed, data, corpus, train, quality)

@@ -7,6 +7,8 @@ message and traceback, and the record is written in every case.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 import traceback
@@ -17,10 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.base import PrepareContext, weight_bytes
+from engines.base import PrepareContext, engine_info, weight_bytes
 from engines.generate import cache_rows, generate, setup_caches
-from harness import reference
+from harness import fidelity, reference
 from harness.config import PointSpec
+from harness.corpus import Corpus, load_corpus, windows
 from harness.env import fingerprint
 from harness.memory import PeakMemory, current_rss_mb
 from harness.records import point_key, write_record
@@ -28,8 +31,6 @@ from harness.stats import summarize
 from harness.timing import make_clock, repeat
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "llm-inference-harness"
 
 
 def identity(spec: PointSpec) -> dict[str, Any]:
@@ -59,23 +60,52 @@ def _one_line(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
 
 
-def _prompt(spec: PointSpec, rep: int) -> torch.Tensor:
-    """Fresh random token ids for each repetition (never zeros), from a seed fixed by the point and rep."""
-    gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + rep + 2**31)
-    vocab = spec.model.args.vocab_size
-    prompt = torch.randint(1, vocab, (spec.workload.batch_size, spec.workload.prompt_len), generator=gen)
-    return prompt.to(spec.device)
+def _prompt(spec: PointSpec, rep: int, heldout: torch.Tensor | None) -> torch.Tensor:
+    """Fresh inputs for each repetition (never zeros), from a seed fixed by the point and the repetition:
+    held-out corpus text when the model was trained on it, random token ids otherwise."""
+    w, seed = spec.workload, spec.seed * 1_000_003 + rep + 2**31
+    if heldout is not None:
+        return windows(heldout, w.batch_size, w.prompt_len, seed).to(spec.device)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(1, spec.model.args.vocab_size, (w.batch_size, w.prompt_len), generator=gen).to(spec.device)
+
+
+def _quality(spec: PointSpec, model, prepared, corpus: Corpus, trained: bool) -> dict[str, Any]:
+    q = spec.quality
+    if trained:
+        win = windows(corpus.tokens("heldout"), q.n_seqs, q.seq_len, spec.seed)
+        prompts = windows(corpus.tokens("heldout"), q.greedy_prompts, q.greedy_prompt_len, spec.seed + 1)
+    else:
+        gen = torch.Generator().manual_seed(spec.seed)
+        vocab = spec.model.args.vocab_size
+        win = torch.randint(1, vocab, (q.n_seqs, q.seq_len), generator=gen)
+        prompts = torch.randint(1, vocab, (q.greedy_prompts, q.greedy_prompt_len), generator=gen)
+    key = json.dumps([reference.reference_key(spec), spec.engine.variant(), q.__dict__], sort_keys=True, default=str)
+    out = fidelity.evaluate(key, model, prepared, win.to(spec.device), prompts.to(spec.device), q.greedy_len, trained)
+    out["inputs"] = "corpus held-out text" if trained else "random token ids"
+    if trained:
+        out["corpus"] = corpus.identity()
+    return out
 
 
 def measure(spec: PointSpec, record: dict[str, Any]) -> None:
-    """Prepare the engine and time generations; fills timing, samples, summary and metrics of ``record``."""
+    """Prepare the engine, measure its quality and time generations; fills the record's sections."""
     w = spec.workload
-    model, build_s = reference.reference_model(spec)
-    cache_dir = Path(spec.cfg.get("cache_dir") or DEFAULT_CACHE_DIR)
-    ctx = PrepareContext(spec.device, spec.dtype, spec.seed, spec.model.name, spec.model.args, cache_dir)
-    t0 = time.perf_counter()
-    prepared = spec.engine.prepare(model, ctx)
-    prepare_s = time.perf_counter() - t0
+    model, ref_info = reference.reference_model(spec)
+    record["reference"] = ref_info
+    trained = spec.model.weights == "trained"
+    corpus = load_corpus(spec.corpus.path, spec.corpus.heldout_every)
+    ref_key = hashlib.sha256(reference.reference_key(spec).encode()).hexdigest()[:16]
+    ctx = PrepareContext(
+        spec.device, spec.dtype, spec.seed, spec.model.name, spec.model.args, spec.cache_dir,
+        reference_key=ref_key, trained=trained,
+        train_tokens=corpus.tokens("train"), heldout_tokens=corpus.tokens("heldout"),
+    )  # fmt: skip
+    prepared, prepare_s = reference.prepared_model(spec, model, ctx)
+    record["engine_info"] = engine_info(prepared)
+    if spec.quality.enabled:
+        record["quality"] = _quality(spec, model, prepared, corpus, trained)
+    heldout = corpus.tokens("heldout") if trained else None
     setup_caches(prepared, cache_rows(w.batch_size, w.decoding, w.num_beams), w.prompt_len + w.gen_len)
 
     clock = make_clock(spec.device)
@@ -83,7 +113,7 @@ def measure(spec: PointSpec, record: dict[str, Any]) -> None:
         clock.ensure_capacity(w.gen_len)
 
     def rep(i: int) -> dict[str, Any]:
-        prompt = _prompt(spec, i)
+        prompt = _prompt(spec, i, heldout)
         generate(prepared, prompt, w.gen_len, w.decoding, w.num_beams, clock)
         iv = clock.intervals_ms()
         itl = iv[1:]
@@ -116,7 +146,7 @@ def measure(spec: PointSpec, record: dict[str, Any]) -> None:
         "peak_memory_method": peak_method,
         "rss_before_mb": rss_before,
         "weight_bytes": weight_bytes(prepared),
-        "model_build_s": build_s,
+        "model_build_s": ref_info["build_s"],
         "prepare_s": prepare_s,
         "warmup_s": float(np.sum(reps.warmup_times_s)),
     }

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from harness.cli import main
+from harness.cli import COMMANDS, main
 
 
 def test_help_and_unknown_command(capsys):
@@ -15,9 +15,9 @@ def test_help_and_unknown_command(capsys):
     assert "run [hydra args...]" in out and "env [--json]" in out
     assert main([]) == 2
     assert main(["frobnicate"]) == 2
-    assert (
-        capsys.readouterr().err.strip() == "harness frobnicate: error: unknown command 'frobnicate'; allowed: run, env"
-    )
+    err = capsys.readouterr().err.strip()
+    assert err == f"harness frobnicate: error: unknown command 'frobnicate'; allowed: {', '.join(COMMANDS)}"
+    assert list(COMMANDS)[:2] == ["run", "env"] and "report" in COMMANDS
 
 
 def test_env_prints_device_threads_versions_and_git(capsys):

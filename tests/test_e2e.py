@@ -1,4 +1,5 @@
-"""End to end: real Hydra multiruns of the eager engine on `tiny` with the quick policy."""
+"""End to end: real Hydra multiruns on the trained `tiny` (the session's briefly trained checkpoint) with the
+quick policy."""
 
 from __future__ import annotations
 
@@ -6,40 +7,24 @@ import json
 import math
 import subprocess
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from engines.base import Engine, register
 from harness.progress import SWEEP_META
 from harness.records import RECORD_NAME, load
-
-
-@dataclass(frozen=True)
-class FailParams:
-    phase: str = "prepare"
-
-
-@register
-class FailingEngine(Engine):
-    """Test-only engine that breaks in a chosen phase."""
-
-    name = "failing-test"
-    Params = FailParams
-
-    def prepare(self, model, ctx):
-        if self.params.phase == "prepare":
-            raise RuntimeError("injected failure <in prepare>")
-        if self.params.phase == "oom":
-            raise MemoryError("injected out of memory")
-        return model
-
 
 QUICK = ["measure=quick", "workload.prompt_len=16", "workload.gen_len=4"]
 
 
-def test_console_script_sweep_writes_one_record_per_point(tmp_path, subprocess_env):
+@pytest.fixture()
+def tiny(trained_tiny) -> list[str]:
+    """Overrides that select the trained tiny from the session's checkpoint cache (no training in the test)."""
+    return trained_tiny["overrides"]
+
+
+def test_console_script_sweep_writes_one_record_per_point(tmp_path, subprocess_env, tiny):
     """The foundation issue's acceptance command, through the installed console script."""
     sweep = tmp_path / "sweep"
     cmd = [
@@ -52,6 +37,7 @@ def test_console_script_sweep_writes_one_record_per_point(tmp_path, subprocess_e
         "model=tiny",
         "workload.batch_size=1,4",
         *QUICK,
+        *tiny,
         f"hydra.sweep.dir={sweep}",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env, cwd=tmp_path, timeout=300)
@@ -63,17 +49,18 @@ def test_console_script_sweep_writes_one_record_per_point(tmp_path, subprocess_e
     assert np.isfinite(df.ttft_ms_p50).all() and np.isfinite(df.tpot_ms_p50).all()
     assert (df.decode_tokens_per_s > 0).all() and (df.peak_memory_mb > 0).all()
     assert df.point_key.nunique() == 2 and (df.variant == "eager").all()
-    # the summary table, then the results directory last
+    # the summary table, the results directory, then the report last
     out = proc.stdout.strip().splitlines()
-    assert out[-1] == f"Results: {sweep}"
+    assert out[-2] == f"Results: {sweep}"
+    assert out[-1] == f"Report: {sweep / 'report.html'}" and (sweep / "report.html").stat().st_size > 0
     assert any("TPOT p50 ms" in line for line in out)
     assert "[1/2]" in proc.stdout and "[2/2]" in proc.stdout and "ETA" in proc.stdout  # progress lines
     meta = json.loads((sweep / SWEEP_META).read_text())
     assert meta["total"] == 2 and meta["command"][:3] == ["harness", "run", "-m"]
 
 
-def test_record_contents(run_harness, tmp_path):
-    assert run_harness("run", *QUICK, "workload.batch_size=2", f"hydra.run.dir={tmp_path}") == 0
+def test_record_contents(run_harness, tmp_path, tiny):
+    assert run_harness("run", *QUICK, *tiny, "workload.batch_size=2", f"hydra.run.dir={tmp_path}") == 0
     rec = json.loads((tmp_path / RECORD_NAME).read_text())
     assert rec["schema_version"] == 1 and rec["status"] == "ok" and rec["error"] is None
     assert rec["config"]["workload"]["batch_size"] == 2 and "hydra" not in rec["config"]
@@ -97,9 +84,17 @@ def test_record_contents(run_harness, tmp_path):
     assert math.isclose(m["decode_tokens_per_s"], 2 * 1000 / s["p50"])
     assert math.isclose(m["prefill_tokens_per_s"], 2 * 16 * 1000 / rec["summary"]["ttft_ms"]["p50"])
     assert m["weight_bytes"] == ident["n_params"] * 4
+    # trained weights: quality against the eager reference (itself here) with perplexity on held-out text
+    assert rec["reference"]["weights"] == "trained" and rec["reference"]["training"]["steps"] == 40
+    q = rec["quality"]
+    assert q["top1_agreement"] == 1.0 and q["kl"] == 0.0 and q["trained"] is True
+    assert q["inputs"] == "corpus held-out text" and q["corpus"]["name"] == "python-docs"
+    assert 1.0 < q["bits_per_byte"] < 8.0 and math.isclose(q["ppl"], 2 ** q["bits_per_byte"], rel_tol=1e-6)
+    row = load(tmp_path).iloc[0]
+    assert row.fidelity_top1 == 1.0 and row.fidelity_kl == 0.0 and math.isclose(row.ppl, q["ppl"])
 
 
-def test_failing_points_are_recorded_and_the_sweep_goes_on(run_harness, tmp_path, capsys):
+def test_failing_points_are_recorded_and_the_sweep_goes_on(run_harness, tmp_path, capsys, tiny):
     sweep = tmp_path / "sweep"
     code = run_harness(
         "run", "-m", "engine.name=eager,failing-test", "+engine.phase=prepare", *QUICK, f"hydra.sweep.dir={sweep}"
@@ -116,6 +111,7 @@ def test_failing_points_are_recorded_and_the_sweep_goes_on(run_harness, tmp_path
         "workload.decoding=greedy,beam",
         "workload.num_beams=1",
         *QUICK,
+        *tiny,
         f"hydra.sweep.dir={sweep}",
     )
     assert code == 0
@@ -123,12 +119,12 @@ def test_failing_points_are_recorded_and_the_sweep_goes_on(run_harness, tmp_path
     assert len(df) == 2 and (df.status == "ok").all() and set(df.decoding) == {"greedy", "beam"}
 
 
-def test_failure_injection_in_process(run_harness, tmp_path):
+def test_failure_injection_in_process(run_harness, tmp_path, tiny):
     """A failing engine's point is recorded with its error; the healthy points still run."""
     base = tmp_path / "sweep"
     for phase in ("prepare", "oom", "none"):
         code = run_harness(
-            "run", "engine.name=failing-test", f"+engine.phase={phase}", *QUICK, f"hydra.run.dir={base}/{phase}"
+            "run", "engine.name=failing-test", f"+engine.phase={phase}", *QUICK, *tiny, f"hydra.run.dir={base}/{phase}"
         )
         assert code == (1 if phase != "none" else 0)
     df = load(base).set_index(pd.Index([p.split("/")[-2] for p in load(base).record_path]))

@@ -1,0 +1,198 @@
+"""The comparative HTML report of one or more sweeps: ``write_report(paths)`` -> one self-contained file.
+
+It reads only ``harness.records.load()`` and the record files, so the figure functions (``figures``) and
+tables (``tables``) work on any table of points, e.g. a dashboard over many sweeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.progress import read_sweep_meta
+from harness.records import RecordError, find_records, load, read_record
+from harness.report import figures, tables
+from harness.report.data import TIMELINE_MAX_POINTS, prepare, timeline_frame, with_sections
+from harness.report.page import Section, render
+
+REPORT_NAME = "report.html"
+OP_BREAKDOWN_LIMIT = 60
+
+
+class ReportError(ValueError):
+    """Nothing to report (missing path, no records, none readable); the message names the path."""
+
+
+def _as_list(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    return [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+
+
+def collect(paths: Sequence[Path]) -> tuple[pd.DataFrame, list[dict[str, Any]], list[dict[str, Any]]]:
+    """The table, the records behind its rows, and the sweep metadata of every sweep directory involved."""
+    if not paths:
+        raise ReportError("no results directory given")
+    try:
+        found = find_records(paths)
+    except FileNotFoundError as exc:
+        raise ReportError(str(exc)) from None
+    where = ", ".join(map(str, paths))
+    if not found:
+        raise ReportError(f"{where}: no record.json found (is this a sweep or run directory?)")
+    df = load(found)
+    if df.empty:
+        raise ReportError(f"{where}: none of the {len(found)} record(s) could be read")
+    records = []
+    for path in df["record_path"]:
+        try:
+            records.append(read_record(Path(path)))
+        except RecordError:  # replaced between load() and now; load() already named it if it was unreadable
+            continue
+    dirs = {Path(p).resolve() for p in paths if Path(p).is_dir()}
+    dirs |= {Path(d).resolve() for d in df["sweep_dir"].dropna().unique() if Path(d).is_dir()}
+    metas = [m for m in (read_sweep_meta(d) for d in sorted(dirs)) if m]
+    return df, records, metas
+
+
+def build_html(
+    df: pd.DataFrame,
+    records: Sequence[dict[str, Any]],
+    metas: Sequence[dict[str, Any]] = (),
+    unreadable: Sequence[str] = (),
+    title: str = "LLM inference benchmark report",
+) -> str:
+    """The report page for a table of points and its records."""
+    data = with_sections(prepare(df), list(records))
+    tl, monitored = timeline_frame(data, list(records))
+    profiled = int(
+        data[[c for c in data.columns if c.startswith("profile_") and c.endswith("_ms")]].notna().any(axis=1).sum()
+    )
+    n_unranked = int((data["status"].eq("ok") & ~data["representative"]).sum())
+    unranked_note = (
+        f"{n_unranked} point(s) have timings that are not representative (e.g. Triton kernels run by the "
+        "interpreter): they are shown dotted/hollow/greyed with their reason and never ranked."
+        if n_unranked
+        else ""
+    )
+
+    def fig_section(sid: str, title: str, fig, absent: str, note: str = "") -> Section:
+        return Section(sid, title, figure=fig, note=note if fig is not None else absent)
+
+    sections = [
+        Section(
+            "summary",
+            "Best variant per model and batch",
+            f"<div class='scroll'>{tables.summary_table(data)}</div>",
+            note=unranked_note,
+        ),
+        fig_section(
+            "speedup",
+            "Speedup vs eager",
+            figures.speedup_heatmap(data),
+            "No speedup to show: no variant shares a workload with a measured, representative eager point.",
+        ),
+        fig_section(
+            "ttft",
+            "Time to first token",
+            figures.by_batch(
+                data,
+                "ttft_ms_p50",
+                "TTFT p50 vs batch size (95% CI of the median)",
+                "TTFT p50 (ms)",
+                ci=("ttft_ms_ci_low", "ttft_ms_ci_high"),
+            ),
+            "No TTFT measured.",
+        ),
+        fig_section(
+            "tpot",
+            "Time per output token",
+            figures.by_batch(
+                data,
+                "tpot_ms_p50",
+                "TPOT p50 vs batch size (95% CI of the median)",
+                "TPOT p50 (ms)",
+                ci=("tpot_ms_ci_low", "tpot_ms_ci_high"),
+            ),
+            "No TPOT measured.",
+        ),
+        fig_section(
+            "throughput",
+            "Decode throughput",
+            figures.by_batch(
+                data,
+                "decode_tokens_per_s",
+                "Decode tokens/s vs batch size (from the TPOT median and its CI)",
+                "decode tokens/s",
+                ci=("tps_ci_low", "tps_ci_high"),
+            ),
+            "No throughput measured.",
+        ),
+        fig_section(
+            "memory",
+            "Peak memory",
+            figures.by_batch(data, "peak_memory_mb", "Peak memory per variant", "peak memory (MB)", kind="bar"),
+            "No memory measured.",
+        ),
+        fig_section(
+            "quality",
+            "Speed vs quality",
+            figures.quality_scatter(data),
+            "Not measured in this sweep: no record carries a quality section (fidelity against eager, perplexity).",
+        ),
+        fig_section(
+            "utilization",
+            "Utilization timelines",
+            figures.timelines(tl),
+            "Not measured in this sweep: no record carries a monitor timeline.",
+            note=f"Showing {min(monitored, TIMELINE_MAX_POINTS)} of {monitored} monitored points.",
+        ),
+        fig_section(
+            "roofline",
+            "Roofline",
+            figures.roofline(data),
+            "Not measured in this sweep: no record carries a roofline section.",
+        ),
+        fig_section(
+            "profile",
+            "Op-category breakdown",
+            figures.op_breakdown(data, OP_BREAKDOWN_LIMIT),
+            "Not profiled in this sweep: no record carries a profile section.",
+            note=f"Showing {min(profiled, OP_BREAKDOWN_LIMIT)} of {profiled} profiled points.",
+        ),
+        Section(
+            "points",
+            "All measured points",
+            f"<details><summary>{int(data['status'].eq('ok').sum())} points</summary><div class='scroll'>"
+            f"{tables.points_table(data)}</div></details>",
+        ),
+        Section("failed", "Failed and skipped points", tables.failed_table(data, unreadable)),
+    ]
+    header = tables.header(data, records, metas) + (
+        f"<details><summary>Configuration</summary>{tables.config_table(records)}</details>"
+    )
+    return render(title, header, sections)
+
+
+def default_output(paths: Sequence[Path]) -> Path:
+    first = paths[0]
+    return (first if first.is_dir() else first.parent) / REPORT_NAME
+
+
+def write_report(paths: str | Path | Iterable[str | Path], out: Path | None = None) -> Path:
+    """Write the report of the records under ``paths`` (default: ``<first dir>/report.html``); returns its path.
+
+    Raises ReportError when there is nothing to report. Unreadable records are skipped with a warning (from
+    ``load``) and listed in the report's failed-points table.
+    """
+    paths = _as_list(paths)
+    df, records, metas = collect(paths)
+    out = Path(out) if out is not None else default_output(paths)
+    names = ", ".join(p.resolve().name for p in paths)
+    text = build_html(df, records, metas, df.attrs.get("errors", []), title=f"LLM inference benchmark report: {names}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+    return out

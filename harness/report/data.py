@@ -1,0 +1,184 @@
+"""What the report derives from the table and the records: speedups, scenario labels, and the columns of the
+optional record sections (roofline, profile, monitor timelines) as DataFrames.
+
+Everything here is a pure function of ``harness.records.load()``'s table or of record dicts, so a later
+dashboard over many sweeps can reuse it unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+# A speedup compares a variant with eager on exactly the same workload, device and dtype.
+SCENARIO_KEYS = ["model", "prompt_len", "gen_len", "decoding", "num_beams", "device", "dtype"]
+SPEEDUP_KEYS = [*SCENARIO_KEYS, "batch_size"]
+BASELINE = "eager"
+PROFILE_CATEGORIES = ("matmul", "attention", "norm", "elementwise", "copy", "other")
+TIMELINE_MAX_POINTS = 24  # timelines drawn (one line per point); the rest are counted in a note
+TIMELINE_MAX_SAMPLES = 300  # samples per drawn line, after striding
+
+
+def representative(df: pd.DataFrame) -> pd.Series:
+    """True unless the record says its timings must not be ranked (missing means representative)."""
+    return ~df["timing_representative"].eq(False)
+
+
+def _scenario_label(row: pd.Series, varying: list[str]) -> str:
+    parts = [str(row["model"])]
+    for key in varying:
+        value = row[key]
+        if key == "num_beams":
+            continue
+        if key == "decoding" and value == "beam":
+            parts.append(f"beam×{_int(row['num_beams'])}")
+        elif key in ("prompt_len", "gen_len"):
+            parts.append(f"{key.split('_')[0]} {_int(value)}")
+        else:
+            parts.append(str(value))
+    return " · ".join(parts)
+
+
+def _int(value: Any) -> str:
+    return str(int(value)) if isinstance(value, int | float) and math.isfinite(value) else str(value)
+
+
+def varying_keys(df: pd.DataFrame) -> list[str]:
+    """Scenario keys (other than the model) that take more than one value: only those go into labels."""
+    keys = [k for k in SCENARIO_KEYS[1:] if df[k].nunique(dropna=False) > 1]
+    if "num_beams" in keys and "decoding" not in keys:
+        keys.insert(keys.index("num_beams"), "decoding")
+    return keys
+
+
+def prepare(df: pd.DataFrame) -> pd.DataFrame:
+    """The table plus the columns every figure uses.
+
+    ``representative``; ``scenario`` (model and whatever workload fields vary); ``label`` (one point);
+    ``speedup_tpot`` / ``speedup_ttft`` (eager's p50 over the variant's, same scenario and batch; NaN without an
+    ok, representative eager point there); decode tokens/s CI bounds mapped from the TPOT median's CI.
+    """
+    out = df.copy().reset_index(drop=True)
+    if out.empty:
+        for col in ("representative", "scenario", "label", "speedup_tpot", "speedup_ttft", "tps_ci_low", "tps_ci_high"):
+            out[col] = pd.Series(dtype=object if col in ("scenario", "label") else float)
+        return out
+    out["representative"] = representative(out)
+    varying = varying_keys(out)
+    out["scenario"] = out.apply(_scenario_label, axis=1, varying=varying)
+    out["label"] = out["variant"].astype(str) + " · " + out["scenario"] + " · b" + out["batch_size"].map(_int)
+
+    ok = out["status"].eq("ok")
+    eager = out[ok & out["engine"].eq(BASELINE) & out["representative"]]
+    if eager["variant"].eq(BASELINE).any():  # an eager with non-default parameters is not the baseline
+        eager = eager[eager["variant"].eq(BASELINE)]
+    base = eager.groupby(SPEEDUP_KEYS, dropna=False)[["tpot_ms_p50", "ttft_ms_p50"]].median()
+    base = base.rename(columns={"tpot_ms_p50": "eager_tpot_ms_p50", "ttft_ms_p50": "eager_ttft_ms_p50"})
+    out = out.drop(columns=[c for c in base.columns if c in out.columns]).merge(
+        base.reset_index(), on=SPEEDUP_KEYS, how="left"
+    )
+    out["speedup_tpot"] = out["eager_tpot_ms_p50"] / out["tpot_ms_p50"].where(ok)
+    out["speedup_ttft"] = out["eager_ttft_ms_p50"] / out["ttft_ms_p50"].where(ok)
+    # tokens/s = batch / TPOT median, so the CI of the median maps through the same monotone function
+    tps = out["decode_tokens_per_s"]
+    out["tps_ci_low"] = tps * out["tpot_ms_p50"] / out["tpot_ms_ci_high"]
+    out["tps_ci_high"] = tps * out["tpot_ms_p50"] / out["tpot_ms_ci_low"]
+    return out
+
+
+def ranked(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows that may be ranked: measured and representative."""
+    return df[df["status"].eq("ok") & df["representative"] & np.isfinite(df["tpot_ms_p50"])]
+
+
+def best_per_batch(df: pd.DataFrame) -> pd.DataFrame:
+    """The fastest representative variant (lowest TPOT p50) of each scenario and batch size."""
+    r = ranked(df)
+    if r.empty:
+        return r
+    idx = r.groupby(["scenario", "batch_size"])["tpot_ms_p50"].idxmin()
+    return r.loc[idx.values].sort_values(["scenario", "batch_size"])
+
+
+def pareto_front(x: np.ndarray, y: np.ndarray, x_higher_better: bool) -> np.ndarray:
+    """Mask of points no other point beats on both axes (y = speedup, always higher is better)."""
+    x = np.asarray(x, dtype=float) * (1 if x_higher_better else -1)
+    y = np.asarray(y, dtype=float)
+    front = np.ones(len(x), dtype=bool)
+    for i in range(len(x)):
+        dominated = (x >= x[i]) & (y >= y[i]) & ((x > x[i]) | (y > y[i]))
+        front[i] = not dominated.any()
+    return front
+
+
+def _section_row(record: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {"record_path": record.get("_path")}
+    roof = record.get("roofline") or {}
+    peaks = roof.get("peaks") or {}
+    row["peak_bandwidth_gbs"] = peaks.get("bandwidth_gbs")
+    row["peak_gflops"] = peaks["flops"] / 1e9 if isinstance(peaks.get("flops"), int | float) else None
+    row["peak_source"] = peaks.get("source")
+    row["peak_device"] = peaks.get("device")
+    for phase in ("decode", "prefill"):
+        part = roof.get(phase) or {}
+        for key in ("intensity", "achieved_gflops", "achieved_gbs"):
+            row[f"{phase}_{key}"] = part.get(key)
+    profile = record.get("profile") or {}
+    breakdown = profile.get("breakdown_ms") or {}
+    for cat in PROFILE_CATEGORIES:
+        row[f"profile_{cat}_ms"] = breakdown.get(cat)
+    row["profile_total_ms"] = profile.get("total_ms")
+    return row
+
+
+def with_sections(df: pd.DataFrame, records: list[dict[str, Any]]) -> pd.DataFrame:
+    """``df`` plus flat roofline and profile columns from the records (NaN where a record has none)."""
+    extra = pd.DataFrame([_section_row(r) for r in records])
+    if extra.empty:
+        extra = pd.DataFrame(columns=list(_section_row({}).keys()))
+    numeric = [c for c in extra.columns if c not in ("record_path", "peak_source", "peak_device")]
+    extra[numeric] = extra[numeric].apply(pd.to_numeric, errors="coerce")
+    extra = extra.drop_duplicates("record_path")
+    return df.drop(columns=[c for c in extra.columns if c != "record_path" and c in df.columns]).merge(
+        extra, on="record_path", how="left"
+    )
+
+
+def timeline_frame(df: pd.DataFrame, records: list[dict[str, Any]]) -> tuple[pd.DataFrame, int]:
+    """Long table (label, series, series_label, t_s, value) of monitor timelines, strided to at most
+    TIMELINE_MAX_SAMPLES per line, for at most TIMELINE_MAX_POINTS points; also the count of monitored points."""
+    by_path = {r.get("_path"): r for r in records}
+    monitored = []
+    for _, row in df.sort_values(["scenario", "variant", "batch_size"]).iterrows():
+        timeline = ((by_path.get(row["record_path"]) or {}).get("monitor") or {}).get("timeline") or {}
+        if timeline.get("t_s"):
+            monitored.append((row, by_path[row["record_path"]]["monitor"]))
+    frames = []
+    for row, monitor in monitored[:TIMELINE_MAX_POINTS]:
+        timeline = monitor["timeline"]
+        t = np.asarray(timeline["t_s"], dtype=float)
+        stride = max(1, math.ceil(len(t) / TIMELINE_MAX_SAMPLES))
+        labels = monitor.get("labels") or {}
+        for series, values in timeline.items():
+            if series == "t_s" or not isinstance(values, list) or len(values) != len(t):
+                continue
+            v = pd.to_numeric(pd.Series(values[::stride], dtype=object), errors="coerce").to_numpy(dtype=float)
+            if not np.isfinite(v).any():
+                continue
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "label": row["label"],
+                        "variant": row["variant"],
+                        "series": series,
+                        "series_label": labels.get(series, series),
+                        "t_s": t[::stride],
+                        "value": v,
+                    }
+                )
+            )
+    columns = ["label", "variant", "series", "series_label", "t_s", "value"]
+    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)), len(monitored)

@@ -1,0 +1,52 @@
+"""Corpus: the default text needs no download, splits deterministically, and user files work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.corpus import BYTE_VOCAB, CorpusError, load_corpus, split_chunks, unigram_bits_per_byte, windows
+
+
+def test_default_corpus_is_pythons_own_documentation():
+    c = load_corpus()
+    ident = c.identity()
+    assert c.name == "python-docs" and ident["files"][0].endswith("pydoc_data/topics.py")
+    assert ident["bytes"] > 300_000 and len(ident["sha256"]) == 64
+    assert 0.03 < ident["heldout_bytes"] / ident["bytes"] < 0.07  # every 20th 4 KiB chunk
+    assert load_corpus() is c  # parsed once per process
+    tokens = c.tokens("train")
+    assert tokens.dtype == torch.int64 and int(tokens.max()) < BYTE_VOCAB and int(tokens.min()) >= 0
+
+
+def test_split_is_deterministic_disjoint_and_complete():
+    data = bytes(range(256)) * 1000
+    train, held = split_chunks(data, 5)
+    assert len(train) + len(held) == len(data)
+    assert split_chunks(data, 5) == (train, held)
+    assert held == b"".join(data[i : i + 4096] for i in range(4 * 4096, len(data), 5 * 4096))
+
+
+def test_user_corpus_and_its_errors(tmp_path):
+    text = ("The quick brown fox jumps over the lazy dog. " * 2000).encode()
+    path = tmp_path / "mine.txt"
+    path.write_bytes(text)
+    c = load_corpus(str(path))
+    assert c.name == "mine.txt" and c.identity()["bytes"] == len(text)
+    assert c.sha256 != load_corpus().sha256
+    assert load_corpus(str(path), heldout_every=10).sha256 != c.sha256  # the split is part of the identity
+    small = tmp_path / "small.txt"
+    small.write_text("too short")
+    with pytest.raises(CorpusError, match=r"corpus.path: .*small.txt.* has 9 bytes; at least 65536"):
+        load_corpus(str(small))
+    with pytest.raises(CorpusError, match=r"corpus.path: cannot read"):
+        load_corpus(str(tmp_path / "missing.txt"))
+
+
+def test_unigram_baseline_and_windows():
+    c = load_corpus()
+    bpb = unigram_bits_per_byte(c)
+    assert 4.0 < bpb < 5.5  # English prose: about 4.5-5 bits per byte without context
+    w = windows(c.tokens("heldout"), 3, 64, seed=1)
+    assert w.shape == (3, 64) and torch.equal(w, windows(c.tokens("heldout"), 3, 64, seed=1))
+    assert not torch.equal(w, windows(c.tokens("heldout"), 3, 64, seed=2))

@@ -1,0 +1,110 @@
+"""Distilled engine and the surgery it builds on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engines.base import PrepareContext, make_engine
+from engines.generate import greedy
+from engines.llama import ModelArgs, Transformer
+from engines.surgery import evenly_spaced, shrink
+from harness import training
+from harness.corpus import load_corpus
+
+ARGS = ModelArgs(vocab_size=256, dim=64, n_layers=4, n_heads=8, n_kv_heads=4, intermediate_size=96, max_seq_len=128,
+                 tie_embeddings=False)  # fmt: skip
+
+
+def ctx(tmp_path, trained=False, key="ref", args=ARGS):
+    c = load_corpus()
+    return PrepareContext(
+        torch.device("cpu"),
+        torch.float32,
+        0,
+        "t",
+        args,
+        tmp_path,
+        reference_key=key,
+        trained=trained,
+        train_tokens=c.tokens("train"),
+        heldout_tokens=c.tokens("heldout"),
+    )
+
+
+def test_evenly_spaced_layers():
+    assert evenly_spaced(4, 2) == [0, 3] and evenly_spaced(4, 4) == [0, 1, 2, 3] and evenly_spaced(5, 3) == [0, 2, 4]
+    assert evenly_spaced(4, 1) == [0]
+    with pytest.raises(ValueError):
+        evenly_spaced(4, 5)
+
+
+def test_shrink_keeping_everything_is_the_same_model():
+    teacher = Transformer.build(ARGS, seed=1)
+    x = torch.randint(0, 256, (2, 20))
+    with torch.inference_mode():
+        torch.testing.assert_close(shrink(teacher)(x), teacher(x), rtol=0, atol=0)
+
+
+def test_removing_dead_channels_and_heads_changes_nothing():
+    """Channels whose output weights are zero and KV groups whose query heads write nothing can be cut exactly,
+    which checks that surgery moves the right rows and columns (GQA groups included)."""
+    teacher = Transformer.build(ARGS, seed=2)
+    group, hd = ARGS.n_heads // ARGS.n_kv_heads, ARGS.head_dim
+    keep_ffn, keep_kv = [], []
+    with torch.no_grad():
+        for layer in teacher.layers:
+            dead = torch.randperm(ARGS.intermediate_size)[:32]
+            layer.feed_forward.w2.weight[:, dead] = 0
+            keep_ffn.append(torch.tensor(sorted(set(range(ARGS.intermediate_size)) - set(dead.tolist()))))
+            dead_group = int(torch.randint(0, ARGS.n_kv_heads, ()))
+            cols = slice(dead_group * group * hd, (dead_group + 1) * group * hd)
+            layer.attention.wo.weight[:, cols] = 0
+            keep_kv.append(torch.tensor([g for g in range(ARGS.n_kv_heads) if g != dead_group]))
+    small = shrink(teacher, None, keep_ffn, keep_kv)
+    assert small.args.intermediate_size == 64 and small.args.n_kv_heads == 3 and small.args.n_heads == 6
+    assert small.args.head_dim == ARGS.head_dim
+    x = torch.randint(0, 256, (2, 24))
+    with torch.inference_mode():
+        torch.testing.assert_close(small(x), teacher(x), rtol=1e-5, atol=1e-5)
+    # and the smaller model runs prefill/decode with its own KV cache
+    small.setup_caches(2, 24 + 6)
+    with torch.inference_mode():
+        out = greedy(small, x, 6)
+    assert out.shape == (2, 6)
+
+
+def test_untrained_teacher_gives_an_undistilled_student(tmp_path):
+    teacher = Transformer.build(ARGS, seed=0)
+    eng = make_engine({"name": "distilled", "width": 0.5})
+    student = eng.prepare(teacher, ctx(tmp_path, trained=False))
+    info = student.engine_info
+    assert info["trained"] is False and "random weights" in info["note"]
+    assert info["layers_kept"] == [0, 3] and student.args.n_layers == 2
+    assert student.args.intermediate_size == 48 and student.args.n_kv_heads == 2 and student.args.n_heads == 4
+    assert eng.variant() == "distilled(width=0.5)"
+    assert sum(p.numel() for p in student.parameters()) == info["student_params"] < ARGS.num_params()
+
+
+def test_invalid_params_are_refused():
+    from engines.base import EngineError
+
+    with pytest.raises(EngineError, match=r"engine.depth must be in \(0, 1\]"):
+        make_engine({"name": "distilled", "depth": 1.5})
+    teacher = Transformer.build(ARGS, seed=0)
+    with pytest.raises(ValueError, match=r"engine.layers_kept: indices must be in 0..3"):
+        make_engine({"name": "distilled", "layers_kept": [0, 7]}).derive(teacher)
+
+
+def test_distillation_trains_toward_the_teacher_and_is_cached(tmp_path, trained_tiny):
+    args = ModelArgs.from_dict(trained_tiny["args"])
+    teacher = training.load_trained(args, trained_tiny["path"], torch.device("cpu"), torch.float32)
+    eng = make_engine({"name": "distilled", "steps": 30, "batch_size": 8, "seq_len": 64, "lr": 5e-4})
+    student = eng.prepare(teacher, ctx(tmp_path, trained=True, key="tiny-fixture", args=args))
+    info = student.engine_info
+    assert info["trained"] is True and info["cached"] is False and info["steps"] == 30
+    assert info["distilled_bits_per_byte"] < info["init_bits_per_byte"]
+    again = eng.prepare(teacher, ctx(tmp_path, trained=True, key="tiny-fixture", args=args)).engine_info
+    assert again["cached"] is True and again["distilled_bits_per_byte"] == info["distilled_bits_per_byte"]
+    other = eng.prepare(teacher, ctx(tmp_path, trained=True, key="another-teacher", args=args)).engine_info
+    assert other["cached"] is False  # a different teacher is a different student

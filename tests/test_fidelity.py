@@ -1,0 +1,57 @@
+"""Quality metrics: identity, uniform model, and a perturbed engine."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from engines.llama import ModelArgs, Transformer
+from harness.fidelity import evaluate, greedy_agreement, teacher_forced
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Transformer.build(ModelArgs(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                       intermediate_size=128, max_seq_len=128), seed=3)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 256, (5, 48), generator=torch.Generator().manual_seed(0))
+
+
+def test_an_engine_against_itself_agrees_fully(model, tokens):
+    for other in (model, copy.deepcopy(model)):
+        q = teacher_forced(model, other, tokens, with_ppl=True)
+        assert q["top1_agreement"] == 1.0 and q["kl"] == 0.0 and q["n_tokens"] == tokens.numel()
+        assert greedy_agreement(model, other, tokens[:, :16], 12) == 12.0
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(model, tokens):
+    uniform = copy.deepcopy(model)
+    with torch.no_grad():
+        uniform.output.weight.zero_()  # untied: logits are all zero, every token has probability 1/256
+    q = teacher_forced(model, uniform, tokens, with_ppl=True)
+    assert math.isclose(q["ppl"], 256.0, rel_tol=1e-5)
+    assert math.isclose(q["bits_per_byte"], 8.0, rel_tol=1e-5)
+
+
+def test_a_perturbed_engine_loses_agreement(model, tokens):
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    q = teacher_forced(model, noisy, tokens, with_ppl=False)
+    assert 0.0 < q["top1_agreement"] < 1.0 and q["kl"] > 0.0 and "ppl" not in q
+    agree = greedy_agreement(model, noisy, tokens[:, :16], 12)
+    assert 0.0 <= agree < 12.0
+
+
+def test_evaluate_is_memoized_per_prepared_engine(model, tokens):
+    first = evaluate("k-memo", model, model, tokens, tokens[:2, :8], 4, trained=False)
+    second = evaluate("k-memo", model, model, tokens, tokens[:2, :8], 4, trained=False)
+    assert first["cached"] is False and second["cached"] is True
+    assert first["ppl"] is None and second["top1_agreement"] == first["top1_agreement"] == 1.0

@@ -1,0 +1,71 @@
+"""Reference training: deterministic, cached, invalidated when its inputs change, and it learns."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engines.llama import ModelArgs, Transformer
+from engines.train import TrainConfig, fit, heldout_nll, lr_at
+from harness import training
+from harness.corpus import load_corpus
+
+MICRO = ModelArgs(vocab_size=256, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, intermediate_size=48, max_seq_len=64)
+FEW = TrainConfig(steps=6, batch_size=4, seq_len=32, warmup_steps=2)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == 0.1 and lr_at(9, cfg) == 1.0
+    assert math.isclose(lr_at(99, cfg), 0.1, rel_tol=1e-3)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
+
+
+def test_training_is_deterministic_for_a_seed():
+    tokens = load_corpus().tokens("train")
+
+    def run(seed):
+        model = Transformer.build(MICRO, seed=0)
+        losses = fit(model, tokens, TrainConfig(**{**FEW.__dict__, "seed": seed}))
+        return model, losses
+
+    (a, la), (b, lb), (c, _) = run(1), run(1), run(2)
+    assert la == lb
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters(), strict=True))
+
+
+def test_checkpoint_cache_hit_and_invalidation(tmp_path, monkeypatch):
+    calls = []
+    real = training.train_reference
+
+    def counting(*args, **kwargs):
+        calls.append(args[3].steps)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_reference", counting)
+    corpus, cpu = load_corpus(), torch.device("cpu")
+    path, info = training.ensure_trained("micro", MICRO, corpus, FEW, 0, cpu, tmp_path)
+    assert calls == [6] and info["cached"] is False and path.exists()
+    again, info2 = training.ensure_trained("micro", MICRO, corpus, FEW, 0, cpu, tmp_path)
+    assert again == path and info2["cached"] is True and calls == [6]  # hit: no training
+    other_steps = TrainConfig(**{**FEW.__dict__, "steps": 7})
+    p3, _ = training.ensure_trained("micro", MICRO, corpus, other_steps, 0, cpu, tmp_path)
+    text = tmp_path / "text.txt"
+    text.write_bytes(b"a different corpus of text. " * 4000)
+    p4, _ = training.ensure_trained("micro", MICRO, load_corpus(str(text)), FEW, 0, cpu, tmp_path)
+    assert calls == [6, 7, 6] and len({path, p3, p4}) == 3
+    loaded = training.load_trained(MICRO, path, cpu, torch.float32)
+    trained_again, _ = real("micro", MICRO, corpus, FEW, 0, cpu)
+    assert all(torch.equal(p, q) for p, q in zip(loaded.parameters(), trained_again.parameters(), strict=True))
+
+
+def test_trained_tiny_beats_the_unigram_baseline(trained_tiny):
+    info = trained_tiny["info"]
+    assert info["heldout_bits_per_byte"] < info["unigram_bits_per_byte"] - 0.3
+    assert info["heldout_bits_per_byte"] < info["init_heldout_bits_per_byte"]
+    model = training.load_trained(ModelArgs.from_dict(trained_tiny["args"]), trained_tiny["path"],
+                                  torch.device("cpu"), torch.float32)  # fmt: skip
+    nll = heldout_nll(model, load_corpus().tokens("heldout"))
+    assert math.isclose(nll / math.log(2), info["heldout_bits_per_byte"], rel_tol=1e-5)
