@@ -68,6 +68,11 @@ def greedy_agreement(reference: nn.Module, model: nn.Module, prompts: Tensor, ge
 _memo: dict[str, dict[str, Any]] = {}
 
 
+def lookup(key: str) -> dict[str, Any] | None:
+    """The memoized quality of a prepared engine, if it was evaluated in this process."""
+    return {**_memo[key], "cached": True} if key in _memo else None
+
+
 def evaluate(
     key: str,
     reference: nn.Module,
@@ -79,7 +84,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """The quality section of a record; memoized under ``key`` (the prepared engine's identity)."""
     if key in _memo:
-        return {**_memo[key], "cached": True}
+        return lookup(key)
     t0 = time.perf_counter()
     out: dict[str, Any] = {"reference": "eager", "trained": trained}
     out.update(teacher_forced(reference, model, windows, with_ppl=trained))

@@ -70,6 +70,11 @@ def _prompt(spec: PointSpec, rep: int, heldout: torch.Tensor | None) -> torch.Te
     return torch.randint(1, spec.model.args.vocab_size, (w.batch_size, w.prompt_len), generator=gen).to(spec.device)
 
 
+def _quality_key(spec: PointSpec) -> str:
+    q = spec.quality
+    return json.dumps([reference.reference_key(spec), spec.engine.variant(), q.__dict__], sort_keys=True, default=str)
+
+
 def _quality(spec: PointSpec, model, prepared, corpus: Corpus, trained: bool) -> dict[str, Any]:
     q = spec.quality
     if trained:
@@ -80,8 +85,9 @@ def _quality(spec: PointSpec, model, prepared, corpus: Corpus, trained: bool) ->
         vocab = spec.model.args.vocab_size
         win = torch.randint(1, vocab, (q.n_seqs, q.seq_len), generator=gen)
         prompts = torch.randint(1, vocab, (q.greedy_prompts, q.greedy_prompt_len), generator=gen)
-    key = json.dumps([reference.reference_key(spec), spec.engine.variant(), q.__dict__], sort_keys=True, default=str)
-    out = fidelity.evaluate(key, model, prepared, win.to(spec.device), prompts.to(spec.device), q.greedy_len, trained)
+    out = fidelity.evaluate(
+        _quality_key(spec), model, prepared, win.to(spec.device), prompts.to(spec.device), q.greedy_len, trained
+    )
     out["inputs"] = "corpus held-out text" if trained else "random token ids"
     if trained:
         out["corpus"] = corpus.identity()
@@ -89,22 +95,36 @@ def _quality(spec: PointSpec, model, prepared, corpus: Corpus, trained: bool) ->
 
 
 def measure(spec: PointSpec, record: dict[str, Any]) -> None:
-    """Prepare the engine, measure its quality and time generations; fills the record's sections."""
+    """Prepare the engine, measure its quality and time generations; fills the record's sections.
+
+    The reference model is built (or loaded) only when this point needs it: to prepare a variant the previous
+    point did not already prepare, or to measure quality not yet measured. It is then dropped before the timed
+    window unless it is the prepared model itself (eager), so peak memory is the engine's own.
+    """
     w = spec.workload
-    model, ref_info = reference.reference_model(spec)
-    record["reference"] = ref_info
     trained = spec.model.weights == "trained"
     corpus = load_corpus(spec.corpus.path, spec.corpus.heldout_every)
-    ref_key = hashlib.sha256(reference.reference_key(spec).encode()).hexdigest()[:16]
-    ctx = PrepareContext(
-        spec.device, spec.dtype, spec.seed, spec.model.name, spec.model.args, spec.cache_dir,
-        reference_key=ref_key, trained=trained,
-        train_tokens=corpus.tokens("train"), heldout_tokens=corpus.tokens("heldout"),
-    )  # fmt: skip
-    prepared, prepare_s = reference.prepared_model(spec, model, ctx)
+    prepared, prepare_s = reference.cached_prepared(spec), 0.0
+    quality = fidelity.lookup(_quality_key(spec)) if spec.quality.enabled else None
+    model = None
+    if prepared is None or (spec.quality.enabled and quality is None):
+        model, ref_info = reference.reference_model(spec)
+        if prepared is None:
+            ref_key = hashlib.sha256(reference.reference_key(spec).encode()).hexdigest()[:16]
+            ctx = PrepareContext(
+                spec.device, spec.dtype, spec.seed, spec.model.name, spec.model.args, spec.cache_dir,
+                reference_key=ref_key, trained=trained,
+                train_tokens=corpus.tokens("train"), heldout_tokens=corpus.tokens("heldout"),
+            )  # fmt: skip
+            prepared, prepare_s = reference.prepare(spec, model, ctx)
+    else:
+        ref_info = reference.reference_info(spec)
+    record["reference"] = ref_info
     record["engine_info"] = engine_info(prepared)
     if spec.quality.enabled:
-        record["quality"] = _quality(spec, model, prepared, corpus, trained)
+        record["quality"] = quality or _quality(spec, model, prepared, corpus, trained)
+    del model
+    reference.release_reference(keep=prepared)
     heldout = corpus.tokens("heldout") if trained else None
     setup_caches(prepared, cache_rows(w.batch_size, w.decoding, w.num_beams), w.prompt_len + w.gen_len)
 

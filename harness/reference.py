@@ -8,6 +8,7 @@ models never sit in memory together. Trained weights come from the checkpoint ca
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import time
@@ -22,7 +23,8 @@ from harness.config import PointSpec
 from harness.corpus import load_corpus
 from harness.training import ensure_trained, load_trained
 
-_reference: tuple[str, Transformer, dict[str, Any]] | None = None
+_reference: tuple[str, Transformer] | None = None
+_reference_info: dict[str, dict[str, Any]] = {}
 _prepared: tuple[str, nn.Module] | None = None
 
 
@@ -31,16 +33,44 @@ def reference_key(spec: PointSpec) -> str:
     parts: list[Any] = [spec.model.name, spec.model.weights, spec.model.args.to_dict(), spec.seed, str(spec.device)]
     parts.append(str(spec.dtype))
     if spec.model.weights == "trained":
-        parts += [spec.corpus.path, spec.corpus.heldout_every, spec.train.__dict__]
+        corpus = load_corpus(spec.corpus.path, spec.corpus.heldout_every)
+        parts += [corpus.sha256, spec.train.__dict__]
     return json.dumps(parts, sort_keys=True, default=str)
+
+
+def _prepared_key(spec: PointSpec) -> str:
+    return json.dumps([reference_key(spec), spec.engine.name, spec.engine.param_dict()], sort_keys=True, default=str)
+
+
+def _libc_trim() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise, and a process's RSS would still carry a
+    model it no longer holds)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def _free() -> None:
+    gc.collect()
+    _libc_trim()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def release() -> None:
     global _reference, _prepared
     _reference = _prepared = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    _free()
+
+
+def release_reference(keep: nn.Module) -> None:
+    """Drop the reference unless ``keep`` is the reference itself, so that the timed window holds only what the
+    engine uses (its peak memory is then the engine's, not the engine's plus a second model)."""
+    global _reference
+    if _reference is not None and _reference[1] is not keep:
+        _reference = None
+        _free()
 
 
 def reference_model(spec: PointSpec) -> tuple[Transformer, dict[str, Any]]:
@@ -48,7 +78,7 @@ def reference_model(spec: PointSpec) -> tuple[Transformer, dict[str, Any]]:
     global _reference
     key = reference_key(spec)
     if _reference is not None and _reference[0] == key:
-        return _reference[1], {**_reference[2], "build_s": 0.0, "cached": True}
+        return _reference[1], reference_info(spec)
     release()
     t0 = time.perf_counter()
     info: dict[str, Any] = {"weights": spec.model.weights}
@@ -62,20 +92,29 @@ def reference_model(spec: PointSpec) -> tuple[Transformer, dict[str, Any]]:
         info["checkpoint"] = str(ckpt)
     else:
         model = Transformer.build(spec.model.args, device=spec.device, dtype=spec.dtype, seed=spec.seed)
-    info["build_s"] = time.perf_counter() - t0
-    _reference = (key, model, info)
-    return model, {**info, "cached": False}
+    _reference = (key, model)
+    _reference_info[key] = info
+    return model, {**info, "build_s": time.perf_counter() - t0, "cached": False}
 
 
-def prepared_model(spec: PointSpec, model: nn.Module, ctx: PrepareContext) -> tuple[nn.Module, float]:
-    """``spec.engine.prepare(model, ctx)``, reused while the reference and the variant stay the same."""
+def reference_info(spec: PointSpec) -> dict[str, Any]:
+    """How the reference was obtained when it was last built in this process (nothing is built now)."""
+    return {**_reference_info.get(reference_key(spec), {"weights": spec.model.weights}), "build_s": 0.0, "cached": True}
+
+
+def cached_prepared(spec: PointSpec) -> nn.Module | None:
+    """The prepared engine of the previous point when it had the same reference and variant."""
+    if _prepared is not None and _prepared[0] == _prepared_key(spec):
+        return _prepared[1]
+    return None
+
+
+def prepare(spec: PointSpec, model: nn.Module, ctx: PrepareContext) -> tuple[nn.Module, float]:
+    """``spec.engine.prepare(model, ctx)``, kept for the next points of the same variant."""
     global _prepared
-    key = json.dumps([reference_key(spec), spec.engine.name, spec.engine.param_dict()], sort_keys=True, default=str)
-    if _prepared is not None and _prepared[0] == key:
-        return _prepared[1], 0.0
     _prepared = None
-    gc.collect()
+    _free()
     t0 = time.perf_counter()
     prepared = spec.engine.prepare(model, ctx)
-    _prepared = (key, prepared)
+    _prepared = (_prepared_key(spec), prepared)
     return prepared, time.perf_counter() - t0

@@ -134,3 +134,17 @@ def test_failure_injection_in_process(run_harness, tmp_path, tiny):
     assert df.loc["none", "status"] == "ok" and df.loc["none", "variant"] == "failing-test(phase=none)"
     rec = json.loads((base / "prepare" / RECORD_NAME).read_text())
     assert "Traceback" in rec["traceback"] and rec["duration_s"] >= 0
+
+
+def test_peak_memory_is_the_engines_own(run_harness, tmp_path):
+    """A half-depth student must not be charged for the reference it was cut from: the timed window holds only
+    the prepared model, so its peak is lower by about the weights it dropped."""
+    big_layers = ["model=tiny", "model.weights=random", "model.dim=768", "model.n_layers=8", "model.n_heads=12",
+                  "model.n_kv_heads=4", "model.intermediate_size=3072", "quality.enabled=false"]  # fmt: skip
+    code = run_harness("run", "-m", "engine=eager,distilled", *big_layers, *QUICK, f"hydra.sweep.dir={tmp_path}")
+    assert code == 0
+    df = load(tmp_path).set_index("engine")
+    dropped_mb = (df.loc["eager", "weight_bytes"] - df.loc["distilled", "weight_bytes"]) / 2**20
+    assert dropped_mb > 100
+    saved_mb = df.loc["eager", "peak_memory_mb"] - df.loc["distilled", "peak_memory_mb"]
+    assert 0.85 * dropped_mb < saved_mb < 1.15 * dropped_mb

@@ -62,6 +62,17 @@ def test_unrepresentative_timings_are_never_best(data):
     assert len(best) == 4 and set(best.variant) == {"quantized(scheme=int8)"}
 
 
+def test_summary_names_what_the_best_variant_costs_in_quality(data):
+    from harness.report.tables import summary_table
+
+    df, _ = data
+    html = summary_table(df)
+    assert "top-1 agreement with eager" in html and "perplexity (eager)" in html
+    best = best_per_batch(df).iloc[0]
+    eager_ppl = df[(df.variant == "eager") & (df.model == best.model)].ppl.iloc[0]
+    assert f"{best.fidelity_top1:.4g}" in html and f"{best.ppl:.4g} ({eager_ppl:.4g})" in html
+
+
 def test_speedup_needs_eager_on_the_same_workload(tmp_path):
     write_record(tmp_path / "0", make_record("eager", "tiny", 1, 0))
     other = make_record("quantized(scheme=int8)", "tiny", 1, 1)

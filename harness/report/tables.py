@@ -80,7 +80,7 @@ def summary_table(df: pd.DataFrame) -> str:
         unranked = group[~group["representative"]]
         note = "; ".join(f"{r['variant']} {speedup(r['speedup_tpot'])} ({_caveat(r)})" for _, r in unranked.iterrows())
         if pool.empty:
-            rows.append([scenario, fmt(batch), "-", "-", "-", "-", "-", "-", note or "-"])
+            rows.append([scenario, fmt(batch), "-", "-", "-", "-", "-", "-", "-", "-", note or "-"])
             continue
         best = pool.loc[pool["tpot_ms_p50"].idxmin()]
         rows.append(
@@ -93,6 +93,8 @@ def summary_table(df: pd.DataFrame) -> str:
                 speedup(best["speedup_tpot"]),
                 speedup(best["speedup_ttft"]),
                 fmt(best["decode_tokens_per_s"]),
+                fmt(best.get("fidelity_top1")),
+                _ppl_cost(best, ok),
                 note or "-",
             ]
         )
@@ -105,9 +107,20 @@ def summary_table(df: pd.DataFrame) -> str:
         "TPOT speedup",
         "TTFT speedup",
         "decode tok/s",
+        "top-1 agreement with eager",
+        "perplexity (eager)",
         f"not ranked ({NOT_RANKED})",
     ]
     return table(headers, rows)
+
+
+def _ppl_cost(best: pd.Series, ok: pd.DataFrame) -> str:
+    """The best variant's held-out perplexity next to eager's on the same model (what the speed costs)."""
+    ppl = best.get("ppl")
+    if ppl is None or not np.isfinite(ppl):
+        return "-"
+    base = ok[ok["variant"].eq("eager") & ok["model"].eq(best["model"])]["ppl"].dropna()
+    return f"{fmt(ppl)} ({fmt(base.iloc[0])})" if len(base) else fmt(ppl)
 
 
 def points_table(df: pd.DataFrame) -> str:
