@@ -1,4 +1,4 @@
-"""`harness` console script: `run` (the Hydra app), `env`, `train` and `report`.
+"""`harness` console script: `run` (the Hydra app), `env`, `train`, `report`, `compare` (the CI gate) and `export`.
 
 Bad input never shows a traceback: it prints one line naming the problem and exits with status 2.
 """
@@ -11,6 +11,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 USAGE = """usage: harness <command> [args]
 
@@ -19,6 +20,8 @@ commands:
   env [--json]          print the device, threads, versions and git SHA this machine would record
   train [overrides...]  train a reference model on the corpus and cache it (model.weights=trained does it on use)
   report DIR [-o FILE]  write the comparative HTML report of a sweep (default: DIR/report.html)
+  compare BASE CAND     CI gate: verdict per point and metric; exit 0 no regression, 1 regression, 2 bad input
+  export DIR --format F write pytest-benchmark JSON, csv, parquet or json (the table with raw samples)
 
 examples:
   harness run                                       # one default point (eager, tiny, batch 1)
@@ -26,6 +29,8 @@ examples:
   harness run -m engine=eager model=tiny workload.batch_size=1,4 measure=quick
   harness run --cfg job                             # print the composed config
   harness report results/sweeps/<timestamp>         # rebuild a sweep's report.html
+  harness compare results/main results/pr --markdown gate.md   # gate a PR's sweep against main's
+  harness export results/sweeps/<timestamp> --format pytest-benchmark
 """
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -107,16 +112,28 @@ def cmd_env(args: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="harness env", description="Print the environment a record would carry.")
     parser.add_argument("--json", action="store_true", help="print the full fingerprint as JSON")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--dtype", default="auto", help="dtype of the matmul peak: auto | fp32 | bf16 | fp16")
+    parser.add_argument("--no-peaks", action="store_true", help="skip the roofline peaks (bandwidth, FLOP/s)")
+    parser.add_argument("--remeasure", action="store_true", help="measure the peaks again instead of using the cache")
+    parser.add_argument("--cache-dir", default=None, help="where peaks are cached (default: the run's cache_dir)")
     opts = parser.parse_args(args)
 
-    from harness.config import ConfigError, resolve_device
+    import logging
+
+    from harness.config import DEFAULT_CACHE_DIR, ConfigError, resolve_device, resolve_dtype
     from harness.env import fingerprint
+    from harness.roofline import device_peaks
 
     try:
         device = resolve_device(opts.device)
+        dtype = resolve_dtype(opts.dtype, device)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     fp = fingerprint(device)
+    if not opts.no_peaks:
+        cache = Path(opts.cache_dir).expanduser() if opts.cache_dir else DEFAULT_CACHE_DIR
+        fp["peaks"] = device_peaks(device, dtype, fp["id"], cache, {}, remeasure=opts.remeasure)
     if opts.json:
         print(json.dumps(fp, indent=2, default=str))
         return EXIT_OK
@@ -136,6 +153,14 @@ def cmd_env(args: Sequence[str]) -> int:
         ),
         ("fingerprint", fp["id"]),
     ]
+    if "peaks" in fp:
+        pk = fp["peaks"]
+        lines += [
+            ("copy bandwidth", f"{pk['bandwidth_gbs']:.1f} GB/s (read + write, {pk['buffer_bytes'] / 2**20:.0f} MiB "
+                               f"buffers; last-level cache {(pk.get('llc_bytes') or 0) / 2**20:.0f} MiB)"),
+            ("matmul", f"{pk['flops'] / 1e9:.1f} GFLOP/s {pk['dtype']} ({pk['matmul_n']}x{pk['matmul_n']})"),
+            ("peaks cache", pk["cache"]),
+        ]  # fmt: skip
     for key, value in fp.get("cuda", {}).items():
         lines.append((f"cuda.{key}", value))
     lines += [(f"version.{k}", v or "not installed") for k, v in fp["versions"].items()]
@@ -212,11 +237,25 @@ def cmd_report(args: Sequence[str]) -> int:
     return report_main(args)
 
 
+def cmd_compare(args: Sequence[str]) -> int:
+    from harness.gate_cli import compare_main  # lazy: scipy's tests load only when gating
+
+    return compare_main(args)
+
+
+def cmd_export(args: Sequence[str]) -> int:
+    from harness.gate_cli import export_main
+
+    return export_main(args)
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "run": cmd_run,
     "env": cmd_env,
     "train": cmd_train,
     "report": cmd_report,
+    "compare": cmd_compare,
+    "export": cmd_export,
 }
 
 

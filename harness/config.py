@@ -62,6 +62,25 @@ class QualitySpec:
     greedy_len: int = 32
 
 
+@dataclass(frozen=True)
+class MonitorSpec:
+    enabled: bool = True
+    interval_s: float = 0.05
+
+
+@dataclass(frozen=True)
+class RooflineSpec:
+    enabled: bool = True
+    bandwidth_gbs: float | None = None
+    tflops: float | None = None
+
+
+@dataclass(frozen=True)
+class ProfileSpec:
+    enabled: bool = False
+    steps: int = 8
+
+
 @dataclass
 class PointSpec:
     """Everything a point needs, validated."""
@@ -77,6 +96,9 @@ class PointSpec:
     corpus: CorpusSpec = CorpusSpec()
     train: TrainConfig = TrainConfig()
     quality: QualitySpec = QualitySpec()
+    monitor: MonitorSpec = MonitorSpec()
+    roofline: RooflineSpec = RooflineSpec()
+    profile: ProfileSpec = ProfileSpec()
 
     @property
     def dtype_name(self) -> str:
@@ -261,6 +283,24 @@ def _quality(q: Any) -> QualitySpec:
     return QualitySpec(**q)
 
 
+def _bool(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{field}: expected true or false, got {value!r}")
+    return value
+
+
+def _monitor(m: Any) -> MonitorSpec:
+    m = _fields(m, "monitor", MonitorSpec)
+    interval = _number(m.get("interval_s", 0.05), "monitor.interval_s", 0.001)
+    return MonitorSpec(enabled=_bool(m.get("enabled", True), "monitor.enabled"), interval_s=interval)
+
+
+def _roofline(r: Any) -> RooflineSpec:
+    r = _fields(r, "roofline", RooflineSpec)
+    peaks = {k: _number(r[k], f"roofline.{k}", 0.0, strict=True) for k in ("bandwidth_gbs", "tflops") if r.get(k)}
+    return RooflineSpec(enabled=_bool(r.get("enabled", True), "roofline.enabled"), **peaks)
+
+
 def to_container(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Plain dict of the job config (Hydra's own node excluded), interpolations resolved."""
     data: dict[str, Any] = {}
@@ -300,4 +340,9 @@ def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
                 f"quality.seq_len: quality windows of {longest} tokens exceed "
                 f"model.max_seq_len={model.args.max_seq_len}"
             )
-    return PointSpec(model, engine, workload, policy, device, dtype, seed, data, corpus, train, quality)
+    profile_steps = _int(data.get("profile_steps", 8), "profile_steps", 1)
+    profile = ProfileSpec(enabled=_bool(data.get("profile", False), "profile"), steps=profile_steps)
+    return PointSpec(
+        model, engine, workload, policy, device, dtype, seed, data, corpus, train, quality,
+        _monitor(data.get("monitor")), _roofline(data.get("roofline")), profile,
+    )  # fmt: skip

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 import traceback
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,10 @@ from harness.config import PointSpec
 from harness.corpus import Corpus, load_corpus, windows
 from harness.env import fingerprint
 from harness.memory import PeakMemory, current_rss_mb
+from harness.monitor import Sampler
+from harness.profiling import profile_decode
 from harness.records import point_key, write_record
+from harness.roofline import device_peaks, roofline
 from harness.stats import summarize
 from harness.timing import make_clock, repeat
 
@@ -94,7 +98,7 @@ def _quality(spec: PointSpec, model, prepared, corpus: Corpus, trained: bool) ->
     return out
 
 
-def measure(spec: PointSpec, record: dict[str, Any]) -> None:
+def measure(spec: PointSpec, record: dict[str, Any], out_dir: Path) -> None:
     """Prepare the engine, measure its quality and time generations; fills the record's sections.
 
     The reference model is built (or loaded) only when this point needs it: to prepare a variant the previous
@@ -126,7 +130,8 @@ def measure(spec: PointSpec, record: dict[str, Any]) -> None:
     del model
     reference.release_reference(keep=prepared)
     heldout = corpus.tokens("heldout") if trained else None
-    setup_caches(prepared, cache_rows(w.batch_size, w.decoding, w.num_beams), w.prompt_len + w.gen_len)
+    rows = cache_rows(w.batch_size, w.decoding, w.num_beams)
+    setup_caches(prepared, rows, w.prompt_len + w.gen_len)
 
     clock = make_clock(spec.device)
     if hasattr(clock, "ensure_capacity"):
@@ -141,8 +146,9 @@ def measure(spec: PointSpec, record: dict[str, Any]) -> None:
 
     peak = PeakMemory(spec.device)
     rss_before = current_rss_mb()
+    sampler = Sampler(spec.device, spec.monitor.interval_s) if spec.monitor.enabled else None
     peak.reset()
-    reps = repeat(rep, spec.policy, converge_on=("ttft_ms", "tpot_ms"))
+    reps = repeat(rep, spec.policy, converge_on=("ttft_ms", "tpot_ms"), timed_window=lambda: sampler or nullcontext())
     peak_mb, peak_method = peak.read()
 
     caveat = spec.engine.timing_caveat(spec.device)
@@ -158,18 +164,39 @@ def measure(spec: PointSpec, record: dict[str, Any]) -> None:
     summary = {k: summarize(v, spec.policy.confidence) for k, v in reps.samples.items()}
     record["summary"] = summary
     b = w.batch_size
-    record["metrics"] = {
+    wbytes = weight_bytes(prepared)
+    metrics = record["metrics"] = {
         "decode_tokens_per_s": b * 1000.0 / summary["tpot_ms"]["p50"],
         "prefill_tokens_per_s": b * w.prompt_len * 1000.0 / summary["ttft_ms"]["p50"],
         "output_tokens_per_s": b * w.gen_len * 1000.0 / summary["e2e_ms"]["p50"],
         "peak_memory_mb": peak_mb,
         "peak_memory_method": peak_method,
         "rss_before_mb": rss_before,
-        "weight_bytes": weight_bytes(prepared),
+        "weight_bytes": wbytes,
         "model_build_s": ref_info["build_s"],
         "prepare_s": prepare_s,
         "warmup_s": float(np.sum(reps.warmup_times_s)),
     }
+    if sampler is not None:
+        monitor = record["monitor"] = sampler.result(tokens=reps.reps * b * w.gen_len)
+        source = monitor["aggregates"].get(monitor["util_source"])
+        metrics["util_mean"] = source["mean"] if source else None
+        metrics["energy_j_per_token"] = monitor["energy_j_per_token"]
+    if spec.roofline.enabled:
+        peaks = device_peaks(
+            spec.device, spec.dtype, record["env"]["id"], spec.cache_dir,
+            {"bandwidth_gbs": spec.roofline.bandwidth_gbs, "tflops": spec.roofline.tflops},
+        )  # fmt: skip
+        roof = record["roofline"] = roofline(
+            getattr(prepared, "args", spec.model.args), wbytes, spec.dtype.itemsize, rows, w.prompt_len, w.gen_len,
+            summary["tpot_ms"]["p50"], summary["ttft_ms"]["p50"], peaks,
+        )  # fmt: skip
+        metrics["mbu"], metrics["mfu"] = roof["decode"]["mbu"], roof["prefill"]["mfu"]
+    if spec.profile.enabled:
+        record["profile"] = profile_decode(
+            prepared, _prompt(spec, 10**6, heldout), w.decoding, w.num_beams, rows, spec.profile.steps, out_dir,
+            spec.device,
+        )  # fmt: skip
 
 
 def run_point(spec: PointSpec, out_dir: Path, sweep: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -192,7 +219,7 @@ def run_point(spec: PointSpec, out_dir: Path, sweep: dict[str, Any] | None = Non
         if reason:
             record["status"], record["error"] = "skipped", reason
         else:
-            measure(spec, record)
+            measure(spec, record, out_dir)
             record["status"] = "ok"
     except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
         record["status"], record["error"] = "oom", _one_line(exc)

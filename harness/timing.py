@@ -20,6 +20,7 @@ import gc
 import math
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -168,13 +169,19 @@ def _run_rep(fn: RepFn, i: int, disable_gc: bool) -> tuple[dict[str, Any], float
     return out, time.perf_counter() - t0
 
 
-def repeat(fn: RepFn, policy: Policy, converge_on: tuple[str, ...]) -> Repetitions:
+def repeat(
+    fn: RepFn,
+    policy: Policy,
+    converge_on: tuple[str, ...],
+    timed_window: Callable[[], AbstractContextManager[Any]] | None = None,
+) -> Repetitions:
     """Call ``fn(i)`` (one repetition, returning metric -> value or list of values) adaptively.
 
     Warm-up runs at least ``warmup_iters`` times (never fewer than two) and ``warmup_s`` seconds, and until
     two consecutive repetitions agree within ``warmup_stable_rel`` (or ``warmup_max_s`` passes). Timed
     repetitions stop when every metric in ``converge_on`` has a median CI half-width within ``target_ci``
-    (after ``min_reps``), at ``max_reps``, or when ``max_time_s`` is spent.
+    (after ``min_reps``), at ``max_reps``, or when ``max_time_s`` is spent. ``timed_window`` (a context
+    manager factory, e.g. a utilization sampler) is entered around the timed repetitions only.
     """
     res = Repetitions()
     gc.collect()
@@ -193,6 +200,12 @@ def repeat(fn: RepFn, policy: Policy, converge_on: tuple[str, ...]) -> Repetitio
         if abs(last - prev) <= policy.warmup_stable_rel * prev:
             break
     gc.collect()
+    with timed_window() if timed_window is not None else nullcontext():
+        _timed_loop(fn, policy, converge_on, res)
+    return res
+
+
+def _timed_loop(fn: RepFn, policy: Policy, converge_on: tuple[str, ...], res: Repetitions) -> None:
     next_check = policy.min_reps
     t0 = time.perf_counter()
     while True:
@@ -221,7 +234,6 @@ def repeat(fn: RepFn, policy: Policy, converge_on: tuple[str, ...]) -> Repetitio
             if res.elapsed_s >= policy.max_time_s:
                 res.stop_reason = "time_budget"
                 break
-    return res
 
 
 def measure_callable(

@@ -1,0 +1,231 @@
+"""Utilization and energy sampling around a timed window, in a background thread.
+
+Host series come from psutil on every device: this process's CPU use (percent of the cores it may use),
+the system's CPU use and the process's RSS. With a CUDA device and NVML (``nvidia-ml-py``, imported as
+``pynvml``) the GPU series are added: ``gpu_util`` is NVML's utilization rate, which means "a kernel was running
+during the sample period", not how busy the SMs were; ``sm_active`` (GPM, Hopper and newer drivers) is the
+fraction of SM cycles with work, where the driver offers it. Energy is the difference of NVML's total-energy
+counter over the window; on CPU, of the RAPL package counter where /sys/class/powercap is readable. Every
+figure that cannot be read is listed in ``missing`` with the reason, never silently absent.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+RAPL = Path("/sys/class/powercap/intel-rapl:0")
+LABELS = {
+    "cpu_util_process": "process CPU (% of usable cores)",
+    "cpu_util_system": "system CPU (%)",
+    "rss_mb": "process RSS (MiB)",
+    "gpu_util": "GPU util (% of time a kernel was running)",
+    "mem_util": "GPU memory-controller util (%)",
+    "mem_used_mb": "GPU memory used (MiB)",
+    "power_w": "GPU power (W)",
+    "sm_clock_mhz": "SM clock (MHz)",
+    "mem_clock_mhz": "memory clock (MHz)",
+    "temp_c": "GPU temperature (°C)",
+    "throttle_reasons": "clock throttle reasons (NVML bitmask)",
+    "sm_active": "SM active (% of cycles, GPM)",
+}
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{exc.__class__.__name__}: {' '.join(str(exc).split())}"
+
+
+class _Nvml:
+    """NVML readings of one GPU; each reading that fails once is dropped and its reason kept."""
+
+    def __init__(self, index: int) -> None:
+        import pynvml
+
+        self.nv = pynvml
+        pynvml.nvmlInit()
+        self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        self.missing: dict[str, str] = {}
+        self.gpm = self._gpm_setup()
+
+    def _gpm_setup(self) -> Any:
+        nv = self.nv
+        try:
+            if not nv.nvmlGpmQueryDeviceSupport(self.handle).isSupportedDevice:
+                self.missing["sm_active"] = "GPM not supported by this GPU or driver"
+                return None
+            sample = nv.nvmlGpmSampleAlloc()
+            nv.nvmlGpmSampleGet(self.handle, sample)
+            return sample
+        except Exception as exc:
+            self.missing["sm_active"] = f"GPM unavailable ({_reason(exc)})"
+            return None
+
+    def energy_mj(self) -> float | None:
+        try:
+            return float(self.nv.nvmlDeviceGetTotalEnergyConsumption(self.handle))
+        except Exception as exc:
+            self.missing.setdefault("energy", f"NVML total energy counter unavailable ({_reason(exc)})")
+            return None
+
+    def read(self) -> dict[str, float]:
+        nv, h = self.nv, self.handle
+        readers = {
+            "gpu_util": lambda: nv.nvmlDeviceGetUtilizationRates(h).gpu,
+            "mem_util": lambda: nv.nvmlDeviceGetUtilizationRates(h).memory,
+            "mem_used_mb": lambda: nv.nvmlDeviceGetMemoryInfo(h).used / 2**20,
+            "power_w": lambda: nv.nvmlDeviceGetPowerUsage(h) / 1000.0,
+            "sm_clock_mhz": lambda: nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM),
+            "mem_clock_mhz": lambda: nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM),
+            "temp_c": lambda: nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU),
+            "throttle_reasons": lambda: nv.nvmlDeviceGetCurrentClocksEventReasons(h),
+        }
+        out: dict[str, float] = {}
+        for name, read in readers.items():
+            if name in self.missing:
+                continue
+            try:
+                out[name] = float(read())
+            except Exception as exc:
+                self.missing[name] = f"NVML: {_reason(exc)}"
+        if self.gpm is not None:
+            out.update(self._sm_active())
+        return out
+
+    def _sm_active(self) -> dict[str, float]:
+        nv = self.nv
+        try:
+            sample = nv.nvmlGpmSampleAlloc()
+            nv.nvmlGpmSampleGet(self.handle, sample)
+            metrics = nv.c_nvmlGpmMetricsGet_t()
+            metrics.version = nv.NVML_GPM_METRICS_GET_VERSION
+            metrics.numMetrics = 1
+            metrics.sample1, metrics.sample2 = self.gpm, sample
+            metrics.metrics[0].metricId = nv.NVML_GPM_METRIC_SM_UTIL
+            nv.nvmlGpmMetricsGet(metrics)
+            nv.nvmlGpmSampleFree(self.gpm)
+            self.gpm = sample
+            return {"sm_active": float(metrics.metrics[0].value)}
+        except Exception as exc:
+            self.missing["sm_active"] = f"GPM: {_reason(exc)}"
+            self.gpm = None
+            return {}
+
+
+def _rapl_uj() -> float | None:
+    try:
+        return float((RAPL / "energy_uj").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Sampler:
+    """``with Sampler(device, interval_s) as s: ...`` then ``s.result(tokens)`` -> the record's monitor section."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.05) -> None:
+        self.device = device
+        self.interval_s = interval_s
+        self.samples: list[dict[str, float]] = []
+        self.missing: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._proc = psutil.Process()
+        self._cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else psutil.cpu_count()
+        self._nvml: _Nvml | None = None
+        self.backend = "psutil"
+        if device.type == "cuda":
+            try:
+                self._nvml = _Nvml(device.index or 0)
+                self.backend = "nvml+psutil"
+            except Exception as exc:
+                self.missing["gpu"] = f"NVML unavailable: {_reason(exc)}"
+        self._energy_source = "nvml_total_energy" if self._nvml else ("rapl" if _rapl_uj() is not None else None)
+        if self._energy_source is None:
+            why = "no NVML for this device" if device.type == "cuda" else f"RAPL not readable ({RAPL} absent)"
+            self.missing["energy"] = why
+        self._sample_cpu_s = 0.0
+
+    def _energy(self) -> float | None:
+        """Joules since an arbitrary origin, from the chosen counter."""
+        if self._energy_source == "nvml_total_energy":
+            mj = self._nvml.energy_mj()
+            return None if mj is None else mj / 1e3
+        if self._energy_source == "rapl":
+            uj = _rapl_uj()
+            return None if uj is None else uj / 1e6
+        return None
+
+    def _sample(self, t0: float) -> None:
+        c0 = time.thread_time()
+        row = {
+            "t_s": time.perf_counter() - t0,
+            "cpu_util_process": self._proc.cpu_percent(None) / self._cores,
+            "cpu_util_system": psutil.cpu_percent(None),
+            "rss_mb": self._proc.memory_info().rss / 2**20,
+        }
+        if self._nvml is not None:
+            row.update(self._nvml.read())
+        self.samples.append(row)
+        self._sample_cpu_s += time.thread_time() - c0
+
+    def _run(self, t0: float) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample(t0)
+        self._sample(t0)  # the window's end: even a window shorter than the interval has a sample
+
+    def __enter__(self) -> Sampler:
+        self._proc.cpu_percent(None)  # prime the counters: the first call has no interval to measure
+        psutil.cpu_percent(None)
+        self._e0 = self._energy()
+        self._t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, args=(self._t0,), name="harness-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.window_s = time.perf_counter() - self._t0
+        e1 = self._energy()
+        self.energy_j = None if self._e0 is None or e1 is None else e1 - self._e0
+
+    def result(self, tokens: int) -> dict[str, Any]:
+        """The monitor section: timeline, per-series mean/max, energy (J and J/token), missing figures, overhead."""
+        names = sorted({k for s in self.samples for k in s} - {"t_s"})
+        timeline: dict[str, list[float | None]] = {"t_s": [s["t_s"] for s in self.samples]}
+        aggregates = {}
+        for name in names:
+            values = [s.get(name) for s in self.samples]
+            timeline[name] = values
+            v = np.array([x for x in values if x is not None], dtype=float)
+            if v.size:
+                aggregates[name] = {"mean": float(v.mean()), "max": float(v.max())}
+        missing = {**self.missing, **(self._nvml.missing if self._nvml else {})}
+        energy = self.energy_j
+        return {
+            "backend": self.backend,
+            "interval_s": self.interval_s,
+            "window_s": self.window_s,
+            "n_samples": len(self.samples),
+            "timeline": timeline,
+            "labels": {k: LABELS.get(k, k) for k in names},
+            "aggregates": aggregates,
+            "util_source": "gpu_util" if "gpu_util" in aggregates else "cpu_util_process",
+            "energy_j": energy,
+            "energy_source": self._energy_source if energy is not None else None,
+            "tokens": tokens,
+            "energy_j_per_token": energy / tokens if energy is not None and tokens else None,
+            "missing": missing,
+            "overhead": {
+                "sampler_cpu_s": self._sample_cpu_s,
+                "per_sample_us": 1e6 * self._sample_cpu_s / max(len(self.samples), 1),
+                "fraction_of_window": self._sample_cpu_s / self.window_s if self.window_s else None,
+            },
+        }

@@ -1,0 +1,208 @@
+"""Roofline: measured device peaks, and bytes and FLOPs per phase from the model's shape.
+
+Peaks are measured once per device fingerprint and dtype, then cached: copy bandwidth with buffers several
+times the last-level cache (STREAM convention: bytes read plus bytes written), and dense matmul FLOP/s in the
+run's dtype. A config can override either (``roofline.bandwidth_gbs``, ``roofline.tflops``).
+
+Counts are the algorithmic minimum of a Llama step, so MBU and MFU say how close an engine comes to what the
+hardware allows for this model, whatever its implementation does in between:
+
+* decode, one step (one new token for each of B rows): every weight read once (the engine's real stored bytes:
+  int8, int4, a smaller student...), the KV cache read over the current context and one new K/V row written;
+  FLOPs 2 per multiply-accumulate of the linear layers plus attention over the context;
+* prefill of P tokens: the weights once, the KV cache written; linear FLOPs for B*P tokens plus causal
+  attention (P^2/2 query-key pairs).
+
+MBU = achieved decode bytes/s over peak bandwidth (decode is bandwidth-bound); MFU = achieved prefill FLOP/s
+over peak FLOP/s (prefill is compute-bound).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from engines.llama import ModelArgs
+from harness.records import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+MIN_BUFFER = 1 << 30  # bytes
+CACHE_VERSION = 1
+
+
+def last_level_cache_bytes() -> int | None:
+    """Largest CPU cache size reported by sysfs (bytes)."""
+    best = None
+    for size in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = size.read_text().strip().upper()
+            value = int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+        except (OSError, ValueError):
+            continue
+        best = max(best or 0, value)
+    return best
+
+
+def _timed(fn, device: torch.device, reps: int) -> float:
+    """Best-of-``reps`` seconds of ``fn()`` after one untimed call (first touch, page faults)."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            best = min(best, start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_bandwidth(device: torch.device) -> dict[str, Any]:
+    """Copy bandwidth (GB/s, read + write bytes) over buffers of several times the last-level cache."""
+    llc = last_level_cache_bytes() if device.type == "cpu" else None
+    if device.type == "cuda":
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0
+        size = max(16 * l2, MIN_BUFFER)
+    else:
+        size = max(4 * (llc or 0), MIN_BUFFER)
+        size = min(size, psutil.virtual_memory().available // 8)
+    n = size // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    seconds = _timed(lambda: dst.copy_(src), device, reps=5)
+    return {"bandwidth_gbs": 2 * n * 4 / seconds / 1e9, "buffer_bytes": n * 4, "llc_bytes": llc}
+
+
+def measure_flops(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Dense matmul FLOP/s in ``dtype`` on a square problem large enough to be compute-bound."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = _timed(lambda: a @ b, device, reps=5)
+    return {"flops": 2 * n**3 / seconds, "matmul_n": n}
+
+
+def device_peaks(
+    device: torch.device,
+    dtype: torch.dtype,
+    fingerprint_id: str,
+    cache_dir: Path,
+    overrides: dict[str, Any],
+    remeasure: bool = False,
+) -> dict[str, Any]:
+    """Peaks for this device and dtype: overrides from config, else cached measurements, else measured now
+    (``remeasure`` measures again and replaces the cache, e.g. after a noisy first measurement)."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    path = Path(cache_dir) / "peaks" / f"{fingerprint_id}-{dtype_name}.json"
+    peaks: dict[str, Any] | None = None
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("version") == CACHE_VERSION and not remeasure:
+            peaks = cached
+    except (OSError, ValueError):
+        pass
+    if peaks is None:
+        log.info("measuring %s peaks (copy bandwidth, %s matmul FLOP/s) once for this device", device.type, dtype_name)
+        peaks = {"version": CACHE_VERSION, "device": device.type, "dtype": dtype_name, "fingerprint": fingerprint_id}
+        peaks.update(measure_bandwidth(device))
+        peaks.update(measure_flops(device, dtype))
+        peaks["measured_at"] = time.time()
+        write_json_atomic(path, peaks)
+    peaks = {**peaks, "source": "measured", "cache": str(path)}
+    if overrides.get("bandwidth_gbs"):
+        peaks.update(bandwidth_gbs=float(overrides["bandwidth_gbs"]), source="config")
+    if overrides.get("tflops"):
+        peaks.update(flops=float(overrides["tflops"]) * 1e12, source="config")
+    return peaks
+
+
+@dataclass(frozen=True)
+class PhaseCounts:
+    bytes: float
+    flops: float
+
+    @property
+    def intensity(self) -> float:
+        return self.flops / self.bytes if self.bytes else float("nan")
+
+
+def _linear_params(args: ModelArgs) -> int:
+    """Weights that a token multiplies through (every layer's linears and the output head)."""
+    d, h, kv, f = args.dim, args.head_dim, args.n_kv_heads, args.intermediate_size
+    per_layer = d * args.n_heads * h * 2 + 2 * d * kv * h + 3 * d * f
+    return args.n_layers * per_layer + args.vocab_size * d
+
+
+def _embedding_table_bytes(args: ModelArgs, elem: int) -> int:
+    """An untied embedding table is stored but only B rows of it are read per step."""
+    return 0 if args.tie_embeddings else args.vocab_size * args.dim * elem
+
+
+def decode_counts(args: ModelArgs, weight_bytes: int, rows: int, context: float, elem: int) -> PhaseCounts:
+    """One decode step for ``rows`` sequences at mean context length ``context``."""
+    kv_row = 2 * args.n_layers * args.n_kv_heads * args.head_dim * elem  # K and V of one position, all layers
+    weights = weight_bytes - _embedding_table_bytes(args, elem) + rows * args.dim * elem
+    bytes_ = weights + rows * kv_row * (context + 1)
+    attn = 4 * args.n_layers * args.n_heads * args.head_dim * context  # QK^T and AV over the context
+    return PhaseCounts(bytes=float(bytes_), flops=float(rows * (2 * _linear_params(args) + attn)))
+
+
+def prefill_counts(args: ModelArgs, weight_bytes: int, rows: int, prompt: int, elem: int) -> PhaseCounts:
+    """Prefill of ``prompt`` tokens for ``rows`` sequences (causal attention: prompt^2 / 2 pairs)."""
+    kv_row = 2 * args.n_layers * args.n_kv_heads * args.head_dim * elem
+    bytes_ = weight_bytes - _embedding_table_bytes(args, elem) + rows * prompt * (args.dim * elem + kv_row)
+    attn = 2 * args.n_layers * args.n_heads * args.head_dim * prompt * prompt
+    return PhaseCounts(bytes=float(bytes_), flops=float(rows * (2 * _linear_params(args) * prompt + attn)))
+
+
+def roofline(
+    args: ModelArgs,
+    weight_bytes: int,
+    elem: int,
+    rows: int,
+    prompt_len: int,
+    gen_len: int,
+    tpot_ms: float,
+    ttft_ms: float,
+    peaks: dict[str, Any],
+) -> dict[str, Any]:
+    """The record's roofline section: counts per phase, achieved rates, MBU and MFU against ``peaks``."""
+    context = prompt_len + (gen_len - 1) / 2  # mean context over the decode steps
+    dec = decode_counts(args, weight_bytes, rows, context, elem)
+    pre = prefill_counts(args, weight_bytes, rows, prompt_len, elem)
+    bw, flops = peaks["bandwidth_gbs"] * 1e9, peaks["flops"]
+    dec_s, pre_s = tpot_ms / 1e3, ttft_ms / 1e3
+    return {
+        "peaks": {k: peaks.get(k) for k in ("bandwidth_gbs", "flops", "source", "device", "dtype", "cache")},
+        "decode": {
+            "bytes_per_step": dec.bytes,
+            "flops_per_step": dec.flops,
+            "rows": rows,
+            "mean_context": context,
+            "intensity": dec.intensity,
+            "achieved_gbs": dec.bytes / dec_s / 1e9,
+            "achieved_gflops": dec.flops / dec_s / 1e9,
+            "mbu": dec.bytes / dec_s / bw,
+        },
+        "prefill": {
+            "bytes": pre.bytes,
+            "flops": pre.flops,
+            "intensity": pre.intensity,
+            "achieved_gbs": pre.bytes / pre_s / 1e9,
+            "achieved_gflops": pre.flops / pre_s / 1e9,
+            "mfu": pre.flops / pre_s / flops,
+        },
+    }

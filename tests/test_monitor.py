@@ -1,0 +1,98 @@
+"""Utilization sampling, NVML absence, and the profiler breakdown, on real runs."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from harness.monitor import Sampler
+from harness.profiling import CATEGORIES, categorize
+from harness.records import RECORD_NAME, load
+
+QUICK = ["measure=quick", "workload.prompt_len=16", "workload.gen_len=4", "model.weights=random"]
+
+
+def busy(seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_sampler_timeline_aggregates_and_overhead():
+    with Sampler(torch.device("cpu"), interval_s=0.02) as s:
+        busy(0.4)
+    out = s.result(tokens=100)
+    tl = out["timeline"]
+    assert out["n_samples"] == len(tl["t_s"]) >= 10
+    assert np.all(np.diff(tl["t_s"]) > 0) and tl["t_s"][-1] <= out["window_s"]
+    for name in ("cpu_util_process", "cpu_util_system", "rss_mb"):
+        v = np.array(tl[name], dtype=float)
+        assert out["aggregates"][name]["mean"] == pytest.approx(v.mean())
+        assert out["aggregates"][name]["max"] == v.max()
+    assert out["aggregates"]["cpu_util_process"]["mean"] > 20  # a busy loop keeps at least part of a core busy
+    assert out["util_source"] == "cpu_util_process" and "CPU" in out["labels"]["cpu_util_process"]
+    assert 0 < out["overhead"]["fraction_of_window"] < 0.05
+
+
+def test_without_nvml_the_sampler_falls_back_and_says_why():
+    """On a machine without NVML (or without a GPU), asking for a CUDA device's figures records the reason."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        pytest.skip("NVML is available here")
+    except Exception:
+        pass
+    with Sampler(torch.device("cuda", 0), interval_s=0.02) as s:
+        busy(0.1)
+    out = s.result(tokens=10)
+    assert out["backend"] == "psutil" and "NVML unavailable" in out["missing"]["gpu"]
+    assert out["energy_j"] is None and out["energy_j_per_token"] is None and "energy" in out["missing"]
+    assert "gpu_util" not in out["aggregates"] and "cpu_util_process" in out["aggregates"]
+
+
+def test_categories():
+    assert categorize("aten::mm") == "matmul" and categorize("aten::_weight_int8pack_mm") == "matmul"
+    assert categorize("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert categorize("aten::rsqrt") == "norm" and categorize("aten::mean") == "norm"
+    assert categorize("aten::mul") == "elementwise" and categorize("aten::silu") == "elementwise"
+    assert categorize("aten::index_copy_") == "copy" and categorize("aten::_to_copy") == "copy"
+    assert categorize("aten::as_strided") == "other"
+
+
+def test_a_point_records_monitor_roofline_and_profile(run_harness, tmp_path):
+    code = run_harness("run", *QUICK, "profile=true", "profile_steps=4", "monitor.interval_s=0.02",
+                       "measure.target_ci=0.0001", "measure.max_time_s=0.6", "measure.max_reps=1000",
+                       f"cache_dir={tmp_path / 'cache'}", "roofline.bandwidth_gbs=20", "roofline.tflops=0.1",
+                       f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    assert code == 0
+    rec = json.loads((tmp_path / "run" / RECORD_NAME).read_text())
+    mon = rec["monitor"]
+    assert mon["n_samples"] >= 10 and len(mon["timeline"]["cpu_util_process"]) == mon["n_samples"]
+    assert mon["energy_j"] is not None or mon["missing"]["energy"].startswith("RAPL not readable")
+    roof = rec["roofline"]
+    assert roof["peaks"]["source"] == "config" and roof["peaks"]["bandwidth_gbs"] == 20
+    assert roof["decode"]["mbu"] == pytest.approx(roof["decode"]["achieved_gbs"] / 20)
+    prof = rec["profile"]
+    total = sum(prof["breakdown_ms"].values())
+    assert set(prof["breakdown_ms"]) == set(CATEGORIES) and prof["steps"] == 4
+    assert total == pytest.approx(prof["total_ms"], rel=0.05)  # the categories account for the profiled time
+    assert prof["breakdown_ms"]["matmul"] > 0 and prof["breakdown_ms"]["attention"] > 0
+    trace = json.loads((tmp_path / "run" / prof["trace"]).read_text())
+    assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])  # opens in Perfetto / chrome://tracing
+    row = load(tmp_path / "run").iloc[0]
+    assert row.util_mean == pytest.approx(mon["aggregates"]["cpu_util_process"]["mean"])
+    assert row.mbu == roof["decode"]["mbu"] and row.mfu == roof["prefill"]["mfu"]
+
+
+def test_monitor_roofline_and_profile_can_be_switched_off(run_harness, tmp_path):
+    code = run_harness("run", *QUICK, "monitor.enabled=false", "roofline.enabled=false",
+                       f"hydra.run.dir={tmp_path}")  # fmt: skip
+    assert code == 0
+    rec = json.loads((tmp_path / RECORD_NAME).read_text())
+    assert "monitor" not in rec and "roofline" not in rec and "profile" not in rec
+    assert not (tmp_path / "trace.json").exists()

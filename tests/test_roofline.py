@@ -1,0 +1,99 @@
+"""Roofline: byte and FLOP counts against hand-computed values, MBU/MFU arithmetic, cached peaks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from engines.llama import ModelArgs
+from harness.roofline import decode_counts, device_peaks, prefill_counts, roofline
+
+# dim 8, one layer, 2 query heads and 1 KV head of size 4, FFN 16, vocabulary 32, untied embeddings.
+ARGS = ModelArgs(vocab_size=32, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, intermediate_size=16, max_seq_len=64,
+                 tie_embeddings=False)  # fmt: skip
+# linears: wq 8x8, wo 8x8 (128) + wk, wv 8x4 each (64) + FFN 3 x 8x16 (384) + head 32x8 (256) = 832 parameters;
+# stored as well: the embedding table (256) and three norms (24): 1112 parameters.
+FP32_BYTES = 1112 * 4
+
+
+def test_parameter_bookkeeping_matches_the_model():
+    assert ARGS.num_params() == 1112
+
+
+def test_decode_counts_fp32_by_hand():
+    c = decode_counts(ARGS, FP32_BYTES, rows=1, context=10, elem=4)
+    # weights minus the embedding table (only one row of it is read): 4448 - 1024 + 32 = 3456 bytes;
+    # KV cache: K and V of 1 head x 4 dims x 4 bytes = 32 bytes per position, read over 10 and one written = 352
+    assert c.bytes == 3456 + 352
+    # 2 FLOPs per weight of the linears (832) plus attention 4 x 2 heads x 4 dims x 10 positions
+    assert c.flops == 2 * 832 + 320
+    assert c.intensity == pytest.approx((2 * 832 + 320) / (3456 + 352))
+
+
+def test_decode_counts_scale_with_rows_and_follow_int8_weights():
+    four = decode_counts(ARGS, FP32_BYTES, rows=4, context=10, elem=4)
+    assert four.bytes == 3456 - 32 + 4 * 32 + 4 * 352 and four.flops == 4 * (2 * 832 + 320)
+    # int8 linears (832 bytes, scales ignored here) with the embedding table and norms still fp32
+    int8_bytes = 832 + (256 + 24) * 4
+    c = decode_counts(ARGS, int8_bytes, rows=1, context=10, elem=4)
+    assert c.bytes == int8_bytes - 1024 + 32 + 352 and c.flops == 2 * 832 + 320  # fewer bytes, same FLOPs
+
+
+def test_decode_counts_of_a_structurally_pruned_model():
+    pruned = ModelArgs(**{**ARGS.to_dict(), "intermediate_size": 8})  # half the FFN channels removed
+    linear = 128 + 64 + 3 * 8 * 8 + 256
+    stored = (linear + 256 + 24) * 4
+    c = decode_counts(pruned, stored, rows=1, context=10, elem=4)
+    assert c.bytes == stored - 1024 + 32 + 352 and c.flops == 2 * linear + 320
+
+
+def test_prefill_counts_by_hand():
+    c = prefill_counts(ARGS, FP32_BYTES, rows=1, prompt=6, elem=4)
+    # weights once (without the table) + per token one embedding row (32 B) and one K/V row written (32 B)
+    assert c.bytes == 4448 - 1024 + 6 * (32 + 32)
+    # linears for 6 tokens + causal attention 2 x 2 heads x 4 dims x 6^2
+    assert c.flops == 2 * 832 * 6 + 2 * 2 * 4 * 36
+
+
+def test_roofline_section_rates_and_utilizations():
+    peaks = {"bandwidth_gbs": 10.0, "flops": 1e11, "source": "config"}
+    r = roofline(ARGS, FP32_BYTES, 4, rows=1, prompt_len=10, gen_len=3, tpot_ms=0.001, ttft_ms=0.01, peaks=peaks)
+    dec = decode_counts(ARGS, FP32_BYTES, 1, 11.0, 4)  # mean context over decode steps: 10 + (3 - 1) / 2
+    assert r["decode"]["mean_context"] == 11.0 and r["decode"]["bytes_per_step"] == dec.bytes
+    assert r["decode"]["achieved_gbs"] == pytest.approx(dec.bytes / 1e-6 / 1e9)
+    assert r["decode"]["mbu"] == pytest.approx(dec.bytes / 1e-6 / 10e9)
+    pre = prefill_counts(ARGS, FP32_BYTES, 1, 10, 4)
+    assert r["prefill"]["mfu"] == pytest.approx(pre.flops / 1e-5 / 1e11)
+
+
+def test_peaks_are_measured_once_cached_and_overridable(tmp_path, monkeypatch):
+    import harness.roofline as roof
+
+    calls = []
+    monkeypatch.setattr(
+        roof,
+        "measure_bandwidth",
+        lambda d: calls.append("bw") or {"bandwidth_gbs": 20.0, "buffer_bytes": 1, "llc_bytes": 1},
+    )
+    monkeypatch.setattr(roof, "measure_flops", lambda d, t: calls.append("fl") or {"flops": 1e11, "matmul_n": 8})
+    cpu = torch.device("cpu")
+    first = device_peaks(cpu, torch.float32, "fp1", tmp_path, {})
+    again = device_peaks(cpu, torch.float32, "fp1", tmp_path, {})
+    assert calls == ["bw", "fl"] and first["bandwidth_gbs"] == again["bandwidth_gbs"] == 20.0
+    assert json.loads((tmp_path / "peaks" / "fp1-float32.json").read_text())["flops"] == 1e11
+    over = device_peaks(cpu, torch.float32, "fp1", tmp_path, {"bandwidth_gbs": 50.0, "tflops": 2.0})
+    assert over["bandwidth_gbs"] == 50.0 and over["flops"] == 2e12 and over["source"] == "config"
+    device_peaks(cpu, torch.float32, "fp1", tmp_path, {}, remeasure=True)
+    device_peaks(cpu, torch.bfloat16, "fp1", tmp_path, {})  # another dtype is another matmul peak
+    assert calls == ["bw", "fl"] * 3
+
+
+def test_real_bandwidth_measurement_is_plausible():
+    from harness.roofline import measure_bandwidth
+
+    bw = measure_bandwidth(torch.device("cpu"))
+    assert bw["buffer_bytes"] >= 4 * (bw["llc_bytes"] or 0) and bw["buffer_bytes"] >= 1 << 30
+    assert 1.0 < bw["bandwidth_gbs"] < 2000.0 and math.isfinite(bw["bandwidth_gbs"])
