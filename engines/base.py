@@ -7,7 +7,7 @@ max_seq_length)``, and the harness drives it with the shared decoding loops.
 Parameters are a dataclass per engine (``Params``); its fields are the keys of the engine's Hydra config group,
 so ``engine.bits=4`` is validated, typed and sweepable. Third-party engines register through the
 ``harness.engines`` entry-point group (an entry point may name an Engine subclass or a module that registers
-one with ``@register``).
+one with ``@register``), or, without packaging, through modules named in the HARNESS_ENGINES environment variable.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import os
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -29,6 +30,9 @@ from engines.llama import ModelArgs
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "harness.engines"
+# Modules to import for their @register'ed engines without packaging an entry point (local development):
+# HARNESS_ENGINES=my_engines,other.module harness run engine.name=mine
+ENGINE_MODULES_ENV = "HARNESS_ENGINES"
 BUILTIN_MODULES = ("engines.eager", "engines.distilled")
 
 
@@ -122,6 +126,15 @@ def _load_all() -> None:
     _LOADED = True
     for mod in BUILTIN_MODULES:
         importlib.import_module(mod)
+    for mod in (m.strip() for m in os.environ.get(ENGINE_MODULES_ENV, "").split(",")):
+        if not mod:
+            continue
+        try:
+            importlib.import_module(mod)
+        except Exception as exc:
+            _LOADED = False
+            why = f"{exc.__class__.__name__}: {exc}"
+            raise EngineError(f"{ENGINE_MODULES_ENV}: cannot import {mod!r} ({why})") from None
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()

@@ -12,9 +12,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import validate
+from harness.isolation import run_isolated
 from harness.paths import config_dir
-from harness.point import run_point
+from harness.point import identity, run_point
 from harness.progress import progress, progress_text
+from harness.records import measured_ok, point_key
 
 log = logging.getLogger("harness")
 
@@ -42,8 +44,17 @@ def task(cfg: DictConfig) -> dict[str, Any]:
         "mode": "multirun" if multirun else "run",
     }
     prefix = progress_text(progress(sweep_dir, job)) + " " if multirun else ""
+    out_dir = Path(hc.runtime.output_dir)
+    if spec.resume:
+        done = measured_ok(sweep_dir or out_dir, point_key(identity(spec)))
+        if done is not None:
+            log.info("%s%s: already measured ok in %s, skipped (resume=true)", prefix, _describe(spec), done)
+            return {"status": "ok", "point_key": point_key(identity(spec)), "resumed": str(done)}
     log.info("%s%s", prefix, _describe(spec))
-    record = run_point(spec, Path(hc.runtime.output_dir), sweep)
+    if spec.isolate:
+        record = run_isolated(spec, out_dir, sweep, spec.policy.timeout_s)
+    else:
+        record = run_point(spec, out_dir, sweep, timeout_s=spec.policy.timeout_s)
     if record["status"] == "ok":
         s, m = record["summary"], record["metrics"]
         log.info(

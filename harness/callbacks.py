@@ -13,8 +13,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import ConfigError, validate
-from harness.progress import write_sweep_meta
-from harness.records import load
+from harness.progress import missing_points, write_sweep_meta
+from harness.records import RECORD_NAME, forget_ok_index, load, point_key, write_record
 from harness.summary import status_counts, summary_table
 
 log = logging.getLogger(__name__)
@@ -44,16 +44,95 @@ def sweep_points(config: DictConfig) -> list[list[str]] | None:
     return [point for batch in BasicSweeper.split_arguments(overrides, None) for point in batch]
 
 
-def preflight(config: DictConfig, points: list[list[str]]) -> None:
-    """Compose and validate every point before the first one runs; the first bad one stops the sweep."""
+def _spec(config: DictConfig, overrides: list[str]):
     from hydra import compose
 
+    return validate(compose(config_name=config.hydra.job.config_name, overrides=overrides))
+
+
+def preflight(config: DictConfig, points: list[list[str]]) -> list[str]:
+    """Compose and validate every point before the first one runs (the first bad one stops the sweep);
+    returns their point keys."""
+    from harness.point import identity
+
+    keys = []
     for i, overrides in enumerate(points):
-        cfg = compose(config_name=config.hydra.job.config_name, overrides=overrides)
         try:
-            validate(cfg)
+            keys.append(point_key(identity(_spec(config, overrides))))
         except ConfigError as exc:
             raise PreflightAbort(f"{exc} (sweep point {i + 1}/{len(points)}: {' '.join(overrides)})") from None
+    return keys
+
+
+def record_missing(config: DictConfig, sweep_dir: Path) -> int:
+    """Write a ``failed`` record for each planned point that has none, saying why; returns how many."""
+    from harness.env import fingerprint
+    from harness.point import identity
+
+    missing = missing_points(sweep_dir)
+    for point in missing:
+        spec = _spec(config, point["overrides"])
+        job_dir = sweep_dir / str(point["job"])
+        if (job_dir / RECORD_NAME).exists():  # another point's record (a resumed sweep in another order)
+            job_dir = sweep_dir / "missing" / point["point_key"]
+        log.warning("point %d has no record: %s", point["job"], " ".join(point["overrides"]))
+        write_record(
+            job_dir,
+            {
+                "status": "failed",
+                "error": "no record was written: the process running this point ended first (a crash, kill -9, the "
+                f"kernel's out-of-memory killer, or a launcher that gave up); its log, if any: {job_dir}/harness.log",
+                "missing": True,
+                "point_key": point["point_key"],
+                "identity": identity(spec),
+                "config": spec.cfg,
+                "env": fingerprint(spec.device),
+                "sweep": {"dir": str(sweep_dir.resolve()), "job": point["job"], "overrides": point["overrides"]},
+            },
+        )
+    return len(missing)
+
+
+def parallel_warning(config: DictConfig, n_points: int | None) -> str | None:
+    """Why timings may interfere: a launcher that runs several points at once on one machine or device."""
+    launcher = config.hydra.launcher
+    target = str(launcher.get("_target_", ""))
+    if "JoblibLauncher" in target and launcher.get("n_jobs") != 1:
+        return (f"the joblib launcher runs up to {launcher.get('n_jobs')} points at once on this machine: their "
+                "timings interfere; set hydra.launcher.n_jobs=1 to measure")  # fmt: skip
+    if target.endswith("submitit_launcher.LocalLauncher") and (n_points or 2) > 1:
+        return (
+            "the submitit local launcher starts every point at once on this machine: their timings interfere; "
+            "use it to isolate crashes, not to measure (or run one point per machine with submitit_slurm)"
+        )
+    if target.endswith("submitit_launcher.SlurmLauncher"):
+        gpus = launcher.get("gpus_per_node") or 0
+        if str(config.get("device", "auto")).startswith(("cuda", "auto")) and not gpus and not launcher.get("gres"):
+            return "SLURM jobs request no GPU (hydra.launcher.gpus_per_node): points would run without one"
+        if (launcher.get("tasks_per_node") or 1) > 1:
+            return "several tasks per SLURM node would share its devices: timings interfere (tasks_per_node=1)"
+    return None
+
+
+# The sweep in progress, so that a launcher that gives up can still be summarized (see finish_aborted).
+ACTIVE: dict[str, Any] = {}
+
+
+def finish_sweep(config: DictConfig, sweep_dir: Path) -> None:
+    """End of a multirun: record the points that left no record, then the summary and the report."""
+    ACTIVE.clear()
+    record_missing(config, sweep_dir)
+    _print_summary(sweep_dir)
+
+
+def finish_aborted() -> bool:
+    """After a launcher raised mid-sweep (e.g. a job's process died under submitit without isolate=true):
+    record what is missing and summarize what was measured. Returns whether there was a sweep to finish."""
+    if not ACTIVE:
+        return False
+    config, sweep_dir = ACTIVE["config"], ACTIVE["sweep_dir"]
+    finish_sweep(config, sweep_dir)
+    return True
 
 
 def _print_summary(directory: Path) -> None:
@@ -88,14 +167,21 @@ class HarnessCallback(Callback):
             validate(config)
         except ConfigError as exc:
             raise PreflightAbort(str(exc)) from None
+        forget_ok_index()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         points = sweep_points(config)
+        keys = None
         if points is not None:
             t0 = time.perf_counter()
-            preflight(config, points)
+            keys = preflight(config, points)
             log.info("validated %d sweep points in %.1fs", len(points), time.perf_counter() - t0)
+        warning = parallel_warning(config, len(points) if points is not None else None)
+        if warning:
+            log.warning("%s", warning)
         sweep_dir = Path(config.hydra.sweep.dir)
+        forget_ok_index()
+        ACTIVE.update(config=config, sweep_dir=sweep_dir)
         write_sweep_meta(
             sweep_dir,
             {
@@ -104,11 +190,14 @@ class HarnessCallback(Callback):
                 "started_unix": time.time(),
                 "total": len(points) if points is not None else None,
                 "points": points,
+                "point_keys": keys,
+                "launcher": str(config.hydra.launcher.get("_target_", "")),
+                "parallel_warning": warning,
             },
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        _print_summary(Path(config.hydra.sweep.dir))
+        finish_sweep(config, Path(config.hydra.sweep.dir))
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         job_return = kwargs.get("job_return")

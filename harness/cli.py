@@ -103,6 +103,14 @@ def cmd_run(args: Sequence[str]) -> int:
         raise UsageError(str(exc)) from None
     except (MissingConfigException, OverrideParseException, HydraException, OmegaConfBaseException) as exc:
         raise UsageError(format_hydra_error(exc)) from None
+    except Exception as exc:  # a launcher gave up mid-sweep: keep what was measured, say what is missing
+        if not callbacks.finish_aborted():
+            raise
+        sys.stderr.write(
+            f"harness run: error: the launcher stopped the sweep: {_one_line(f'{type(exc).__name__}: {exc}')}"
+            " (isolate=true keeps a crashed point from stopping the others)\n"
+        )
+        return EXIT_FAILED
     finally:
         sys.argv = saved
     return EXIT_FAILED if callbacks.LAST_RESULT.get("all_failed") else EXIT_OK

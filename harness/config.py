@@ -99,6 +99,8 @@ class PointSpec:
     monitor: MonitorSpec = MonitorSpec()
     roofline: RooflineSpec = RooflineSpec()
     profile: ProfileSpec = ProfileSpec()
+    isolate: bool = False
+    resume: bool = False
 
     @property
     def dtype_name(self) -> str:
@@ -221,6 +223,8 @@ def _policy(p: dict[str, Any]) -> Policy:
             _number(p[key], f"measure.{key}", 0.0)
     if "target_ci" in p:
         _number(p["target_ci"], "measure.target_ci", 0.0, strict=True)
+    if p.get("timeout_s") is not None:
+        _number(p["timeout_s"], "measure.timeout_s", 0.0, strict=True)
     if "confidence" in p and not 0.5 <= _number(p["confidence"], "measure.confidence", 0.5) < 1:
         raise ConfigError(f"measure.confidence: must be in [0.5, 1), got {p['confidence']}")
     policy = Policy.from_dict(p)
@@ -345,4 +349,5 @@ def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
     return PointSpec(
         model, engine, workload, policy, device, dtype, seed, data, corpus, train, quality,
         _monitor(data.get("monitor")), _roofline(data.get("roofline")), profile,
+        isolate=_bool(data.get("isolate", False), "isolate"), resume=_bool(data.get("resume", False), "resume"),
     )  # fmt: skip

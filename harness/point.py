@@ -26,6 +26,7 @@ from harness import fidelity, reference
 from harness.config import PointSpec
 from harness.corpus import Corpus, load_corpus, windows
 from harness.env import fingerprint
+from harness.isolation import PointTimeout, deadline
 from harness.memory import PeakMemory, current_rss_mb
 from harness.monitor import Sampler
 from harness.profiling import profile_decode
@@ -199,8 +200,24 @@ def measure(spec: PointSpec, record: dict[str, Any], out_dir: Path) -> None:
         )  # fmt: skip
 
 
-def run_point(spec: PointSpec, out_dir: Path, sweep: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Measure one point and write its record into ``out_dir``; returns the record."""
+OOM_MESSAGES = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Out of memory, whichever way it surfaced: CUDA's error, MemoryError, or the CPU allocator's RuntimeError."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OOM_MESSAGES)
+
+
+def run_point(
+    spec: PointSpec, out_dir: Path, sweep: dict[str, Any] | None = None, timeout_s: float | None = None
+) -> dict[str, Any]:
+    """Measure one point and write its record into ``out_dir``; returns the record.
+
+    Never raises for a problem of the point itself: it is recorded as ``skipped`` (engine unavailable here),
+    ``oom``, ``timeout`` (``timeout_s`` passed) or ``failed``, memory is released, and the sweep goes on.
+    """
     ident = identity(spec)
     started = time.time()
     record: dict[str, Any] = {
@@ -209,29 +226,32 @@ def run_point(spec: PointSpec, out_dir: Path, sweep: dict[str, Any] | None = Non
         "point_key": point_key(ident),
         "identity": ident,
         "config": spec.cfg,
-        "env": fingerprint(spec.device),
         "sweep": sweep or {},
         "started_at": datetime.fromtimestamp(started, UTC).isoformat(),
     }
     torch.manual_seed(spec.seed)
     try:
-        reason = spec.engine.available(spec.device)
-        if reason:
-            record["status"], record["error"] = "skipped", reason
-        else:
-            measure(spec, record, out_dir)
-            record["status"] = "ok"
-    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
-        record["status"], record["error"] = "oom", _one_line(exc)
+        with deadline(timeout_s):
+            record["env"] = fingerprint(spec.device)
+            reason = spec.engine.available(spec.device)
+            if reason:
+                record["status"], record["error"] = "skipped", reason
+            else:
+                measure(spec, record, out_dir)
+                record["status"] = "ok"
+    except PointTimeout as exc:
+        record["status"], record["error"] = "timeout", str(exc)
         record["traceback"] = traceback.format_exc()
-        reference.release()
     except Exception as exc:
-        record["status"], record["error"] = "failed", _one_line(exc)
-        record["traceback"] = traceback.format_exc()
+        record["status"] = "oom" if is_oom(exc) else "failed"
+        record["error"], record["traceback"] = _one_line(exc), traceback.format_exc()
     except KeyboardInterrupt:
         record["status"], record["error"] = "failed", "interrupted (KeyboardInterrupt)"
         raise
     finally:
+        if record["status"] in ("failed", "oom", "timeout"):
+            reference.release()  # whatever the failure left allocated goes, so the next point has the memory
+        record.setdefault("env", {})
         record["duration_s"] = time.time() - started
         write_record(out_dir, record)
         if spec.device.type == "cuda":

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.records import RECORD_NAME, write_json_atomic
+from harness.records import RECORD_NAME, RecordError, find_records, read_record, write_json_atomic
 
 SWEEP_META = "sweep.json"
 
@@ -60,3 +60,21 @@ def progress(sweep_dir: Path | None, job: int | None) -> dict[str, Any]:
 def progress_text(p: dict[str, Any]) -> str:
     total = p["total"] if p["total"] else "?"
     return f"[{p['position']}/{total}] elapsed {format_duration(p['elapsed_s'])}, ETA {format_duration(p['eta_s'])}"
+
+
+def missing_points(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Points the sweep planned (``sweep.json``) that have no record in the sweep directory, matched by point
+    key: the traces of a process that died before writing, or of a launcher that gave up."""
+    meta = read_sweep_meta(sweep_dir)
+    keys, points = meta.get("point_keys") or [], meta.get("points") or []
+    present = set()
+    for path in find_records(sweep_dir) if Path(sweep_dir).is_dir() else []:
+        try:
+            present.add(read_record(path).get("point_key"))
+        except RecordError:
+            continue
+    return [
+        {"job": job, "overrides": overrides, "point_key": key}
+        for job, (overrides, key) in enumerate(zip(points, keys, strict=False))
+        if key not in present
+    ]

@@ -176,6 +176,32 @@ def find_records(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
+_ok_index: dict[Path, dict[str, Path]] = {}
+
+
+def forget_ok_index() -> None:
+    """A new run or sweep starts: index the directory afresh when resume asks."""
+    _ok_index.clear()
+
+
+def measured_ok(directory: Path, key: str) -> Path | None:
+    """A record under ``directory`` with status ok for point ``key`` (what resume must not measure again).
+
+    The directory is indexed once per process: the records a resumed sweep writes itself are new points."""
+    directory = Path(directory).resolve()
+    if directory not in _ok_index:
+        index: dict[str, Path] = {}
+        for path in find_records(directory) if directory.is_dir() else []:
+            try:
+                rec = read_record(path)
+            except RecordError:
+                continue
+            if rec.get("status") == "ok":
+                index[rec.get("point_key")] = path
+        _ok_index[directory] = index
+    return _ok_index[directory].get(key)
+
+
 def _get(record: dict[str, Any], path: tuple[str, ...]) -> Any:
     node: Any = record
     for key in path:

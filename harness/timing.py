@@ -128,6 +128,7 @@ class Policy:
     target_ci: float = 0.02
     confidence: float = 0.95
     disable_gc: bool = True
+    timeout_s: float | None = None  # for the whole point (build, prepare, quality, timing): recorded as timeout
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Policy:

@@ -34,13 +34,16 @@ def test_host_clock_overhead_is_measured_and_subtracted():
 
 def test_host_clock_intervals_follow_the_work():
     clock = HostClock()
-    clock.start()
-    busy(0.002)
-    clock.mark()
-    busy(0.006)
-    clock.mark()
-    a, b = clock.intervals_ms()
-    assert 2.0 < b / a < 4.0
+    ratios = []
+    for _ in range(7):  # the median of several trials: one preemption on a shared machine must not decide
+        clock.start()
+        busy(0.002)
+        clock.mark()
+        busy(0.006)
+        clock.mark()
+        a, b = clock.intervals_ms()
+        ratios.append(b / a)
+    assert 2.5 < float(np.median(ratios)) < 3.5
 
 
 def test_repeat_stops_when_ci_target_is_met():

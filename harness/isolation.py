@@ -1,0 +1,119 @@
+"""Keeping one bad point from costing the rest: deadlines, and points run in their own process.
+
+* ``deadline(seconds)`` interrupts a point that runs too long in this process (SIGALRM; work inside one
+  long C call is interrupted when it returns to Python).
+* ``run_isolated(...)`` runs the point in a fresh child process (spawned, so CUDA state is never inherited).
+  The parent waits at most the deadline, kills the child when it is exceeded, and writes the record itself
+  when the child could not: killed by a signal (kill -9, the kernel's out-of-memory killer, a segfault),
+  exited abnormally, or timed out. This works under every Hydra launcher, in-process or not.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from harness.config import PointSpec, validate
+from harness.records import RECORD_NAME, RecordError, read_record, write_record
+
+log = logging.getLogger(__name__)
+
+
+class PointTimeout(BaseException):
+    """Raised in the point's thread when its deadline passes. A BaseException so that an engine's own
+    ``except Exception`` cannot swallow it."""
+
+
+@contextmanager
+def deadline(seconds: float | None) -> Iterator[None]:
+    """Raise PointTimeout in this (main) thread after ``seconds``; no limit when None or not the main thread."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise PointTimeout(f"point exceeded measure.timeout_s={seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+STARTUP_LIMIT_S = 600.0  # a child that has not even imported its modules by then is counted as hung
+
+
+def _child(cfg: dict[str, Any], out_dir: str, sweep: dict[str, Any], log_level: int, ready: Any) -> None:
+    """Entry point of the isolated process: validate again (nothing but plain data crosses) and run."""
+    logging.basicConfig(level=log_level, format="[%(asctime)s][%(levelname)s] %(message)s", datefmt="%H:%M:%S")
+    from harness.point import run_point
+
+    spec = validate(cfg)
+    ready.set()  # the deadline counts from here: interpreter start-up and imports are not the point's time
+    run_point(spec, Path(out_dir), sweep, timeout_s=None)
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        sig = signal.Signals(-exitcode)
+        hint = " (kill -9, or the kernel's out-of-memory killer)" if sig == signal.SIGKILL else ""
+        return f"the point's process was killed by signal {sig.name} ({-exitcode}){hint}"
+    return f"the point's process exited with code {exitcode} without writing its record"
+
+
+def run_isolated(spec: PointSpec, out_dir: Path, sweep: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
+    """Run the point in a child process and return its record (written by the child, or here if it died)."""
+    from harness.env import fingerprint
+    from harness.point import identity
+    from harness.records import point_key
+
+    record_path = Path(out_dir) / RECORD_NAME
+    record_path.unlink(missing_ok=True)  # a previous attempt's record must not pass for this one's
+    ctx = mp.get_context("spawn")
+    started = time.time()
+    ready = ctx.Event()
+    level = logging.getLogger().getEffectiveLevel()
+    child = ctx.Process(target=_child, args=(spec.cfg, str(out_dir), sweep, level, ready), daemon=False)
+    child.start()
+    while child.is_alive() and not ready.wait(1.0) and time.time() - started < STARTUP_LIMIT_S:
+        pass
+    child.join(timeout_s)
+    timed_out = child.is_alive()
+    if timed_out:
+        child.kill()
+        child.join()
+    if not timed_out and record_path.exists():
+        try:
+            return read_record(record_path)
+        except RecordError as exc:  # written atomically, so only something else could have left this
+            log.warning("%s", exc)
+    if timed_out:
+        status, error = "timeout", f"point exceeded measure.timeout_s={timeout_s:g} s (its process was killed)"
+    else:
+        status, error = "failed", _death(child.exitcode)
+    ident = identity(spec)
+    record = {
+        "status": status,
+        "error": error,
+        "point_key": point_key(ident),
+        "identity": ident,
+        "config": spec.cfg,
+        "env": fingerprint(spec.device),
+        "sweep": sweep,
+        "started_at": datetime.fromtimestamp(started, UTC).isoformat(),
+        "duration_s": time.time() - started,
+        "isolation": {"process_exitcode": child.exitcode, "timed_out": timed_out},
+    }
+    write_record(out_dir, record)
+    return read_record(record_path)

@@ -1,0 +1,153 @@
+"""Fault isolation, timeouts, process-isolating launchers, resume, and launcher presets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.records import RECORD_NAME, load
+
+TESTS = Path(__file__).resolve().parent
+QUICK = ["measure=quick", "workload.prompt_len=16", "workload.gen_len=4", "model.weights=random",
+         "quality.enabled=false", "roofline.enabled=false"]  # fmt: skip
+
+
+@pytest.fixture()
+def fault_env(subprocess_env) -> dict[str, str]:
+    """A shell environment whose harness (and its launchers' workers) knows the test-only fault engine."""
+    env = dict(subprocess_env, HARNESS_ENGINES="fault_engines", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    return env
+
+
+def harness(args: list[str], env: dict[str, str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness", "run", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=timeout)  # fmt: skip
+
+
+def test_timeout_oom_and_exceptions_in_process(run_harness, tmp_path, monkeypatch):
+    import fault_engines  # noqa: F401  (registers fault-test in this process)
+
+    for fault in ("hang", "oom", "raise"):
+        t0 = time.perf_counter()
+        code = run_harness("run", "engine.name=fault-test", f"+engine.fault={fault}", "measure.timeout_s=1.5", *QUICK,
+                           f"hydra.run.dir={tmp_path / fault}")  # fmt: skip
+        assert code == 1  # the only point failed
+        rec = json.loads((tmp_path / fault / RECORD_NAME).read_text())
+        expected = {"hang": "timeout", "oom": "oom", "raise": "failed"}[fault]
+        assert rec["status"] == expected, rec["error"]
+        if fault == "hang":
+            assert "measure.timeout_s=1.5" in rec["error"] and time.perf_counter() - t0 < 30
+        if fault == "oom":
+            assert "can't allocate memory" in rec["error"]
+
+
+def test_fault_injection_sweep_under_submitit_local(fault_env, tmp_path, capsys):
+    """Every point in its own process (isolate=true), under a launcher that runs them as separate jobs: the
+    healthy points are ok, each faulty one has a record saying what happened, and nothing else is lost."""
+    sweep = tmp_path / "sweep"
+    proc = harness(["-m", "hydra/launcher=submitit_local", "isolate=true", "measure.timeout_s=60",
+                    "engine.name=fault-test", "+engine.fault=none,raise,oom,hang,kill", "workload.batch_size=1,2",
+                    *QUICK, f"hydra.sweep.dir={sweep}"], fault_env, tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = load(sweep)
+    assert len(df) == 10 and df.point_key.nunique() == 10
+    status = {(r["engine.fault"], r.batch_size): (r.status, r.error) for _, r in df.iterrows()}
+    for batch in (1, 2):
+        assert status[("none", batch)][0] == "ok"
+        assert status[("raise", batch)] == ("failed", "RuntimeError: injected failure")
+        assert status[("oom", batch)][0] == "oom"
+        assert status[("hang", batch)][0] == "timeout"
+        assert status[("kill", batch)][0] == "failed" and "killed by signal SIGKILL" in status[("kill", batch)][1]
+    counts = df.status.value_counts().to_dict()
+    with capsys.disabled():
+        print(f"\nsubmitit_local fault injection, 10 points: {counts}")
+    assert counts == {"failed": 4, "ok": 2, "oom": 2, "timeout": 2}
+    assert "timings interfere" in proc.stdout + proc.stderr  # the launcher runs points at once: warned
+
+
+def test_crashed_point_under_joblib_and_the_others_finish(fault_env, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = harness(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=1", "isolate=true", "engine.name=fault-test",
+                    "+engine.fault=none,kill", "workload.batch_size=1,2", *QUICK, f"hydra.sweep.dir={sweep}"],
+                   fault_env, tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = load(sweep)
+    assert sorted(df.status) == ["failed", "failed", "ok", "ok"]
+    assert df[df.status == "failed"].error.str.contains("SIGKILL").all()
+
+
+def test_resume_reruns_only_the_missing_points(fault_env, tmp_path):
+    """A sweep killed half way (its own process dies at the third point), then resumed into the same directory:
+    only the third and fourth points run again, and the good records are left as they were."""
+    sweep, counter = tmp_path / "sweep", tmp_path / "runs.txt"
+    # four seeds: four references, so the engine is prepared (and counted) once per point
+    args = ["-m", "engine.name=fault-test", "+engine.fault=kill", "+engine.on_run=3", f"+engine.counter={counter}",
+            "seed=1,2,3,4", *QUICK, f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    first = harness(args, fault_env, tmp_path)
+    assert first.returncode == -9  # the whole sweep process was killed at its third point
+    assert len(counter.read_text().splitlines()) == 3
+    good = {p: p.stat().st_mtime_ns for p in sweep.rglob(RECORD_NAME)}
+    assert len(good) == 2
+    second = harness([*args, "resume=true"], fault_env, tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert len(counter.read_text().splitlines()) == 5  # two runs: the killed point and the one never reached
+    assert second.stdout.count("skipped (resume=true)") == 2
+    assert all(p.stat().st_mtime_ns == t for p, t in good.items())  # never overwritten
+    df = load(sweep)
+    assert len(df) == 4 and (df.status == "ok").all() and sorted(df.seed) == [1, 2, 3, 4]
+
+
+def test_points_without_a_record_are_recorded_as_missing(run_harness, tmp_path):
+    from harness.progress import missing_points
+
+    sweep = tmp_path / "sweep"
+    assert run_harness("run", "-m", "workload.batch_size=1,2", *QUICK, f"hydra.sweep.dir={sweep}") == 0
+    assert missing_points(sweep) == []
+    (sweep / "1" / RECORD_NAME).unlink()  # as if point 2's process had died before writing
+    missing = missing_points(sweep)
+    assert [m["job"] for m in missing] == [1] and "workload.batch_size=2" in missing[0]["overrides"]
+
+
+def test_slurm_preset_and_parallel_warnings(run_harness, capsys):
+    from omegaconf import OmegaConf
+
+    from harness.callbacks import parallel_warning
+
+    code = run_harness(
+        "run",
+        "--cfg",
+        "hydra",
+        "--package",
+        "hydra.launcher",
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.account=perf",
+        "hydra.launcher.timeout_min=90",
+    )
+    assert code == 0
+    launcher = OmegaConf.to_container(OmegaConf.create(capsys.readouterr().out), resolve=False)
+    assert launcher["_target_"].endswith("SlurmLauncher") and launcher["gpus_per_node"] == 1
+    assert (launcher["partition"], launcher["account"], launcher["timeout_min"]) == ("gpu", "perf", 90)
+    assert launcher["tasks_per_node"] == 1
+
+    def config(device: str, **launcher_fields) -> OmegaConf:
+        return OmegaConf.create({"device": device, "hydra": {"launcher": launcher_fields}})
+
+    assert parallel_warning(config("cuda", **launcher), 4) is None  # one GPU per job: nothing shared
+    assert "no GPU" in parallel_warning(config("cuda", **{**launcher, "gpus_per_node": 0}), 4)
+    assert "share" in parallel_warning(config("cuda", **{**launcher, "tasks_per_node": 2}), 4)
+    joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    assert "runs up to -1 points at once" in parallel_warning(config("cpu", _target_=joblib, n_jobs=-1), 4)
+    assert parallel_warning(config("cpu", _target_=joblib, n_jobs=1), 4) is None
+    local = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
+    assert "every point at once" in parallel_warning(config("cpu", _target_=local), 4)
+    assert (
+        parallel_warning(config("cpu", _target_="hydra._internal.core_plugins.basic_launcher.BasicLauncher"), 4) is None
+    )
