@@ -151,3 +151,14 @@ def test_slurm_preset_and_parallel_warnings(run_harness, capsys):
     assert (
         parallel_warning(config("cpu", _target_="hydra._internal.core_plugins.basic_launcher.BasicLauncher"), 4) is None
     )
+
+
+def test_report_of_a_stopped_sweep_lists_its_missing_points(run_harness, tmp_path, capsys):
+    """A sweep whose process was killed never reached its end: `harness report` still names what is missing."""
+    sweep = tmp_path / "sweep"
+    assert run_harness("run", "-m", "workload.batch_size=1,2,3", *QUICK, f"hydra.sweep.dir={sweep}") == 0
+    (sweep / "2" / RECORD_NAME).unlink()
+    capsys.readouterr()
+    assert run_harness("report", str(sweep), "-o", str(tmp_path / "r.html")) == 0
+    html = (tmp_path / "r.html").read_text()
+    assert "missing" in html and "workload.batch_size=3" in html and "job 2" in html

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.progress import read_sweep_meta
+from harness.progress import missing_points, read_sweep_meta
 from harness.records import RecordError, find_records, load, read_record
 from harness.report import figures, tables
 from harness.report.data import TIMELINE_MAX_POINTS, prepare, timeline_frame, with_sections
@@ -31,7 +31,8 @@ def _as_list(paths: str | Path | Iterable[str | Path]) -> list[Path]:
 
 
 def collect(paths: Sequence[Path]) -> tuple[pd.DataFrame, list[dict[str, Any]], list[dict[str, Any]]]:
-    """The table, the records behind its rows, and the sweep metadata of every sweep directory involved."""
+    """The table, the records behind its rows, and the sweep metadata of every sweep directory involved (each
+    with ``missing``: the points it planned that have no record)."""
     if not paths:
         raise ReportError("no results directory given")
     try:
@@ -52,7 +53,11 @@ def collect(paths: Sequence[Path]) -> tuple[pd.DataFrame, list[dict[str, Any]], 
             continue
     dirs = {Path(p).resolve() for p in paths if Path(p).is_dir()}
     dirs |= {Path(d).resolve() for d in df["sweep_dir"].dropna().unique() if Path(d).is_dir()}
-    metas = [m for m in (read_sweep_meta(d) for d in sorted(dirs)) if m]
+    metas = []
+    for d in sorted(dirs):
+        meta = read_sweep_meta(d)
+        if meta:
+            metas.append({**meta, "missing": missing_points(d)})
     return df, records, metas
 
 
@@ -167,7 +172,11 @@ def build_html(
             f"<details><summary>{int(data['status'].eq('ok').sum())} points</summary><div class='scroll'>"
             f"{tables.points_table(data)}</div></details>",
         ),
-        Section("failed", "Failed and skipped points", tables.failed_table(data, unreadable)),
+        Section(
+            "failed",
+            "Failed and skipped points",
+            tables.failed_table(data, unreadable, [m for meta in metas for m in meta.get("missing", [])]),
+        ),
     ]
     header = tables.header(data, records, metas) + (
         f"<details><summary>Configuration</summary>{tables.config_table(records)}</details>"

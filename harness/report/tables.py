@@ -163,14 +163,17 @@ def points_table(df: pd.DataFrame) -> str:
     return table(headers, rows, classes)
 
 
-def failed_table(df: pd.DataFrame, unreadable: Sequence[str] = ()) -> str:
-    """Every point that did not measure (failed, skipped, oom, timeout) and every unreadable record, with why."""
+def failed_table(df: pd.DataFrame, unreadable: Sequence[str] = (), missing: Sequence[dict[str, Any]] = ()) -> str:
+    """Every point that did not measure (failed, skipped, oom, timeout), every unreadable record, and every point
+    a sweep planned that left no record at all (its process died, or the sweep was stopped), with why."""
     bad = df[~df["status"].eq("ok")].sort_values(["status", "scenario", "variant", "batch_size"])
     rows = [
         [r["status"], r["variant"], r["scenario"], fmt(r["batch_size"]), r["error"] or "-", r["record_path"]]
         for _, r in bad.iterrows()
     ]
     rows += [["unreadable", "-", "-", "-", msg, msg.split(":", 1)[0]] for msg in unreadable]
+    why = "no record: the process running it ended before writing one, or the sweep was stopped"
+    rows += [["missing", " ".join(m["overrides"]), "-", "-", why, f"job {m['job']}"] for m in missing]
     if not rows:
         return "<p class='note'>Every point was measured: none failed or was skipped.</p>"
     return table(["status", "variant", "scenario", "batch", "reason", "record"], rows, ["bad"] * len(rows))
