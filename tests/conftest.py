@@ -7,6 +7,7 @@ import contextlib
 import io
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,77 @@ class UnrepresentativeEngine(Engine):
 
     def prepare(self, model, ctx):
         return model
+
+
+WORK_DIM = 32
+
+
+def work_unit_s() -> float:
+    """Median seconds of one work unit (a WORK_DIM^2 matmul on the CPU), for the overshoot correction."""
+    a = torch.randn(WORK_DIM, WORK_DIM)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(200):
+            torch.mm(a, a)
+        times.append((time.perf_counter() - t0) / 200)
+    return float(sorted(times)[2])
+
+
+@dataclass(frozen=True)
+class SlowParams:
+    slowdown: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.slowdown <= 10.0:
+            raise ValueError(f"engine.slowdown: must be within [0, 10], got {self.slowdown}")
+
+
+class SlowedModel(torch.nn.Module):
+    """The reference model plus real extra work after each forward: small matmuls, repeated until ``slowdown``
+    times the forward's own wall time has passed (CUDA: synchronized first, so the forward's time is known).
+    The extra time is measured work, not a constant: it scales with the forward and competes for the CPU as
+    real work does, so a 10% slowdown shows as ~10% on TTFT, TPOT and ITL alike. On CUDA the work runs on the
+    host while the device idles, which the event clock measures the same way."""
+
+    def __init__(self, model: torch.nn.Module, slowdown: float, unit_s: float) -> None:
+        super().__init__()
+        self.model = model
+        self.slowdown = slowdown
+        self.unit_s = unit_s
+        self._work = torch.randn(WORK_DIM, WORK_DIM, generator=torch.Generator().manual_seed(0))
+        self.engine_info = {"slowdown": slowdown, "work_unit_us": unit_s * 1e6}
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:
+        self.model.setup_caches(max_batch_size=max_batch_size, max_seq_length=max_seq_length)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        if self.slowdown <= 0:
+            return self.model(tokens, input_pos)
+        t0 = time.perf_counter()
+        out = self.model(tokens, input_pos)
+        if out.device.type == "cuda":
+            torch.cuda.synchronize(out.device)
+        t1 = time.perf_counter()
+        # stop half a work unit early: the last unit overshoots the target by half a unit on average
+        deadline = t1 + self.slowdown * (t1 - t0) - self.unit_s / 2
+        while time.perf_counter() < deadline:
+            torch.mm(self._work, self._work)
+        return out
+
+
+@register
+class SlowedEngine(Engine):
+    """Test-only engine that is slower than eager by a known fraction: ``engine.slowdown=0.1`` adds 10% real
+    work to every forward (see ``SlowedModel``). For gate calibration (an injected regression the harness must
+    measure) and for any test that needs two variants with a known speed ratio; ``slowdown=0`` is eager plus a
+    negligible wrapper."""
+
+    name = "slowed-test"
+    Params = SlowParams
+
+    def prepare(self, model, ctx):
+        return SlowedModel(model, self.params.slowdown, work_unit_s())
 
 
 @pytest.fixture(scope="session")
@@ -179,3 +251,91 @@ def trained_tiny(tmp_path_factory) -> dict:
     # the same call a run makes, so the runs below find this checkpoint in the cache
     path, info = ensure_trained("tiny", spec.model.args, load_corpus(), spec.train, spec.seed, spec.device, cache)
     return {"cache": cache, "path": path, "info": info, "args": spec.model.args.to_dict(), "overrides": overrides}
+
+
+def _synthetic_point(
+    directory: Path,
+    *,
+    ttft: list[float] | None = None,
+    tpot: list[float] | None = None,
+    gaps_per_rep: int = 3,
+    variant: str = "eager",
+    batch_size: int = 1,
+    seed: int = 0,
+    status: str = "ok",
+    error: str | None = None,
+    env_id: str = "env-a",
+    caveat: str | None = None,
+    quality: dict | None = None,
+    peak_memory_mb: float = 100.0,
+) -> dict:
+    """Write one record that follows docs/record-schema.md, with the given raw samples (ITL gaps are the
+    TPOT of each repetition, repeated ``gaps_per_rep`` times, so TPOT stays their mean)."""
+    from harness.records import point_key, write_record
+    from harness.stats import summarize
+
+    ident = {
+        "engine": variant.split("(")[0],
+        "variant": variant,
+        "engine_params": {},
+        "model": "tiny",
+        "weights": "random",
+        "model_args": {"dim": 64},
+        "n_params": 1000,
+        "batch_size": batch_size,
+        "prompt_len": 16,
+        "gen_len": gaps_per_rep + 1,
+        "decoding": "greedy",
+        "num_beams": 1,
+        "device": "cpu",
+        "dtype": "fp32",
+        "seed": seed,
+    }
+    record = {
+        "status": status,
+        "error": error,
+        "point_key": point_key(ident),
+        "identity": ident,
+        "config": {},
+        "env": {
+            "device_type": "cpu",
+            "device_name": "Test CPU",
+            "cpu_model": "Test CPU",
+            "python": "3.11.7",
+            "platform": "Linux",
+            "hostname": "test",
+            "cpu_count_logical": 2,
+            "git": {"sha": "0123abc", "dirty": False},
+            "id": env_id,
+        },
+        "sweep": {"dir": None, "job": seed},
+        "started_at": "2026-11-23T12:00:00+00:00",
+        "duration_s": 1.0,
+    }
+    if status == "ok":
+        samples = {"ttft_ms": list(ttft), "tpot_ms": list(tpot)}
+        samples["itl_ms"] = [t for t in tpot for _ in range(gaps_per_rep)]
+        samples["e2e_ms"] = [a + b * gaps_per_rep for a, b in zip(ttft, tpot, strict=True)]
+        summary = {k: summarize(v) for k, v in samples.items()}
+        record |= {"samples": samples, "summary": summary}
+        record["timing"] = {
+            "clock": "perf_counter_ns",
+            "reps": len(tpot),
+            "representative": caveat is None,
+            "caveat": caveat,
+            "policy": {"min_reps": 5, "max_time_s": 2.0, "disable_gc": True},
+        }
+        record["metrics"] = {
+            "decode_tokens_per_s": batch_size * 1000 / summary["tpot_ms"]["p50"],
+            "peak_memory_mb": peak_memory_mb,
+        }
+        if quality is not None:
+            record["quality"] = quality
+    write_record(directory, record)
+    return record
+
+
+@pytest.fixture()
+def synthetic_point():
+    """``synthetic_point(directory, ttft=[...], tpot=[...], **identity and status)`` writes one record."""
+    return _synthetic_point

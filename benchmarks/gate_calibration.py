@@ -1,0 +1,166 @@
+"""Calibration of the CI gate on this machine: its false-alarm rate on two independent measurements of the same
+code (A/A) and its detection rate for a real 10% slowdown. Prints both rates and the slowdown as measured.
+
+48 distinct points of the random-weight `tiny` (batch 1/2/4 x prompt 8/16/24/32 x seed 0-3; 40 to 60 is
+"many points"), each measured three times by the `slowed-test` engine (tests/conftest.py): twice with
+``engine.slowdown=0`` (A and B: the same code) and once with ``engine.slowdown=0.1`` (C: 10% more measured
+work in every forward). The gate runs with its defaults (TTFT and TPOT; U test at alpha 0.01, 5% minimum
+change, non-overlapping 95% CIs of the medians): A/A compares A with B, the slowdown compares A with C
+(matched on the workload, since the variant differs). Targets: A/A flags at most 1% of points, the slowdown at
+least 95%.
+
+By default the three measurements of a point run back to back (A, C, B, point after point), so that drift of
+the machine over minutes (other jobs starting) lands on both sides of every comparison alike; ``--sequential``
+runs three whole sweeps one after the other instead, as a CI gate against a stored baseline sees it.
+
+    python benchmarks/gate_calibration.py [--reps 20] [--gen-len 8] [--sequential] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parent.parent
+POINTS = ("workload.batch_size=1,2,4", "workload.prompt_len=8,16,24,32", "seed=0,1,2,3")
+N_POINTS = 48
+WORKLOAD = ("model", "batch_size", "prompt_len", "gen_len", "decoding", "num_beams", "device", "dtype", "seed")
+SLOWDOWN = 0.10
+
+
+def fixed_overrides(reps: int, gen_len: int) -> list[str]:
+    return [
+        "engine.name=slowed-test", "model=tiny", "model.weights=random", "quality.enabled=false",
+        f"workload.gen_len={gen_len}", "measure=quick", f"measure.min_reps={reps}", f"measure.max_reps={reps}",
+        "measure.max_time_s=120", "measure.target_ci=1e-9",
+    ]  # fmt: skip
+
+
+@dataclass
+class Calibration:
+    aa: object  # harness.gate.GateResult of A vs B
+    slow: object  # harness.gate.GateResult of A vs C
+    tpot_ratio: pd.Series  # C over A, TPOT medians, per point
+    ttft_ratio: pd.Series
+    aa_tpot_ratio: pd.Series  # B over A
+    seconds: float
+
+    @staticmethod
+    def rate(result, verdict: str = "regression") -> float:
+        return float(result.points["verdict"].eq(verdict).mean())
+
+    def summary(self) -> str:
+        def spread(s: pd.Series) -> str:
+            return f"x{np.median(s):.3f} [{s.min():.3f}, {s.max():.3f}]"
+
+        return (
+            f"gate calibration, {len(self.aa.points)} points: A/A flagged {self.rate(self.aa):.1%} as regressions "
+            f"({self.rate(self.aa, 'improvement'):.1%} as improvements); the {SLOWDOWN:.0%} slowdown flagged "
+            f"{self.rate(self.slow):.1%}\n"
+            f"  slowdown as measured (C/A medians, median [min, max] over points): TPOT {spread(self.tpot_ratio)}, "
+            f"TTFT {spread(self.ttft_ratio)}; A/A TPOT B/A {spread(self.aa_tpot_ratio)}; {self.seconds:.0f} s"
+        )
+
+
+Runner = Callable[..., int]
+
+
+def _split_interleaved(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """A, B and C from one sweep whose jobs run A, C, B per point (A and B share a point key)."""
+    df = df.sort_values("job")
+    slow = df["engine.slowdown"].astype(float) > 0
+    base = df[~slow]
+    first = ~base.duplicated("point_key", keep="first")
+    return base[first], base[~first], df[slow]
+
+
+def calibrate(run: Runner, out: Path, reps: int = 20, gen_len: int = 8, sequential: bool = False) -> Calibration:
+    """Measure the three sides with ``run`` (``harness.cli.main``-like: a list of arguments, an exit code)
+    and gate them."""
+    from harness.export import read_points
+    from harness.gate import compare
+    from harness.gate_settings import Settings
+
+    fixed = fixed_overrides(reps, gen_len)
+    t0 = time.perf_counter()
+
+    def sweep(directory: Path, extra: Sequence[str]) -> pd.DataFrame:
+        code = run(["run", "-m", *fixed, *POINTS, *extra, f"hydra.sweep.dir={directory}"])
+        if code != 0:
+            raise RuntimeError(f"calibration sweep failed with exit code {code}: {directory}")
+        df = read_points(directory)
+        if not df["status"].eq("ok").all():
+            raise RuntimeError(f"calibration sweep has failed points: {directory}")
+        return df
+
+    if sequential:
+        a = sweep(out / "a", ["+engine.slowdown=0.0"])
+        b = sweep(out / "b", ["+engine.slowdown=0.0"])
+        c = sweep(out / "c", [f"+engine.slowdown={SLOWDOWN}"])
+    else:
+        a, b, c = _split_interleaved(sweep(out / "abc", [f"+engine.slowdown=0.0,{SLOWDOWN},0.0"]))
+    seconds = time.perf_counter() - t0
+    assert len(a) == len(b) == len(c) == N_POINTS, (len(a), len(b), len(c))
+    aa = compare(a, b, Settings())
+    slow = compare(a, c, Settings(match=WORKLOAD))
+    ac = a.merge(c, on=list(WORKLOAD), suffixes=("_a", "_c"))
+    ab = a.merge(b, on="point_key", suffixes=("_a", "_b"))
+    return Calibration(
+        aa, slow, ac.tpot_ms_p50_c / ac.tpot_ms_p50_a, ac.ttft_ms_p50_c / ac.ttft_ms_p50_a,
+        ab.tpot_ms_p50_b / ab.tpot_ms_p50_a, seconds,
+    )  # fmt: skip
+
+
+def register_test_engines() -> None:
+    """The `slowed-test` engine lives with the tests (it is not a product engine)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import conftest  # noqa: F401  (registers failing-test, unranked-test, slowed-test)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=20, help="repetitions per point (default 20)")
+    ap.add_argument("--gen-len", type=int, default=8, help="generated tokens per repetition (default 8)")
+    ap.add_argument("--sequential", action="store_true", help="three whole sweeps in a row instead of interleaved")
+    ap.add_argument("--keep", type=Path, help="write the sweeps here (default: a temporary directory)")
+    opts = ap.parse_args()
+    register_test_engines()
+    from harness.cli import main as harness_main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = opts.keep or Path(tmp)
+        quiet = lambda args: _quietly(harness_main, args)
+        cal = calibrate(quiet, out, opts.reps, opts.gen_len, opts.sequential)
+    print(cal.summary())
+    print(details(cal))
+
+
+def details(cal: Calibration, limit: int = 10) -> str:
+    """The A/A false alarms and the slowed points the gate missed, with the gate's reasons."""
+    false_alarms = cal.aa.rows[cal.aa.rows.verdict == "regression"]
+    missed_keys = cal.slow.points.loc[cal.slow.points.verdict != "regression", "key"]
+    missed = cal.slow.rows[cal.slow.rows.key.isin(missed_keys)]
+    lines = [f"  A/A false alarm: {r.label} {r.metric}: {r.reason}" for r in false_alarms.head(limit).itertuples()]
+    lines += [
+        f"  slowdown missed: {r.label} {r.metric}: {r.verdict}: {r.reason}" for r in missed.head(limit).itertuples()
+    ]
+    return "\n".join(lines)
+
+
+def _quietly(fn: Callable[[list[str]], int], args: list[str]) -> int:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(args)
+
+
+if __name__ == "__main__":
+    main()

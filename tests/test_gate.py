@@ -1,0 +1,418 @@
+"""The regression gate on synthetic samples with known distributions (A/A, a 10% shift, heavy tails, small n),
+its per-point rules (environment, representativeness, failures, thresholds) and `harness compare`."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from harness.export import read_points
+from harness.gate import IMPROVEMENT, NO_CHANGE, REGRESSION, UNKNOWN, compare, decide_samples, decide_value
+from harness.gate_settings import METRICS, GateInputError, Settings, Thresholds, load_thresholds
+from harness.records import RECORD_NAME
+
+RNG_SEED = 20261123
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _no_step_summary(monkeypatch):
+    """Tests that run in GitHub Actions must not append to the real job summary."""
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+
+
+def _lognormal(rng, median: float, sigma: float, n: int, outliers: float = 0.0) -> np.ndarray:
+    """Latency-like samples: log-normal around ``median``, plus a fraction of 2-4x outliers (preemption)."""
+    x = median * np.exp(rng.normal(0.0, sigma, n))
+    hit = rng.random(n) < outliers
+    return np.where(hit, x * rng.uniform(2, 4, n), x)
+
+
+NOISE = {  # name -> (sigma of log-normal noise, outlier fraction)
+    "quiet": (0.01, 0.0),
+    "typical": (0.03, 0.02),
+    "noisy": (0.08, 0.05),
+    "heavy-tailed": (0.05, 0.15),
+}
+
+
+def _rates(noise: str, shift: float, n: int = 20, trials: int = 1000) -> dict[str, float]:
+    rng = np.random.default_rng(RNG_SEED)
+    sigma, outliers = NOISE[noise]
+    out = {REGRESSION: 0, IMPROVEMENT: 0, NO_CHANGE: 0, UNKNOWN: 0}
+    for _ in range(trials):
+        median = rng.uniform(1.0, 50.0)
+        x = _lognormal(rng, median, sigma, n, outliers)
+        y = _lognormal(rng, median * (1 + shift), sigma, n, outliers)
+        out[decide_samples(x, y, higher_is_better=False, threshold=0.05, alpha=0.01).verdict] += 1
+    return {k: v / trials for k, v in out.items()}
+
+
+@pytest.mark.parametrize("noise", list(NOISE))
+def test_aa_same_distribution_is_almost_never_a_regression(noise):
+    rates = _rates(noise, 0.0)
+    assert rates[REGRESSION] <= 0.005 and rates[IMPROVEMENT] <= 0.005, rates
+    assert rates[NO_CHANGE] >= 0.99
+
+
+@pytest.mark.parametrize("noise", ["quiet", "typical"])
+def test_a_real_10_percent_slowdown_is_caught(noise):
+    rates = _rates(noise, 0.10)
+    assert rates[REGRESSION] >= 0.95, rates
+    assert _rates(noise, -0.10)[IMPROVEMENT] >= 0.95  # and a 10% speed-up is an improvement
+
+
+@pytest.mark.parametrize("noise", ["noisy", "heavy-tailed"])
+def test_under_heavy_noise_more_samples_buy_power_and_nothing_is_guessed(noise):
+    """Noise as wide as the change (8% log-normal spread, or 15% of samples 2-4x slower) cannot be resolved
+    from 10 samples: the gate then misses the slowdown rather than guessing, never calls it an improvement,
+    and catches it more often as samples grow."""
+    rates = [_rates(noise, 0.10, n=n, trials=400) for n in (10, 20, 60)]
+    power = [r[REGRESSION] for r in rates]
+    assert power[0] < power[1] < power[2] and power[0] < 0.5 and power[2] >= 0.85, power
+    assert all(r[IMPROVEMENT] == 0.0 for r in rates)
+
+
+def test_a_significant_change_below_the_threshold_is_no_change():
+    rng = np.random.default_rng(1)
+    x, y = _lognormal(rng, 10.0, 0.005, 40), _lognormal(rng, 10.3, 0.005, 40)  # +3%, p ~ 1e-14
+    v = decide_samples(x, y, higher_is_better=False, threshold=0.05)
+    assert v.verdict == NO_CHANGE and v.p_value < 1e-6 and "within ±5.0%" in v.reason
+    assert decide_samples(x, y, higher_is_better=False, threshold=0.02).verdict == REGRESSION
+
+
+def test_overlapping_median_cis_veto_a_regression():
+    """Bimodal samples: the U test and the medians say +20%, but each median could sit in either mode."""
+    x = np.r_[np.full(10, 10.0), np.full(10, 12.0)] + np.linspace(0, 0.01, 20)
+    y = np.r_[np.full(9, 10.0), np.full(11, 12.0)] + np.linspace(0, 0.01, 20) + 0.005
+    v = decide_samples(x, y, higher_is_better=False, threshold=0.05, alpha=0.5)
+    assert v.change > 0.05 and v.p_value < 0.5 and v.verdict == NO_CHANGE and "CIs overlap" in v.reason
+
+
+def test_too_few_samples_is_unknown_and_direction_is_respected():
+    v = decide_samples([1, 1.1, 1.2, 1.0], [2, 2.1, 2.2, 2.0], higher_is_better=False, threshold=0.05)
+    assert v.verdict == UNKNOWN and "too few samples (4 vs 4; need 5)" in v.reason
+    fast, slow = np.linspace(100, 101, 20), np.linspace(80, 81, 20)
+    assert decide_samples(fast, slow, higher_is_better=True, threshold=0.05).verdict == REGRESSION  # tokens/s fell
+    assert decide_samples(slow, fast, higher_is_better=True, threshold=0.05).verdict == IMPROVEMENT
+
+
+def test_single_values_are_gated_by_threshold_only():
+    mem, top1, ppl = METRICS["peak_memory_mb"], METRICS["fidelity_top1"], METRICS["ppl"]
+    assert decide_value(100.0, 115.0, mem, 0.10).verdict == REGRESSION
+    assert decide_value(100.0, 105.0, mem, 0.10).verdict == NO_CHANGE
+    assert decide_value(100.0, 80.0, mem, 0.10).verdict == IMPROVEMENT
+    assert decide_value(100.0, math.nan, mem, 0.10).verdict == UNKNOWN
+    v = decide_value(0.99, 0.975, top1, 0.01)  # an absolute drop of 0.015 agreement
+    assert v.verdict == REGRESSION and math.isclose(v.change, -0.015) and v.mode == "absolute"
+    assert decide_value(0.99, 0.985, top1, 0.01).verdict == NO_CHANGE
+    assert decide_value(10.0, 10.5, ppl, 0.02).verdict == REGRESSION  # perplexity +5%
+
+
+# --- thresholds ---------------------------------------------------------------------------------------------
+
+
+def test_thresholds_precedence_and_point_patterns(tmp_path):
+    path = tmp_path / "thresholds.yaml"
+    path.write_text(
+        "threshold: 0.04\n"
+        "metrics: {tpot_ms: 0.03, fidelity_top1: 0.005}\n"
+        "points:\n"
+        "  - match: {variant: 'quant*', batch_size: 1}\n"
+        "    thresholds: {tpot_ms: 0.10}\n"
+        "  - match: {point_key: abc123}\n"
+        "    thresholds: {tpot_ms: 0.20, ttft_ms: 0.30}\n"
+    )
+    th = load_thresholds(path)
+    tpot, ttft, top1, mem = (METRICS[m] for m in ("tpot_ms", "ttft_ms", "fidelity_top1", "peak_memory_mb"))
+    row = {"variant": "quantized(scheme=int8)", "batch_size": 1.0, "point_key": "zzz"}
+    assert th.get(tpot, row) == 0.10 and th.get(ttft, row) == 0.04  # a float column's 1.0 matches "1"
+    assert th.get(tpot, {**row, "batch_size": 4}) == 0.03 and th.get(top1, row) == 0.005
+    assert th.get(mem, row) == 0.10  # memory keeps its own default
+    assert th.get(tpot, {**row, "point_key": "abc123"}) == 0.20 and th.get(ttft, {"point_key": "abc123"}) == 0.30
+    json_path = tmp_path / "t.json"
+    json_path.write_text(json.dumps({"metrics": {"e2e_ms": 0.07}}))
+    assert load_thresholds(json_path).get(METRICS["e2e_ms"], {}) == 0.07
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("metrics: {tpot: 0.1}", "unknown metric 'tpot'"),
+        ("metrics: {tpot_ms: fast}", "metrics.tpot_ms: expected a number"),
+        ("threshold: -1", "threshold: must be a finite number >= 0"),
+        ("points: [{thresholds: {tpot_ms: 0.1}}]", "points[0]: needs a non-empty 'match'"),
+        ("limits: 1", "unknown key(s) limits"),
+        ("[1, 2", "not valid YAML/JSON"),
+    ],
+)
+def test_bad_thresholds_files_are_named(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(GateInputError) as err:
+        load_thresholds(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+# --- compare() on tables ------------------------------------------------------------------------------------
+
+
+def _side(tmp_path, name, synthetic_point, points):
+    for i, kw in enumerate(points):
+        synthetic_point(tmp_path / name / str(i), **kw)
+    return read_points(tmp_path / name)
+
+
+def _samples(median: float, n: int = 20, spread: float = 0.02, seed: int = 0) -> list[float]:
+    rng = np.random.default_rng(seed)
+    return list(median * (1 + spread * rng.uniform(-1, 1, n)))
+
+
+def _point(tpot: float, ttft: float = 10.0, seed_data: int = 0, **kw) -> dict:
+    return {"tpot": _samples(tpot, seed=seed_data), "ttft": _samples(ttft, seed=seed_data + 100), **kw}
+
+
+def test_compare_matches_points_and_gives_each_metric_a_verdict(tmp_path, synthetic_point):
+    quality = {"top1_agreement": 0.99, "kl": 0.01, "ppl": 10.0}
+    base = _side(tmp_path, "base", synthetic_point, [
+        _point(2.0, batch_size=1, quality=quality),
+        _point(2.0, batch_size=2, quality=quality),
+        _point(2.0, batch_size=4, quality=quality),
+        _point(2.0, batch_size=8),
+        _point(2.0, batch_size=16),
+    ])  # fmt: skip
+    cand = _side(tmp_path, "cand", synthetic_point, [
+        _point(2.3, batch_size=1, seed_data=1, quality=quality),  # TPOT +15%
+        _point(2.0, batch_size=2, seed_data=1, quality={**quality, "top1_agreement": 0.95}),  # fidelity drop
+        _point(1.6, batch_size=4, seed_data=1, quality=quality),  # faster
+        _point(2.0, batch_size=8, seed_data=1),
+        _point(2.0, batch_size=32, seed_data=1),  # not in BASE
+    ])  # fmt: skip
+    result = compare(base, cand, Settings())
+    points = result.points.set_index("label")
+    assert points.loc["eager · tiny · b1", "verdict"] == REGRESSION
+    assert points.loc["eager · tiny · b2", "verdict"] == REGRESSION
+    assert points.loc["eager · tiny · b4", "verdict"] == IMPROVEMENT
+    assert points.loc["eager · tiny · b8", "verdict"] == NO_CHANGE
+    rows = result.rows.set_index(["label", "metric"])
+    assert rows.loc[("eager · tiny · b1", "tpot_ms"), "verdict"] == REGRESSION
+    assert rows.loc[("eager · tiny · b1", "ttft_ms"), "verdict"] == NO_CHANGE
+    assert math.isclose(rows.loc[("eager · tiny · b2", "fidelity_top1"), "change"], -0.04)
+    assert ("eager · tiny · b8", "ppl") not in rows.index  # measured on neither side: not gated, but said
+    assert any("ppl: not measured in either sweep for 1 point(s)" in n for n in result.notes)
+    assert list(result.base_only.label) == ["eager · tiny · b16"] and list(result.cand_only.label) == [
+        "eager · tiny · b32"
+    ]
+    assert result.regressions == 2 and result.counts()[IMPROVEMENT] == 1
+    assert rows.iloc[0]["verdict"] == REGRESSION  # most severe first
+
+
+def test_decode_throughput_is_tested_on_tpot_and_reported_as_tokens_per_second(tmp_path, synthetic_point):
+    base = _side(tmp_path, "base", synthetic_point, [_point(2.0, batch_size=4)])
+    cand = _side(tmp_path, "cand", synthetic_point, [_point(2.5, batch_size=4, seed_data=1)])
+    result = compare(base, cand, Settings(metrics=("decode_tokens_per_s", "itl_ms", "e2e_ms", "peak_memory_mb")))
+    rows = result.rows.set_index("metric")
+    tps = rows.loc["decode_tokens_per_s"]
+    assert tps["verdict"] == REGRESSION and 1900 < tps["base"] < 2100 and 1500 < tps["cand"] < 1700
+    assert -0.22 < tps["change"] < -0.18  # 2.0 / 2.5 - 1
+    # ITL is tested on one median per repetition (20 of them), not on the 60 correlated gaps
+    assert rows.loc["itl_ms", "verdict"] == REGRESSION and rows.loc["itl_ms", "n_base"] == 20
+    assert rows.loc["e2e_ms", "verdict"] == REGRESSION
+    assert rows.loc["peak_memory_mb", "verdict"] == NO_CHANGE and rows.loc["peak_memory_mb", "mode"] == "scalar"
+
+
+def test_unrepresentative_timings_and_foreign_environments_are_unknown(tmp_path, synthetic_point):
+    base = _side(tmp_path, "base", synthetic_point, [
+        _point(2.0, batch_size=1, caveat="kernels run by the interpreter"),
+        _point(2.0, batch_size=2),
+        _point(2.0, batch_size=4, quality={"top1_agreement": 0.99}),
+    ])  # fmt: skip
+    cand = _side(tmp_path, "cand", synthetic_point, [
+        _point(4.0, batch_size=1, seed_data=1, caveat="kernels run by the interpreter"),
+        _point(4.0, batch_size=2, seed_data=1, env_id="env-b"),
+        _point(4.0, batch_size=4, seed_data=1, env_id="env-b", quality={"top1_agreement": 0.90}),
+    ])  # fmt: skip
+    rows = compare(base, cand).rows.set_index(["label", "metric"])
+    assert rows.loc[("eager · tiny · b1", "tpot_ms"), "verdict"] == UNKNOWN
+    assert (
+        "timings not representative (kernels run by the interpreter)"
+        in rows.loc[("eager · tiny · b1", "tpot_ms"), "reason"]
+    )
+    assert rows.loc[("eager · tiny · b2", "tpot_ms"), "verdict"] == UNKNOWN
+    assert "environments differ (env-a vs env-b)" in rows.loc[("eager · tiny · b2", "tpot_ms"), "reason"]
+    # fidelity is measured against the reference on the same machine: still gated across environments
+    assert rows.loc[("eager · tiny · b4", "fidelity_top1"), "verdict"] == REGRESSION
+    allowed = compare(base, cand, Settings(allow_env_mismatch=True)).rows.set_index(["label", "metric"])
+    assert allowed.loc[("eager · tiny · b2", "tpot_ms"), "verdict"] == REGRESSION
+    assert "gated because of --allow-env-mismatch" in allowed.loc[("eager · tiny · b2", "tpot_ms"), "reason"]
+    assert allowed.loc[("eager · tiny · b1", "tpot_ms"), "verdict"] == UNKNOWN  # never gated, flag or not
+
+
+def test_failures_in_the_candidate_are_regressions_and_skips_unknown(tmp_path, synthetic_point):
+    base = _side(tmp_path, "base", synthetic_point, [
+        _point(2.0, batch_size=1), _point(2.0, batch_size=2), _point(2.0, batch_size=4),
+        {"batch_size": 8, "status": "failed", "error": "RuntimeError: boom"},
+    ])  # fmt: skip
+    cand = _side(tmp_path, "cand", synthetic_point, [
+        {"batch_size": 1, "status": "oom", "error": "OutOfMemoryError: CUDA out of memory"},
+        {"batch_size": 2, "status": "skipped", "error": "needs CUDA"},
+        _point(2.0, batch_size=4),
+        _point(2.0, batch_size=8),
+    ])  # fmt: skip
+    rows = compare(base, cand).rows.set_index("label")
+    assert rows.loc["eager · tiny · b1", "verdict"] == REGRESSION
+    assert rows.loc["eager · tiny · b1", "reason"] == "ok in BASE, oom in CAND: OutOfMemoryError: CUDA out of memory"
+    assert (
+        rows.loc["eager · tiny · b2", "verdict"] == UNKNOWN and "needs CUDA" in rows.loc["eager · tiny · b2", "reason"]
+    )
+    assert rows.loc["eager · tiny · b8", "verdict"] == IMPROVEMENT  # fixed
+
+
+def test_few_samples_and_no_common_point(tmp_path, synthetic_point):
+    base = _side(tmp_path, "base", synthetic_point, [{"tpot": [2.0] * 3, "ttft": [10.0] * 3}])
+    cand = _side(tmp_path, "cand", synthetic_point, [{"tpot": [4.0] * 3, "ttft": [20.0] * 3}])
+    assert set(compare(base, cand).rows.verdict) == {UNKNOWN}
+    other = _side(tmp_path, "other", synthetic_point, [_point(2.0, batch_size=64)])
+    with pytest.raises(GateInputError, match="no point in common"):
+        compare(base, other)
+
+
+def test_match_on_other_columns_compares_two_variants(tmp_path, synthetic_point):
+    base = _side(tmp_path, "base", synthetic_point, [_point(2.0, variant="eager")])
+    cand = _side(tmp_path, "cand", synthetic_point, [_point(2.0, variant="compiled", seed_data=1)])
+    with pytest.raises(GateInputError):
+        compare(base, cand)  # different point keys
+    result = compare(base, cand, Settings(match=("model", "batch_size", "prompt_len", "gen_len")))
+    assert len(result.points) == 1 and result.points.verdict.iloc[0] == NO_CHANGE
+    with pytest.raises(GateInputError, match="no column"):
+        compare(base, cand, Settings(match=("nonexistent",)))
+
+
+def test_thresholds_object_defaults():
+    th = Thresholds()
+    assert th.get(METRICS["tpot_ms"], {}) == 0.05 and th.get(METRICS["fidelity_top1"], {}) == 0.01
+    assert th.get(METRICS["ppl"], {}) == 0.02 and Settings().alpha == 0.01
+
+
+# --- the command line ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def two_sweeps(tmp_path, synthetic_point):
+    base = [_point(2.0, batch_size=b) for b in (1, 2, 4)]
+    cand = [_point(2.0 if b != 4 else 2.4, batch_size=b, seed_data=1) for b in (1, 2, 4)]
+    _side(tmp_path, "base", synthetic_point, base)
+    _side(tmp_path, "cand", synthetic_point, cand)
+    return tmp_path / "base", tmp_path / "cand"
+
+
+def test_cli_exit_codes_table_markdown_and_json(run_harness, two_sweeps, tmp_path, capsys, monkeypatch):
+    base, cand = two_sweeps
+    summary = tmp_path / "step-summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    code = run_harness("compare", str(base), str(cand), "--json", str(tmp_path / "gate.json"))
+    out = capsys.readouterr().out
+    assert code == 1
+    assert out.strip().splitlines()[-1].startswith("REGRESSION: 1 of 3 points regressed")
+    assert "regression  eager · tiny · b4  tpot_ms" in out
+    md = summary.read_text()
+    assert md.startswith("## ❌ LLM inference gate: REGRESSION: 1 of 3 points regressed")
+    assert "| ❌ regression | eager · tiny · b4 | tpot_ms |" in md and "<details><summary>" in md
+    doc = json.loads((tmp_path / "gate.json").read_text())
+    assert doc["verdict"] == "regression" and doc["exit_code"] == 1 and doc["counts"]["regression"] == 1
+    reg = [r for r in doc["rows"] if r["verdict"] == "regression"]
+    assert reg[0]["metric"] == "tpot_ms" and 0.15 < reg[0]["change"] < 0.25 and reg[0]["p_value"] < 0.01
+
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY")
+    code = run_harness(
+        "compare", str(base), str(cand), "--metric", "tpot_ms:0.25", "--markdown", str(tmp_path / "g.md")
+    )
+    assert code == 0 and "no regression" in capsys.readouterr().out
+    assert "tpot_ms 0.25" in (tmp_path / "g.md").read_text()
+    assert run_harness("compare", str(base), str(base), "--json", "-") == 0
+    assert json.loads(capsys.readouterr().out)["counts"]["no change"] == 3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{tmp}/missing", "{cand}"], "BASE: {tmp}/missing: no such file or directory"),
+        (["{tmp}/empty", "{cand}"], "BASE: {tmp}/empty: no record.json found"),
+        (["{base}", "{tmp}/other"], "no point in common (3 in BASE, 1 in CAND"),
+        (["{base}", "{cand}", "--metric", "tpot"], "unknown metric 'tpot'; allowed: ttft_ms"),
+        (["{base}", "{cand}", "--threshold", "-0.1"], "--threshold: must be a finite number >= 0"),
+        (["{base}", "{cand}", "--thresholds", "{tmp}/nope.yaml"], "cannot read thresholds file"),
+        (["{base}", "{cand}", "--alpha", "2"], "--alpha: must be within (0, 1)"),
+        (["{base}"], "the following arguments are required: CAND"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(
+    run_harness, two_sweeps, tmp_path, synthetic_point, capsys, args, message
+):
+    base, cand = two_sweeps
+    (tmp_path / "empty").mkdir()
+    synthetic_point(tmp_path / "other" / "0", **_point(2.0, batch_size=64))
+    fill = lambda s: s.format(tmp=tmp_path, base=base, cand=cand)
+    assert run_harness("compare", *map(fill, args)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("harness compare: error: ") and fill(message) in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_corrupted_record_is_named_and_the_rest_compared(run_harness, two_sweeps, tmp_path, capsys):
+    base, cand = two_sweeps
+    bad = cand / "2" / RECORD_NAME
+    bad.write_text(bad.read_text()[:200])
+    code = run_harness("compare", str(base), str(cand), "--markdown", str(tmp_path / "g.md"))
+    captured = capsys.readouterr()
+    assert code == 2  # the regressed point is unreadable: the rest is compared, but the gate cannot pass
+    assert f"harness compare: warning: CAND: {bad}: unreadable record" in captured.err
+    assert "only in BASE (not in CAND): eager · tiny · b4" in captured.out
+    assert f"unreadable: CAND: {bad}" in captured.out
+    assert "## ⚠️ LLM inference gate: no regression" in (tmp_path / "g.md").read_text()
+    assert "2 no change" in captured.out.strip().splitlines()[-2]
+    assert captured.out.strip().splitlines()[-1].startswith("incomplete: 1 record(s) could not be read")
+
+
+def test_cli_help_lists_verdicts_and_exit_codes(run_harness, capsys):
+    assert run_harness("compare", "--help") == 0
+    out = capsys.readouterr().out
+    assert "exit status: 0 no regression, 1 regression, 2 usage or input error" in out and "--thresholds" in out
+    assert run_harness("--help") == 0
+    assert "compare BASE CAND" in capsys.readouterr().out
+
+
+def test_verdict_rows_are_a_dataframe_with_numbers(tmp_path, synthetic_point):
+    base = _side(tmp_path, "base", synthetic_point, [_point(2.0)])
+    cand = _side(tmp_path, "cand", synthetic_point, [_point(2.0, seed_data=1)])
+    rows = compare(base, cand).rows
+    assert isinstance(rows, pd.DataFrame) and set(rows.metric) == {"tpot_ms", "ttft_ms"}
+    for col in ("base", "cand", "change", "p_value", "base_ci_low", "cand_ci_high", "n_base", "threshold"):
+        assert np.isfinite(rows[col].astype(float)).all(), col
+
+
+def test_the_workflow_example_runs_real_commands(compose_cfg):
+    """examples/github-actions.yml: the sweep composes, and every harness command in it parses."""
+    from harness.gate_cli import compare_parser, export_parser
+
+    wf = yaml.safe_load((REPO / "examples" / "github-actions.yml").read_text())
+    assert set(wf[True]) == {"push", "pull_request"}  # YAML reads the key `on` as True
+    steps = wf["jobs"]["gate"]["steps"]
+    lines = [line.strip() for s in steps if "run" in s for line in s["run"].splitlines()]
+    cmds = {line.split()[1]: shlex.split(line)[2:] for line in lines if line.startswith("harness ")}
+    assert {"run", "compare", "export"} <= set(cmds)
+    opts = compare_parser().parse_args(cmds["compare"])
+    assert str(opts.markdown) == "gate.md" and str(opts.json) == "gate.json"
+    assert export_parser().parse_args(cmds["export"]).format == "pytest-benchmark"
+    cfg = compose_cfg(*shlex.split(wf["env"]["SWEEP"]))
+    assert cfg.device == "cuda" and cfg.measure.name == "default"
+    uses = {s["uses"].split("@")[0]: s for s in steps if "uses" in s}
+    assert {"actions/cache/save", "actions/cache/restore"} <= set(uses)
+    assert uses["benchmark-action/github-action-benchmark"]["with"]["tool"] == "pytest"
