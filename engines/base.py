@@ -33,7 +33,7 @@ ENTRY_POINT_GROUP = "harness.engines"
 # Modules to import for their @register'ed engines without packaging an entry point (local development):
 # HARNESS_ENGINES=my_engines,other.module harness run engine.name=mine
 ENGINE_MODULES_ENV = "HARNESS_ENGINES"
-BUILTIN_MODULES = ("engines.eager", "engines.distilled")
+BUILTIN_MODULES = ("engines.eager", "engines.distilled", "engines.quantized", "engines.pruned")
 
 
 class EngineError(ValueError):

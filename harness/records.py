@@ -55,6 +55,8 @@ SCALAR_COLUMNS: dict[str, tuple[str, ...]] = {
     "energy_j_per_token": ("metrics", "energy_j_per_token"),
     "mbu": ("metrics", "mbu"),
     "mfu": ("metrics", "mfu"),
+    # what a pruned engine really removed (fraction of the selected weights), beside engine.sparsity requested
+    "sparsity": ("engine_info", "sparsity"),
     "fidelity_top1": ("quality", "top1_agreement"),
     "fidelity_kl": ("quality", "kl"),
     "ppl": ("quality", "ppl"),

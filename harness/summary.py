@@ -6,6 +6,8 @@ import math
 
 import pandas as pd
 
+from harness.report.data import prepare
+
 COLUMNS = {
     "variant": "variant",
     "model": "model",
@@ -13,9 +15,16 @@ COLUMNS = {
     "ttft_ms_p50": "TTFT p50 ms",
     "tpot_ms_p50": "TPOT p50 ms",
     "decode_tokens_per_s": "decode tok/s",
+    "speedup_tpot": "TPOT x eager",
+    "speedup_ttft": "TTFT x eager",
+    "fidelity_top1": "top-1",
+    "ppl": "ppl",
+    "sparsity": "sparsity",
     "n_reps": "n",
     "status": "status",
 }
+# shown only when some point has a value (a sweep without quality or pruning keeps its table narrow)
+OPTIONAL = ("speedup_tpot", "speedup_ttft", "fidelity_top1", "ppl", "sparsity")
 
 
 def _fmt(value: object) -> str:
@@ -27,13 +36,22 @@ def _fmt(value: object) -> str:
 
 
 def summary_table(df: pd.DataFrame) -> str:
-    """One line per point, sorted by model, variant and batch; failed points show their error."""
+    """One line per point, sorted by model, variant and batch; failed points show their error.
+
+    ``TPOT x eager`` is eager's TPOT p50 over the point's on the same workload, device and dtype (above 1:
+    faster), measured in the same sweep; it is left blank where the timing is not representative.
+    """
     if df.empty:
         return "(no records)"
-    view = df.sort_values(["model", "variant", "batch_size"], na_position="last")
+    view = prepare(df).sort_values(["model", "variant", "batch_size"], na_position="last")
+    rep = view["representative"]
+    view["speedup_tpot"] = view["speedup_tpot"].where(rep)
+    view["speedup_ttft"] = view["speedup_ttft"].where(rep)
+    columns = {c: label for c, label in COLUMNS.items()
+               if c not in OPTIONAL or (c in view and view[c].notna().any())}  # fmt: skip
     rows = []
     for _, r in view.iterrows():
-        row = {label: _fmt(r.get(col)) for col, label in COLUMNS.items()}
+        row = {label: _fmt(r.get(col)) for col, label in columns.items()}
         if r.get("status") != "ok" and r.get("error"):
             row["status"] = f"{r['status']}: {str(r['error'])[:80]}"
         elif r.get("noisy"):

@@ -268,3 +268,22 @@ def test_report_of_a_real_sweep(report_sweep):
     assert EVIL not in text and ESCAPED_EVIL in text
     assert text.count("RuntimeError: injected failure &lt;in prepare&gt;") == 2
     assert "timing not representative: test engine: kernels run by an interpreter" in text
+
+
+def test_terminal_summary_prints_speedups_vs_eager_and_quality(sweep):
+    """The summary printed at the end of a sweep carries the same-run ratio to eager, never for an interpreted
+    timing, next to the quality each variant costs."""
+    from harness.summary import summary_table as terminal_summary
+
+    df = load(sweep)
+    text = terminal_summary(df)
+    header = text.splitlines()[0]
+    assert "TPOT x eager" in header and "top-1" in header and "ppl" in header
+    data = prepare(df)
+    for _, r in data[data.status.eq("ok")].iterrows():
+        line = next(x for x in text.splitlines() if x.split()[0] == r.variant.split()[0]
+                    and f" {r.batch_size} " in x and r.model in x and f"{r.tpot_ms_p50:.4g}" in x)  # fmt: skip
+        if r.representative:
+            assert f"{r.speedup_tpot:.4g}" in line
+        else:
+            assert "not representative" in line and f"{r.speedup_tpot:.4g}" not in line

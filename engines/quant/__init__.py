@@ -1,0 +1,1 @@
+"""Quantization for the ``quantized`` engine: formats (the math), CPU kernels and the torchao backend."""
