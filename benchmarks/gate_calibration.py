@@ -54,6 +54,7 @@ class Calibration:
     ttft_ratio: pd.Series
     aa_tpot_ratio: pd.Series  # B over A
     seconds: float
+    sides: tuple = ()  # the A, B and C tables, for re-gating with other settings
 
     @staticmethod
     def rate(result, verdict: str = "regression") -> float:
@@ -117,7 +118,7 @@ def calibrate(run: Runner, out: Path, reps: int = 20, gen_len: int = 8, sequenti
     ab = a.merge(b, on="point_key", suffixes=("_a", "_b"))
     return Calibration(
         aa, slow, ac.tpot_ms_p50_c / ac.tpot_ms_p50_a, ac.ttft_ms_p50_c / ac.ttft_ms_p50_a,
-        ab.tpot_ms_p50_b / ab.tpot_ms_p50_a, seconds,
+        ab.tpot_ms_p50_b / ab.tpot_ms_p50_a, seconds, (a, b, c),
     )  # fmt: skip
 
 
@@ -142,7 +143,30 @@ def main() -> None:
         quiet = lambda args: _quietly(harness_main, args)
         cal = calibrate(quiet, out, opts.reps, opts.gen_len, opts.sequential)
     print(cal.summary())
+    print(noise_floor(cal))
     print(details(cal))
+
+
+def noise_floor(cal: Calibration, target: float = 0.01) -> str:
+    """The smallest minimum-change threshold that keeps this machine's A/A false alarms at ``target``, and the
+    detection rate of the slowdown at that threshold: what the gate can promise here, in one line.
+
+    A gate only sees the samples of each side; drift of the machine between the two measurements (seconds
+    apart) is invisible to any test on them, so on a machine that drifts the threshold must cover the drift.
+    """
+    from harness.gate import compare
+    from harness.gate_settings import Settings, Thresholds
+
+    a, b, c = cal.sides
+    for threshold in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0):
+        settings = Settings(thresholds=Thresholds(default=threshold))
+        if Calibration.rate(compare(a, b, settings)) <= target:
+            hit = Calibration.rate(compare(a, c, Settings(thresholds=Thresholds(default=threshold), match=WORKLOAD)))
+            return (
+                f"  noise floor: A/A stays at or under {target:.0%} false alarms from a {threshold:.0%} minimum change "
+                f"(--threshold {threshold}); at that threshold the {SLOWDOWN:.0%} slowdown is flagged {hit:.1%}"
+            )
+    return f"  noise floor: A/A false alarms stay above {target:.0%} even at a 100% minimum change"
 
 
 def details(cal: Calibration, limit: int = 10) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from gate_calibration import calibrate, details  # noqa: E402
+from gate_calibration import calibrate, details, noise_floor  # noqa: E402
 
 
 @pytest.mark.slow
@@ -20,7 +20,7 @@ def test_gate_calibration_aa_and_injected_slowdown(run_harness, tmp_path, capsys
     cal = calibrate(lambda args: run_harness(*args), tmp_path)
     capsys.readouterr()  # the sweeps' own output
     with capsys.disabled():
-        print(f"\n{cal.summary()}\n{details(cal)}")
+        print(f"\n{cal.summary()}\n{noise_floor(cal)}\n{details(cal)}")
     assert cal.rate(cal.aa) <= 0.01
     assert cal.rate(cal.slow) >= 0.95
     assert 1.07 < np.median(cal.tpot_ratio) < 1.13  # the injected slowdown is what the harness measures
