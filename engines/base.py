@@ -33,7 +33,9 @@ ENTRY_POINT_GROUP = "harness.engines"
 # Modules to import for their @register'ed engines without packaging an entry point (local development):
 # HARNESS_ENGINES=my_engines,other.module harness run engine.name=mine
 ENGINE_MODULES_ENV = "HARNESS_ENGINES"
-BUILTIN_MODULES = ("engines.eager", "engines.distilled", "engines.quantized", "engines.pruned")
+BUILTIN_MODULES = (
+    "engines.eager", "engines.distilled", "engines.quantized", "engines.pruned", "engines.fused", "engines.compiled",
+)  # fmt: skip
 
 
 class EngineError(ValueError):

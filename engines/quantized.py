@@ -9,7 +9,9 @@ Schemes (``engine.scheme``):
 
 Backends (``engine.backend``): ``auto`` runs the aten/fbgemm kernels of ``engines.quant.cpu`` on a CPU and
 torchao on CUDA; ``aten`` and ``torchao`` force one (torchao on a CPU has no fused int8 kernel and no int4 layout:
-useful to see what that costs). The kernel each layer runs is recorded in ``engine_info``.
+useful to see what that costs); ``triton`` runs int8_weight_only through the project's own Triton kernel
+(``engines.kernels.int8_gemv``; on a CPU under Triton's interpreter, for its fidelity only: timings are marked not
+representative). The kernel each layer runs is recorded in ``engine_info``.
 
 Which linears are quantized (``engine.layers``): ``all_but_head`` (default), ``all``, or module-name patterns
 (``attention``, ``feed_forward.w2``, ``layers.0.*``). A selected layer whose shape the kernel cannot take stays
@@ -37,7 +39,7 @@ from engines.quant.cpu import INT4_GROUP_SIZES, QuantLinear
 from engines.surgery import clone
 
 SCHEMES = ("int8_dynamic", "int8_weight_only", "int4_weight_only", "fp8")
-BACKENDS = ("auto", "aten", "torchao")
+BACKENDS = ("auto", "aten", "torchao", "triton")
 LAYER_KEYWORDS = ("all_but_head", "all")
 HEAD = "output"
 FORMATS = {"int8_dynamic": "int8", "int8_weight_only": "int8", "int4_weight_only": "int4", "fp8": "fp8"}
@@ -163,6 +165,12 @@ class QuantizedEngine(Engine):
         p = self.params
         if p.scheme == "fp8" and (reason := fp8_unavailable(device)):
             return reason
+        if self.backend(device) == "triton":
+            if p.scheme != "int8_weight_only":
+                return f"engine.backend=triton runs int8_weight_only only (got scheme={p.scheme})"
+            from engines import kernels
+
+            return kernels.unavailable(device)
         if self.backend(device) == "aten":
             if device.type != "cpu":
                 return (f"engine.backend=aten runs CPU kernels (fbgemm, aten int8/int4 pack); on {device.type} use "
@@ -179,6 +187,8 @@ class QuantizedEngine(Engine):
         selected = select_linears(qmodel, p.layers)
         if backend == "aten":
             skipped, kernel, extra = self._quantize_aten(qmodel, selected, ctx.dtype)
+        elif backend == "triton":
+            skipped, kernel, extra = self._quantize_triton(qmodel, selected, ctx.dtype)
         else:
             skipped, kernel, extra = self._quantize_torchao(qmodel, selected, ctx)
         done = [n for n in selected if n not in skipped]
@@ -223,6 +233,23 @@ class QuantizedEngine(Engine):
         else:
             extra = {"activations": f"{_DTYPE_NAMES[kwargs['dtype']]} (the kernel's input dtype)"}
         return skipped, cls.kernel, extra
+
+    def _quantize_triton(self, qmodel: nn.Module, selected: list[str], dtype: torch.dtype):
+        from engines import kernels
+        from engines.kernels.int8_gemv import Int8TritonLinear
+
+        kernels.check_dtype(dtype)
+        skipped = {n: r for n in selected if (r := Int8TritonLinear.unsupported(qmodel.get_submodule(n), 0))}
+        for name in (n for n in selected if n not in skipped):
+            qmodel.set_submodule(name, Int8TritonLinear(qmodel.get_submodule(name)))
+        return skipped, Int8TritonLinear.kernel, {"activations": f"{_DTYPE_NAMES[dtype]} (the model's dtype)"}
+
+    def timing_caveat(self, device: torch.device) -> str | None:
+        if self.backend(device) != "triton":
+            return None
+        from engines import kernels
+
+        return kernels.timing_caveat(device)
 
     def _quantize_torchao(self, qmodel: nn.Module, selected: list[str], ctx: PrepareContext):
         p = self.params

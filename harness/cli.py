@@ -1,4 +1,5 @@
-"""`harness` console script: `run` (the Hydra app), `env`, `train`, `report`, `compare` (the CI gate) and `export`.
+"""`harness` console script: `run` (the Hydra app), `env`, `train`, `report`, `compare` (the CI gate), `export`,
+`history` (the history database) and `dashboard` (the site over history).
 
 Bad input never shows a traceback: it prints one line naming the problem and exits with status 2.
 """
@@ -22,6 +23,8 @@ commands:
   report DIR [-o FILE]  write the comparative HTML report of a sweep (default: DIR/report.html)
   compare BASE CAND     CI gate: verdict per point and metric; exit 0 no regression, 1 regression, 2 bad input
   export DIR --format F write pytest-benchmark JSON, csv, parquet or json (the table with raw samples)
+  history add DIR...    store sweeps in the history database (results/history.sqlite); history list shows them
+  dashboard [-o DIR]    write the dashboard over history: trends, steps (first bad commit), gate verdicts
 
 examples:
   harness run                                       # one default point (eager, tiny, batch 1)
@@ -31,6 +34,8 @@ examples:
   harness report results/sweeps/<timestamp>         # rebuild a sweep's report.html
   harness compare results/main results/pr --markdown gate.md   # gate a PR's sweep against main's
   harness export results/sweeps/<timestamp> --format pytest-benchmark
+  harness history add results/sweeps/*              # append sweeps to the history (re-adding changes nothing)
+  harness dashboard -o results/dashboard            # the static site over history (index.html)
 """
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -257,6 +262,18 @@ def cmd_export(args: Sequence[str]) -> int:
     return export_main(args)
 
 
+def cmd_history(args: Sequence[str]) -> int:
+    from harness.dashboard.cli import history_main
+
+    return history_main(args)
+
+
+def cmd_dashboard(args: Sequence[str]) -> int:
+    from harness.dashboard.cli import dashboard_main
+
+    return dashboard_main(args)
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "run": cmd_run,
     "env": cmd_env,
@@ -264,6 +281,8 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "report": cmd_report,
     "compare": cmd_compare,
     "export": cmd_export,
+    "history": cmd_history,
+    "dashboard": cmd_dashboard,
 }
 
 

@@ -243,11 +243,17 @@ def load(paths: str | Path | Iterable[str | Path], strict: bool = False) -> pd.D
                 raise
             log.warning("%s", exc)
             errors.append(str(exc))
+    return table(rows, errors)
+
+
+def table(rows: list[dict[str, Any]], errors: Iterable[str] = ()) -> pd.DataFrame:
+    """The table from rows made by ``flatten`` (also rows stored elsewhere, e.g. the history database): every
+    scalar column present, numeric columns numeric, ``errors`` kept in ``df.attrs["errors"]``."""
     df = pd.DataFrame(rows)
     for col in SCALAR_COLUMNS:
         if col not in df.columns:
             df[col] = None
     for col in NUMERIC_COLUMNS | {f"{m}_{s}" for m in TIMED_METRICS for s in STAT_COLUMNS if s != "noisy"}:
         df[col] = pd.to_numeric(df[col], errors="coerce") if col in df.columns else np.nan
-    df.attrs["errors"] = errors
+    df.attrs["errors"] = list(errors)
     return df

@@ -56,7 +56,7 @@ def test_cuda_on_a_machine_without_cuda(compose_cfg):
 
 
 CLI_CASES = [
-    (["engine=nope"], "engine: unknown option 'nope'; allowed: distilled, eager"),
+    (["engine=nope"], "engine: unknown option 'nope'; allowed: compiled, distilled, eager, fused"),
     (["model=huge"], "model: unknown option 'huge'; allowed: llama-3-8b, llama-3.2-1b, medium, small, tiny"),
     (["workload.batch_size=-1"], "workload.batch_size: must be an integer >= 1, got -1"),
     (["workload.prompt_len=1020", "workload.gen_len=8"], "exceeds model.max_seq_len=1024"),

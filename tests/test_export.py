@@ -90,9 +90,10 @@ def test_github_action_benchmark_reads_ops_as_higher_is_better(exported):
         row = df[df.point_key == b["params"]["point_key"]].iloc[0]
         ops = parsed[b["fullname"]][0]
         if b["group"] == "decode_tokens_per_s":
-            # tokens/s from the mean TPOT, next to the table's (from the median): same quantity
+            # tokens/s from the mean TPOT, next to the table's (from the median): same quantity and units (one
+            # slow repetition on a busy machine moves the mean of a few quick samples far from the median)
             assert math.isclose(ops, row.batch_size * 1000 / np.mean(row["samples.tpot_ms"]), rel_tol=1e-9)
-            assert 0.7 < ops / row.decode_tokens_per_s < 1.3
+            assert 0.25 < ops / row.decode_tokens_per_s < 4
             assert b["extra_info"]["harness_value"] == row.decode_tokens_per_s
         else:
             assert math.isclose(ops, 1000 / np.mean(row[f"samples.{b['group']}"]), rel_tol=1e-9)

@@ -1,0 +1,145 @@
+"""What the dashboard derives from the history: the table of every stored point (prepared as the report prepares
+it), one series per point and environment fingerprint, and the confirmed steps of every series.
+
+A series is keyed by ``point_key`` (variant with its parameters, model, workload, device type, dtype) and the
+environment fingerprint: measurements from different machines or software stacks are never joined into one
+line. Points are ordered by their sweep's start time; a step falls only between two commits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from harness.gate_settings import METRICS
+from harness.report.data import prepare
+from harness.steps import StepSettings, detect
+
+SERIES_KEYS = ["point_key", "fingerprint"]
+FILTER_KEYS = ("device", "model", "variant", "batch")
+FILTER_COLUMNS = {"device": "device_label", "model": "model", "variant": "variant", "batch": "batch"}
+
+
+@dataclass(frozen=True)
+class Trend:
+    """One trend chart: the column drawn, its CI columns, and the metric whose steps are marked on it (tokens/s
+    and MBU are functions of TPOT, so they carry TPOT's steps)."""
+
+    id: str
+    column: str
+    title: str
+    y_title: str
+    ci: tuple[str, str] | None
+    log_y: bool
+    steps_of: str
+
+
+TRENDS = (
+    Trend("tpot", "tpot_ms_p50", "Time per output token", "TPOT p50 (ms)", ("tpot_ms_ci_low", "tpot_ms_ci_high"),
+          True, "tpot_ms"),
+    Trend("ttft", "ttft_ms_p50", "Time to first token", "TTFT p50 (ms)", ("ttft_ms_ci_low", "ttft_ms_ci_high"),
+          True, "ttft_ms"),
+    Trend("throughput", "decode_tokens_per_s", "Decode throughput", "decode tokens/s", ("tps_ci_low", "tps_ci_high"),
+          True, "tpot_ms"),
+    Trend("memory", "peak_memory_mb", "Peak memory", "peak memory (MB)", None, True, "peak_memory_mb"),
+    Trend("mbu", "mbu", "Memory-bandwidth utilization (decode)", "MBU", ("mbu_ci_low", "mbu_ci_high"), False,
+          "tpot_ms"),
+    Trend("fidelity", "fidelity_top1", "Fidelity", "top-1 agreement with eager", None, False, "fidelity_top1"),
+)  # fmt: skip
+
+# metric -> (per-sweep value column, raw-sample key or None); thresholds and direction are the gate's
+STEP_METRICS: dict[str, tuple[str, str | None]] = {
+    "tpot_ms": ("tpot_ms_p50", "tpot_ms"),
+    "ttft_ms": ("ttft_ms_p50", "ttft_ms"),
+    "peak_memory_mb": ("peak_memory_mb", None),
+    "fidelity_top1": ("fidelity_top1", None),
+}
+STEP_COLUMNS = ["series", "series_label", "metric", "kind", "before", "after", "change", "absolute", "z", "p_value",
+                "n_before", "n_after", "last_good_sha", "last_good_t", "last_good_sweep", "first_bad_sha",
+                "first_bad_t", "first_bad_sweep", *FILTER_KEYS]  # fmt: skip
+
+
+def step_settings(metric: str, **overrides) -> StepSettings:
+    """The gate's minimum change and direction for ``metric``, with step detection's own defaults."""
+    m = METRICS[metric]
+    absolute = m.kind == "absolute"
+    base = StepSettings(
+        min_change=m.threshold if m.threshold is not None else 0.05,
+        absolute=absolute,
+        higher_is_better=m.higher_is_better,
+        min_noise=0.001 if absolute else 0.005,
+    )
+    return StepSettings(**{**base.__dict__, **overrides})
+
+
+def short_sha(sha: object) -> str:
+    return str(sha)[:10] if isinstance(sha, str) and sha else "no commit"
+
+
+def history_frame(points: pd.DataFrame) -> pd.DataFrame:
+    """The ok points of the history (``harness.history.points``), prepared as the report prepares a table, with
+    ``series``, ``series_label``, ``t`` (the sweep's start), ``commit`` and the filter columns."""
+    data = prepare(points)
+    data = data[data["status"].eq("ok")].copy()
+    if data.empty:
+        return data
+    data["fingerprint"] = data["fingerprint"].fillna("unknown")
+    data["series"] = data["point_key"].astype(str) + "@" + data["fingerprint"].astype(str)
+    envs = data.groupby("point_key")["fingerprint"].transform("nunique")
+    data["series_label"] = data["label"].where(envs.le(1), data["label"] + " · env " + data["fingerprint"].str[:8])
+    data["t"] = pd.to_datetime(data["sweep_started_at"], utc=True, format="ISO8601")
+    data["commit"] = data["sweep_git_sha"].map(short_sha)
+    data["device_label"] = data["device_name"].fillna(data["device"]).astype(str)
+    data["batch"] = data["batch_size"].map(lambda b: str(int(b)) if math.isfinite(b) else str(b))
+    data["model"] = data["model"].astype(str)
+    data["variant"] = data["variant"].astype(str)
+    # MBU is bytes / TPOT / peak bandwidth: the TPOT median's CI maps through it as through tokens/s
+    data["mbu_ci_low"] = data["mbu"] * data["tpot_ms_p50"] / data["tpot_ms_ci_high"]
+    data["mbu_ci_high"] = data["mbu"] * data["tpot_ms_p50"] / data["tpot_ms_ci_low"]
+    # a point re-run into one sweep: the latest record is the sweep's value
+    data = data.sort_values(["t", "sweep_id", "started_at"]).drop_duplicates(["series", "sweep_id"], keep="last")
+    return data.sort_values(["series_label", "series", "t", "sweep_id"]).reset_index(drop=True)
+
+
+def series_steps(g: pd.DataFrame, metric: str, settings: StepSettings | None = None) -> pd.DataFrame:
+    """Confirmed steps of ``metric`` in one series (rows of one ``series``, in time order)."""
+    column, sample_key = STEP_METRICS[metric]
+    if METRICS[metric].timed and not g["representative"].all():
+        return pd.DataFrame(columns=STEP_COLUMNS)  # timings an engine marks unrepresentative are never judged
+    g = g[np.isfinite(g[column].to_numpy(dtype=float))]
+    samples = None
+    if sample_key is not None:
+        raw = g[f"samples.{sample_key}"]
+        if raw.map(lambda v: isinstance(v, list) and len(v) > 0).all():
+            samples = list(raw)
+    commits = g["sweep_git_sha"].where(g["sweep_git_sha"].notna(), g["sweep_id"]).tolist()
+    s = settings or step_settings(metric)
+    rows = []
+    for step in detect(g[column].to_numpy(dtype=float), samples, commits, s):
+        good, bad = g.iloc[step.index - 1], g.iloc[step.index]
+        rows.append({
+            "series": bad["series"], "series_label": bad["series_label"], "metric": metric, "kind": step.kind,
+            "before": step.before, "after": step.after, "change": step.change, "absolute": s.absolute,
+            "z": step.z, "p_value": step.p_value, "n_before": step.n_before, "n_after": step.n_after,
+            "last_good_sha": good["sweep_git_sha"], "last_good_t": good["t"], "last_good_sweep": good["sweep_id"],
+            "first_bad_sha": bad["sweep_git_sha"], "first_bad_t": bad["t"], "first_bad_sweep": bad["sweep_id"],
+            **{k: bad[FILTER_COLUMNS[k]] for k in FILTER_KEYS},
+        })  # fmt: skip
+    return pd.DataFrame(rows, columns=STEP_COLUMNS)
+
+
+def find_steps(data: pd.DataFrame, metrics: tuple[str, ...] = tuple(STEP_METRICS)) -> pd.DataFrame:
+    """Every confirmed step of every series and metric, newest first."""
+    frames = []
+    for _, g in data.groupby("series", sort=False):
+        for m in metrics:
+            if g[STEP_METRICS[m][0]].notna().any():
+                found = series_steps(g, m)
+                if len(found):
+                    frames.append(found)
+    if not frames:
+        return pd.DataFrame(columns=STEP_COLUMNS)
+    return pd.concat(frames, ignore_index=True).sort_values(["first_bad_t", "series_label"], ascending=[False, True])

@@ -1,0 +1,117 @@
+"""Trend charts: one figure per metric, one line per series over the sweeps' start times, the 95% CI of the
+median as a band, and the confirmed steps as markers (red up/down triangles: regressions, green: improvements).
+
+Every trace carries ``meta`` (series, device, model, variant, batch) for the page's filters; every point carries
+its commit, sweep and report link in ``customdata`` (a click opens the report). Text from configs is
+HTML-escaped with the report's ``esc``, and its colours and layout are the report's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from harness.dashboard.data import FILTER_COLUMNS, Trend, short_sha
+from harness.report.figures import NOT_REPR, PALETTE, esc
+
+STEP_COLORS = {"regression": "#c62828", "improvement": "#2e7d32"}
+HEIGHT = 520
+
+
+def series_colors(series: list[str]) -> dict[str, str]:
+    """One colour per series, the same on every chart."""
+    return {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(dict.fromkeys(series))}
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    h = hex_color.lstrip("#")
+    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _meta(row: pd.Series) -> dict[str, str]:
+    return {"series": str(row["series"]), **{k: str(row[c]) for k, c in FILTER_COLUMNS.items()}}
+
+
+def _iso(t: pd.Series) -> list[str]:
+    return [x.strftime("%Y-%m-%dT%H:%M:%S") for x in t]
+
+
+def trend(
+    data: pd.DataFrame, spec: Trend, steps: pd.DataFrame, colors: dict[str, str], urls: dict[str, str]
+) -> go.Figure | None:
+    """The chart of ``spec.column`` for every series of ``data`` (``data.history_frame``), or None when no
+    stored point measured it. ``urls``: sweep id -> link to its report."""
+    d = data[np.isfinite(data[spec.column].to_numpy(dtype=float))]
+    if d.empty:
+        return None
+    marks = steps[steps["metric"].eq(spec.steps_of)] if len(steps) else steps
+    fig = go.Figure()
+    for sid, g in d.groupby("series", sort=False):
+        first = g.iloc[0]
+        meta, color = _meta(first), colors[sid]
+        rep = bool(g["representative"].all())
+        name = esc(first["series_label"]) + ("" if rep else f" ({NOT_REPR})")
+        x, y = _iso(g["t"]), g[spec.column].to_numpy(dtype=float)
+        if spec.ci is not None:
+            lo, hi = (g[c].to_numpy(dtype=float) for c in spec.ci)
+            ok = np.isfinite(lo) & np.isfinite(hi)
+            if ok.sum() > 1:
+                xs = [v for v, k in zip(x, ok, strict=True) if k]
+                fig.add_trace(go.Scatter(
+                    x=xs + xs[::-1], y=np.r_[hi[ok], lo[ok][::-1]], fill="toself", fillcolor=_rgba(color, 0.18),
+                    line={"width": 0}, hoverinfo="skip", showlegend=False, legendgroup=sid, meta=meta,
+                    name=f"{name} (95% CI)",
+                ))  # fmt: skip
+        else:
+            lo = hi = np.full(len(g), np.nan)
+        ci_text = [f"{a:.4g} to {b:.4g}" if np.isfinite(a + b) else "-" for a, b in zip(lo, hi, strict=True)]
+        link = [urls.get(s, "") for s in g["sweep_id"]]
+        custom = np.stack([g["commit"].to_numpy(), g["sweep_id"].to_numpy(), ci_text, link], axis=1)
+        hint = ["<br>click: open the sweep's report" if u else "" for u in link]
+        fig.add_trace(go.Scatter(
+            x=x, y=y, mode="lines+markers", name=name, legendgroup=sid, meta=meta, customdata=custom, text=hint,
+            line={"color": color, "width": 1.6, "dash": "solid" if rep else "dot"},
+            marker={"size": 5, "symbol": "circle" if rep else "circle-open"},
+            hovertemplate=f"%{{fullData.name}}<br>%{{x|%Y-%m-%d %H:%M}} · commit %{{customdata[0]}}<br>"
+            f"{esc(spec.y_title)} %{{y:.4g}} (95% CI %{{customdata[2]}})<br>sweep %{{customdata[1]}}%{{text}}"
+            "<extra></extra>",
+        ))  # fmt: skip
+        mine = marks[marks["series"].eq(sid)] if len(marks) else marks
+        if len(mine):
+            by_sweep = dict(zip(g["sweep_id"], y, strict=True))
+            at = mine[mine["first_bad_sweep"].isin(list(by_sweep))]
+            if len(at):
+                pairs = zip(at["first_bad_sweep"], at["last_good_sweep"], strict=True)
+                up = [by_sweep[s] >= by_sweep.get(p, by_sweep[s]) for s, p in pairs]
+                fig.add_trace(go.Scatter(
+                    x=_iso(at["first_bad_t"]), y=[by_sweep[s] for s in at["first_bad_sweep"]], mode="markers",
+                    name=f"{name}: steps", legendgroup=sid, showlegend=False, meta=meta,
+                    marker={"size": 15, "symbol": ["triangle-up" if u else "triangle-down" for u in up],
+                            "color": [STEP_COLORS[k] for k in at["kind"]], "line": {"width": 1, "color": "#fff"}},
+                    text=[step_text(r) for _, r in at.iterrows()],
+                    hovertemplate="%{text}<extra></extra>",
+                ))  # fmt: skip
+    fig.update_xaxes(type="date", title_text="sweep start (UTC)")
+    fig.update_yaxes(title_text=esc(spec.y_title), type="log" if spec.log_y else "linear")
+    fig.update_layout(
+        title={"text": esc(f"{spec.title} over time (95% CI of the median; ▲▼ confirmed steps)"), "x": 0.01},
+        template="plotly_white", height=HEIGHT, hovermode="closest", meta={"kind": "trend", "metric": spec.id},
+        margin={"l": 70, "r": 20, "t": 60, "b": 50}, legend={"font": {"size": 11}}, hoverlabel={"align": "left"},
+    )  # fmt: skip
+    return fig
+
+
+def change_text(change: float, absolute: bool) -> str:
+    return f"{change:+.4f}" if absolute else f"{change:+.1%}"
+
+
+def step_text(r: pd.Series) -> str:
+    """Hover text of a step marker (escaped)."""
+    return (
+        f"<b>{r['kind']}</b> {esc(r['metric'])} {change_text(r['change'], r['absolute'])} "
+        f"({r['before']:.4g} → {r['after']:.4g})<br>{esc(r['series_label'])}<br>"
+        f"last good {esc(short_sha(r['last_good_sha']))}, first bad {esc(short_sha(r['first_bad_sha']))}<br>"
+        f"confidence {1 - r['p_value']:.4f} (p={r['p_value']:.2g}), {r['z']:.1f}× the noise"
+    )

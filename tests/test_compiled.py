@@ -1,0 +1,156 @@
+"""Compiled engine: torch.compile of decode and prefill, against eager on the same weights; compilation happens once
+per shape (never per token) and is recorded outside the timed window."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from engines.base import EngineError, PrepareContext, make_engine
+from engines.compiled import CompiledModel, inductor_options
+from engines.generate import greedy
+from engines.llama import ModelArgs, Transformer
+from harness.records import load, read_record
+
+CPU = torch.device("cpu")
+ARGS = ModelArgs(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=150, max_seq_len=64,
+                 tie_embeddings=False)  # fmt: skip
+pytestmark = [
+    pytest.mark.skipif(make_engine({"name": "compiled"}).available(CPU) is not None, reason="no C++ compiler"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated"),  # raised inside inductor
+]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max())
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[Transformer, CompiledModel]:
+    ref = Transformer.build(ARGS, seed=0)
+    compiled = make_engine({"name": "compiled"}).prepare(ref, PrepareContext(CPU, torch.float32, 0, "t", ARGS, "/x"))
+    return ref, compiled
+
+
+def _unique_graphs() -> int:
+    return int(counters["stats"]["unique_graphs"])
+
+
+def test_logits_match_eager_and_each_shape_compiles_once(pair):
+    ref, compiled = pair
+    x = torch.randint(1, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for m in (ref, compiled):
+            m.setup_caches(2, 20)
+        pos = torch.arange(10)
+        assert relative_error(compiled(x, pos), ref(x, pos)) < 1e-4
+        for i in range(4):
+            tok, p = x[:, i : i + 1], torch.tensor([10 + i])
+            assert relative_error(compiled(tok, p), ref(tok, p)) < 1e-4
+    events = compiled.engine_info["compile"]["events"]
+    assert [(e["phase"], e["tokens"], e["cache_rows"], e["cache_len"]) for e in events[:2]] == [
+        ("prefill", [2, 10], 2, 20), ("decode", [2, 1], 2, 20),
+    ]  # fmt: skip
+    assert all(e["seconds"] > 0 for e in events) and compiled.engine_info["compile"]["count"] == len(events)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_decoding_never_recompiles_per_token(pair):
+    """The static cache is a buffer updated in place and input_pos a tensor: once a shape is compiled, a whole
+    generation adds no graph and converts no frame (dynamo's counters), logs no recompilation (torch._logging) and
+    passes with dynamo's error_on_recompile; a new batch size, by contrast, compiles each phase once, logged."""
+    ref, compiled = pair
+    prompt = torch.randint(1, 97, (2, 10), generator=torch.Generator().manual_seed(1))
+    compiled.setup_caches(2, 20)
+    greedy(compiled, prompt, 6)  # warm: compiles whatever this shape still needs
+    graphs, frames = _unique_graphs(), counters["frames"]["total"]
+    handler = _Records()
+    log = logging.getLogger("torch._dynamo")
+    log.addHandler(handler)
+    torch._logging.set_logs(recompiles=True)
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out = greedy(compiled, prompt, 10)
+        assert not [m for m in handler.messages if "Recompiling" in m]
+        assert _unique_graphs() == graphs and counters["frames"]["total"] == frames
+        before = len(compiled.engine_info["compile"]["events"])
+        compiled.setup_caches(3, 16)
+        greedy(compiled, prompt.repeat(2, 1)[:3], 4)  # a new batch size: it recompiles, and the log shows it
+        assert [m for m in handler.messages if "Recompiling" in m]
+    finally:
+        torch._logging.set_logs()
+        log.removeHandler(handler)
+    new = compiled.engine_info["compile"]["events"][before:]  # each phase once, for the new shape
+    assert sorted(e["phase"] for e in new) == ["decode", "prefill"] and {e["cache_rows"] for e in new} == {3}
+    ref.setup_caches(2, 20)
+    assert torch.equal(out, greedy(ref, prompt, 10))
+
+
+def test_the_reference_is_left_alone_and_weights_are_shared(pair):
+    ref, compiled = pair
+    assert type(ref) is Transformer and not hasattr(ref, "engine_info")
+    assert {n: p.data_ptr() for n, p in compiled.model.named_parameters()} == {
+        n: p.data_ptr() for n, p in ref.named_parameters()
+    }
+    assert compiled.weight_bytes() == sum(p.numel() * 4 for p in ref.parameters())
+
+
+def test_options_modes_and_availability():
+    opts = inductor_options(make_engine({"name": "compiled"}).params, CPU)
+    assert opts["freezing"] is True and opts["cpp.weight_prepack"] is True and opts["cpp_wrapper"] is True
+    assert "triton.cudagraphs" not in opts
+    cuda = torch.device("cuda")
+    on_cuda = inductor_options(make_engine({"name": "compiled"}).params, cuda)
+    assert on_cuda["freezing"] is False and on_cuda["cpp_wrapper"] is False
+    ro = make_engine({"name": "compiled", "mode": "reduce-overhead"})
+    assert inductor_options(ro.params, cuda)["triton.cudagraphs"] is True
+    assert ro.available(CPU) == "engine.mode=reduce-overhead is CUDA graphs: it needs CUDA (this device: cpu)"
+    ma = make_engine({"name": "compiled", "mode": "max-autotune", "cpp_wrapper": False})
+    assert ma.available(CPU) is None and inductor_options(ma.params, CPU)["max_autotune"] is True
+    assert inductor_options(ma.params, CPU)["cpp_wrapper"] is False
+    assert ma.variant() == "compiled(cpp_wrapper=False, mode=max-autotune)"
+    with pytest.raises(EngineError, match=r"engine.mode: 'fast' is not allowed; allowed: default, reduce-overhead"):
+        make_engine({"name": "compiled", "mode": "fast"})
+
+
+def test_the_mode_options_list_beside_eager(compose_cfg):
+    from omegaconf import OmegaConf
+
+    options = ("compiled", "compiled/default", "compiled/reduce-overhead", "compiled/max-autotune")
+    variants = [make_engine(OmegaConf.to_container(compose_cfg(f"engine={o}").engine)).variant() for o in options]
+    assert variants == ["compiled", "compiled", "compiled(mode=reduce-overhead)", "compiled(mode=max-autotune)"]
+    import yaml
+
+    from harness.paths import config_dir
+
+    params = yaml.safe_load((config_dir() / "sweep" / "compiled.yaml").read_text())["hydra"]["sweeper"]["params"]
+    assert params == {"model": "small", "engine": "eager,compiled", "workload.batch_size": "1,8"}
+
+
+def test_a_run_records_compilation_outside_the_timed_window(run_harness, tmp_path):
+    out = tmp_path / "run"
+    code = run_harness(
+        "run", "engine=compiled", "model=tiny", "model.weights=random", "model.n_layers=2", "measure=quick",
+        "measure.max_time_s=0.5", "workload.prompt_len=8", "workload.gen_len=4", "quality.enabled=false",
+        "roofline.enabled=false", f"hydra.run.dir={out}",
+    )  # fmt: skip
+    assert code == 0
+    row = load(out).iloc[0]
+    assert row["status"] == "ok" and bool(row["timing_representative"])
+    record = read_record(next(out.rglob("record.json")))
+    compiles = record["engine_info"]["compile"]
+    assert {e["phase"] for e in compiles["events"]} == {"prefill", "decode"} and compiles["seconds"] > 0
+    # compilation happened in warm-up: the first warm-up generation carries it, the timed ones do not
+    assert record["metrics"]["warmup_s"] >= 0.9 * sum(e["seconds"] for e in compiles["events"])
+    assert max(record["samples"]["e2e_ms"]) < 1000 * min(e["seconds"] for e in compiles["events"])

@@ -1,0 +1,70 @@
+"""The dashboard in a real browser (Playwright and Debian's chromium, as the report's browser test), over a
+32-sweep history and over the real measured one (slow): no console errors, every chart drawn, a filter changes
+what is shown, every sweep's report is linked; screenshots are saved in the test's temporary directory."""
+
+from __future__ import annotations
+
+import pytest
+from history_sweeps import BATCHES, real_history, synthetic_history  # noqa: F401  (fixture)
+from test_report_browser import browser, open_report  # noqa: F401  (fixture)
+
+from harness.dashboard import write_dashboard
+
+VISIBLE_LINES = """id => document.getElementById(id).querySelector('.plot').data
+    .filter(t => t.mode === 'lines+markers' && t.visible !== false).map(t => t.meta.batch)"""
+DRAWN_TRACES = "id => document.getElementById(id).querySelectorAll('.scatterlayer .trace').length"
+
+
+def check_in_browser(browser, out, steps, n_sweeps: int, tmp_path) -> None:  # noqa: F811
+    page, errors, requests = open_report(browser, out)
+    assert errors == []
+    assert requests == [out.as_uri()]  # self-contained: nothing else is fetched
+    drawn = page.evaluate(
+        "() => [...document.querySelectorAll('.plot')].map(d => [d.closest('section').id, "
+        "d.querySelectorAll('.main-svg').length > 0 && d.querySelectorAll('.trace').length > 0])"
+    )
+    assert all(ok for _, ok in drawn) and len(drawn) >= 5, drawn
+    trends = [sid for sid, _ in drawn if sid.startswith("trend-")]
+    assert {"trend-tpot", "trend-ttft", "trend-throughput", "trend-memory"} <= set(trends)
+    for sid in trends:
+        assert sorted(page.evaluate(VISIBLE_LINES, sid)) == sorted(map(str, BATCHES))
+    before = page.evaluate(DRAWN_TRACES, "trend-tpot")
+    rows = page.locator("#steps tbody tr")
+    assert rows.count() == len(steps) >= len(BATCHES)
+    assert page.locator("#filter-count").inner_text() == f"{len(BATCHES)} of {len(BATCHES)} series shown"
+    shot = tmp_path / "dashboard.png"
+    page.screenshot(path=str(shot), full_page=True)
+
+    page.select_option("#filter-batch", "2")  # one batch size: the other series leave every chart and table
+    assert page.evaluate(VISIBLE_LINES, "trend-tpot") == ["2"]
+    assert page.evaluate(VISIBLE_LINES, "trend-memory") == ["2"]
+    assert page.evaluate(DRAWN_TRACES, "trend-tpot") < before
+    assert page.locator("#filter-count").inner_text() == f"1 of {len(BATCHES)} series shown"
+    visible = [rows.nth(i).is_visible() for i in range(rows.count())]
+    assert 0 < sum(visible) < len(visible)
+    assert all("b2" in rows.nth(i).inner_text() for i, v in enumerate(visible) if v)
+    page.select_option("#filter-batch", "")
+    assert page.evaluate(DRAWN_TRACES, "trend-tpot") == before
+
+    links = page.locator("#sweeps a[href^='reports/']")
+    assert links.count() == n_sweeps
+    assert (out.parent / links.first.get_attribute("href")).is_file()
+    assert errors == []
+    filtered = tmp_path / "dashboard-filtered.png"
+    page.select_option("#filter-batch", "1")
+    page.screenshot(path=str(filtered), full_page=True)
+    for png in (shot, filtered):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 50_000
+    page.close()
+
+
+def test_dashboard_in_the_browser(browser, synthetic_point, tmp_path):  # noqa: F811
+    shas = synthetic_history(tmp_path / "sweeps", synthetic_point, tmp_path / "h.sqlite")
+    out, steps = write_dashboard(tmp_path / "h.sqlite", tmp_path / "site")
+    check_in_browser(browser, out, steps, len(shas), tmp_path)
+
+
+@pytest.mark.slow
+def test_real_history_dashboard_in_the_browser(real_history, browser, tmp_path):  # noqa: F811
+    out, steps = write_dashboard(real_history.db, tmp_path / "site")
+    check_in_browser(browser, out, steps, len(real_history.shas), tmp_path)

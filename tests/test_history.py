@@ -1,0 +1,205 @@
+"""The history database and `harness history`: a real measured history (30 sweeps, slow) whose step detection
+must name the injected commit and no other; idempotent adds that keep raw samples; one transaction per sweep;
+missing, empty, corrupted and partial sweeps refused by name with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+
+import numpy as np
+import pytest
+from history_sweeps import BATCHES, N_COMMITS, SLOWDOWN, real_history  # noqa: F401  (fixture)
+
+from harness import history
+from harness.dashboard.data import find_steps, history_frame
+from harness.progress import write_sweep_meta
+from harness.records import RECORD_NAME, point_key
+
+
+def _read(db):
+    conn = history.connect(db, create=False)
+    try:
+        return history.sweeps(conn), history.points(conn)
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_real_history_names_the_injected_commit_and_no_other(real_history):  # noqa: F811
+    sweeps, points = _read(real_history.db)
+    assert len(sweeps) == N_COMMITS >= 30
+    assert list(sweeps["git_sha"]) == real_history.shas  # the records carry the measured checkout's commit
+    assert sweeps["report"].map(lambda p: p.endswith("report.html")).all()
+    assert points["samples.tpot_ms"].map(len).min() >= 10  # raw samples kept
+    data = history_frame(points)
+    assert data["series"].nunique() == len(BATCHES)
+
+    steps = find_steps(data)
+    good, bad = real_history.shas[real_history.first_slow - 1], real_history.shas[real_history.first_slow]
+    shown = steps[["metric", "series_label", "kind", "change", "p_value", "first_bad_sha"]].to_string()
+    assert set(steps["first_bad_sha"]) == {bad}, shown
+    assert set(steps["last_good_sha"]) == {good}, shown
+    assert steps["kind"].eq("regression").all(), shown
+    assert set(steps["metric"]) <= {"tpot_ms", "ttft_ms"}, shown
+    tpot = steps[steps["metric"].eq("tpot_ms")]
+    assert len(tpot) == len(BATCHES), shown  # found in every series
+    # the change is at least most of the injected extra work (+200% of every forward; the work also slows the
+    # forward itself a little, through the caches it evicts)
+    assert tpot["change"].between(SLOWDOWN * 0.75, SLOWDOWN * 2).all(), shown
+    assert (tpot["p_value"] < 1e-3).all() and (tpot["n_before"] == real_history.first_slow).all()
+
+
+def _sweep(directory, synthetic_point, n=2, seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    for b in range(n):
+        synthetic_point(
+            directory / str(b), ttft=list(scale * rng.uniform(5, 6, 10)), tpot=list(scale * rng.uniform(1, 1.1, 10)),
+            batch_size=b + 1, seed=0,
+        )  # fmt: skip
+    return directory
+
+
+def _counts(db):
+    with sqlite3.connect(db) as conn:
+        return tuple(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("sweeps", "points", "gates"))
+
+
+def test_add_twice_changes_nothing_and_raw_samples_are_kept(tmp_path, synthetic_point, run_harness, capsys):
+    sweep = _sweep(tmp_path / "sweep", synthetic_point)
+    db = tmp_path / "h.sqlite"
+    assert run_harness("history", "add", str(sweep), "--db", str(db)) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("added: sweep ") and "2/2 ok points" in out
+    before = _counts(db)
+    copy = shutil.copytree(sweep, tmp_path / "elsewhere" / "copy")  # the same sweep from another place
+    assert run_harness("history", "add", str(sweep), str(copy), "--db", str(db)) == 0
+    assert capsys.readouterr().out.count("unchanged (already stored)") == 2
+    assert _counts(db) == before == (1, 2, 0)
+
+    sweeps, points = _read(db)
+    rec = json.loads((sweep / "0" / RECORD_NAME).read_text())
+    row = points[points["point_key"].eq(rec["point_key"])].iloc[0]
+    assert row["samples.tpot_ms"] == rec["samples"]["tpot_ms"] and row["samples.ttft_ms"] == rec["samples"]["ttft_ms"]
+    conn = history.connect(db)
+    stored = history.record(conn, sweeps["id"][0], "0/record.json")
+    conn.close()
+    assert stored["samples"] == rec["samples"] and stored["summary"] == rec["summary"]
+    assert sweeps["git_sha"][0] == "0123abc" and sweeps["fingerprint"][0] == "env-a"
+    assert sweeps["started_at"][0] == "2026-11-23T12:00:00+00:00"
+
+
+def _corrupt(d, synthetic_point):
+    _sweep(d, synthetic_point)
+    (d / "1" / RECORD_NAME).write_text('{"schema_version": 1, "status": "ok", "samp')
+    return d / "1" / RECORD_NAME
+
+
+def _partial(d, synthetic_point):
+    _sweep(d, synthetic_point, n=1)
+    keys = [json.loads((d / "0" / RECORD_NAME).read_text())["point_key"], point_key({"planned": "never measured"})]
+    write_sweep_meta(d, {"started_at": "2026-11-23T12:00:00+00:00", "points": [["a=1"], ["a=2"]], "point_keys": keys})
+    return "job 1: a=2"
+
+
+def _no_samples(d, synthetic_point):
+    _sweep(d, synthetic_point)
+    rec = json.loads((d / "0" / RECORD_NAME).read_text())
+    del rec["samples"]
+    (d / "0" / RECORD_NAME).write_text(json.dumps(rec))
+    return "status ok but no raw samples"
+
+
+BAD = {
+    "missing": (lambda d, sp: "no such directory", "no such directory"),
+    "empty": (lambda d, sp: d.mkdir() or "empty", "empty: no record.json found"),
+    "corrupted": (_corrupt, "corrupted sweep, nothing stored"),
+    "partial": (_partial, "partial sweep, nothing stored: 1 point(s) planned"),
+    "no samples": (_no_samples, "corrupted sweep, nothing stored"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_a_bad_directory_is_one_line_exit_2_and_nothing_stored(kind, tmp_path, synthetic_point, run_harness, capsys):
+    make, message = BAD[kind]
+    bad = tmp_path / "bad"
+    detail = make(bad, synthetic_point)
+    db = tmp_path / "h.sqlite"
+    assert run_harness("history", "add", str(bad), "--db", str(db)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"harness history add: error: {bad}: {message}"), err
+    assert str(detail) in err
+    assert not db.exists()  # nothing was stored, not even an empty database
+
+    good = _sweep(tmp_path / "good", synthetic_point, seed=1)
+    assert run_harness("history", "add", str(bad), str(good), "--db", str(db)) == 2  # the good one is still added
+    io = capsys.readouterr()
+    assert io.err.count("\n") == 1 and "added: sweep" in io.out
+    assert _counts(db) == (1, 2, 0)
+
+
+def test_one_transaction_per_sweep(tmp_path, synthetic_point, monkeypatch):
+    sweep = history.read_sweep(_sweep(tmp_path / "sweep", synthetic_point))
+    conn = history.connect(tmp_path / "h.sqlite")
+    calls = []
+
+    def flaky(record):
+        calls.append(1)
+        if len(calls) == 2:
+            raise sqlite3.OperationalError("disk I/O error")
+        return {"point_key": record["point_key"]}
+
+    monkeypatch.setattr(history, "flatten", flaky)
+    with pytest.raises(sqlite3.OperationalError):
+        history.add(conn, sweep)
+    assert conn.execute("SELECT count(*) FROM sweeps").fetchone()[0] == 0  # the first point went too
+    assert conn.execute("SELECT count(*) FROM points").fetchone()[0] == 0
+    conn.close()
+
+
+def test_list_and_database_errors(tmp_path, synthetic_point, run_harness, capsys):
+    db = tmp_path / "h.sqlite"
+    assert run_harness("history", "list", "--db", str(db)) == 2
+    assert "no history database" in capsys.readouterr().err
+    for i in range(2):
+        run_harness("history", "add", str(_sweep(tmp_path / f"s{i}", synthetic_point, seed=i)), "--db", str(db))
+    capsys.readouterr()
+    assert run_harness("history", "list", "--db", str(db)) == 0
+    out = capsys.readouterr().out
+    assert "0123abc" in out and out.rstrip().endswith(f"2 sweep(s) in {db}")
+    assert run_harness("history", "list", "--db", str(db), "--json") == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"this is not a database" * 100)
+    newer = tmp_path / "newer.sqlite"
+    history.connect(newer).close()
+    with sqlite3.connect(newer) as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    cases = {garbage: "not a history database", newer: "schema_version 99 is newer", tmp_path: "is a directory"}
+    for path, message in cases.items():
+        assert run_harness("history", "add", str(tmp_path / "s0"), "--db", str(path)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert run_harness("history", "add", "--db", str(db)) == 2
+    assert "give at least one sweep" in capsys.readouterr().err
+    assert run_harness("history", "remove") == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_gate_verdicts_are_stored(tmp_path, synthetic_point, run_harness, capsys):
+    base, cand = _sweep(tmp_path / "base", synthetic_point), _sweep(tmp_path / "cand", synthetic_point, 2, 1, 1.5)
+    gate = tmp_path / "gate.json"
+    assert run_harness("compare", str(base), str(cand), "--json", str(gate)) == 1
+    db = tmp_path / "h.sqlite"
+    assert run_harness("history", "add", str(cand), "--gate", str(gate), "--db", str(db)) == 0
+    assert f"added: gate verdicts {gate}" in capsys.readouterr().out
+    conn = history.connect(db)
+    doc = history.latest_gate(conn)
+    conn.close()
+    assert doc["verdict"] == "regression" and doc["_source"] == str(gate.resolve())
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    assert run_harness("history", "add", "--gate", str(bad), "--db", str(db)) == 2
+    assert "not the JSON of `harness compare --json`" in capsys.readouterr().err
