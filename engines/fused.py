@@ -129,13 +129,7 @@ class FusedBlock(TransformerBlock):
 
 class FusedTransformer(Transformer):
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
-        cos, sin = self.rope(tokens.device)
-        if input_pos is None:
-            mask, cos, sin = None, cos[: tokens.shape[1]], sin[: tokens.shape[1]]
-        else:
-            if self.causal_mask is None:
-                raise RuntimeError("call setup_caches() before forward with input_pos")
-            mask, cos, sin = self.causal_mask[None, None, input_pos], cos[input_pos], sin[input_pos]
+        mask, cos, sin = self.positions(tokens, input_pos)
         x, delta = self.tok_embeddings(tokens), None
         for layer in self.layers:
             x, delta = layer.fused_forward(x, delta, cos, sin, mask, input_pos)

@@ -209,15 +209,18 @@ class Transformer(nn.Module):
             a.kv_cache = KVCache(max_batch_size, max_seq_length, a.n_kv_heads, a.head_dim, w.dtype, w.device)
         self.causal_mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=w.device))
 
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
-        """tokens [B, S] -> logits [B, S, vocab]. With input_pos, uses and fills the KV cache."""
+    def positions(self, tokens: Tensor, input_pos: Tensor | None) -> tuple[Tensor | None, Tensor, Tensor]:
+        """The attention mask and RoPE tables of these positions (no mask and no cache without input_pos)."""
         cos, sin = self.rope(tokens.device)
         if input_pos is None:
-            mask, cos, sin = None, cos[: tokens.shape[1]], sin[: tokens.shape[1]]
-        else:
-            if self.causal_mask is None:
-                raise RuntimeError("call setup_caches() before forward with input_pos")
-            mask, cos, sin = self.causal_mask[None, None, input_pos], cos[input_pos], sin[input_pos]
+            return None, cos[: tokens.shape[1]], sin[: tokens.shape[1]]
+        if self.causal_mask is None:
+            raise RuntimeError("call setup_caches() before forward with input_pos")
+        return self.causal_mask[None, None, input_pos], cos[input_pos], sin[input_pos]
+
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
+        """tokens [B, S] -> logits [B, S, vocab]. With input_pos, uses and fills the KV cache."""
+        mask, cos, sin = self.positions(tokens, input_pos)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)

@@ -15,17 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harness import history
+from harness.report.cli import _Parser, _Usage  # one-line argparse errors, as `harness report` prints them
 
 EXIT_OK, EXIT_USAGE = 0, 2
-
-
-class _Usage(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not argparse's usage block
-        raise _Usage(message)
 
 
 def _error(prog: str, message: str) -> int:
