@@ -1,0 +1,87 @@
+"""Compiled vs eager decode, interleaved in one process: the TPOT ratio with the machine's drift cancelled.
+
+A sweep times each point minutes apart, so on a machine whose speed drifts (a shared VM) a 10% difference can
+come out either way. Here the eager model and each compiled variant take turns, eight decode steps each, for
+``--rounds`` rounds; the ratio is taken per round (eager over variant, above 1: faster) and its median printed.
+Compilation happens before the first round and is printed separately.
+
+    python benchmarks/compiled_vs_eager.py [--model small] [--batch 1 8] [--rounds 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from engines.compiled import CompiledModel, CompiledParams
+from engines.llama import ModelArgs, Transformer
+
+REPO = Path(__file__).resolve().parent.parent
+VARIANTS = {
+    "compiled (defaults: freezing, prepack, cpp_wrapper)": CompiledParams(),
+    "compiled, no weight prepack": CompiledParams(weight_prepack=False),
+    "compiled, no freezing": CompiledParams(freezing=False),
+}
+STEPS = 8
+
+
+def model_args(name: str) -> ModelArgs:
+    cfg = yaml.safe_load((REPO / "configs" / "model" / f"{name}.yaml").read_text())
+    return ModelArgs(**{k: v for k, v in cfg.items() if k in ModelArgs.__dataclass_fields__})
+
+
+def decode_ms(model: torch.nn.Module, tokens: torch.Tensor, start: int) -> float:
+    times = []
+    for i in range(STEPS):
+        t0 = time.perf_counter()
+        model(tokens, torch.tensor([start + i]))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
+
+
+def run(model_name: str, batch: int, rounds: int) -> None:
+    args = model_args(model_name)
+    tokens = torch.zeros(batch, 1, dtype=torch.long)
+    models: dict[str, torch.nn.Module] = {}
+    for name, params in {"eager": None, **VARIANTS}.items():
+        m = Transformer.build(args).eval()
+        m = m if params is None else CompiledModel(m, params, torch.device("cpu"))
+        m.setup_caches(batch, 64 + STEPS)
+        t0 = time.perf_counter()
+        for i in range(3):
+            m(tokens, torch.tensor([i]))
+        print(f"  {name}: first calls (compilation) {time.perf_counter() - t0:.1f} s", flush=True)
+        models[name] = m
+    ms: dict[str, list[float]] = {n: [] for n in models}
+    for _ in range(rounds):
+        for name, m in models.items():
+            ms[name].append(decode_ms(m, tokens, 32))
+    eager = np.array(ms["eager"])
+    print(f"{model_name}, batch {batch}, {rounds} interleaved rounds of {STEPS} decode steps, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    for name, values in ms.items():
+        v = np.array(values)
+        ratio = eager / v
+        print(f"  {name:52s} TPOT {np.median(v):7.2f} ms   x eager {np.median(ratio):.3f} "
+              f"[{ratio.min():.3f}, {ratio.max():.3f}]")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="small", help="a named shape in configs/model (default small)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--rounds", type=int, default=12)
+    opts = ap.parse_args()
+    print(f"torch {torch.__version__}")
+    with torch.inference_mode():
+        for batch in opts.batch:
+            run(opts.model, batch, opts.rounds)
+
+
+if __name__ == "__main__":
+    main()
