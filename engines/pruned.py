@@ -40,14 +40,13 @@ from engines import pruning, sparse_formats
 from engines.base import Engine, PrepareContext, choice, register
 from engines.base import weight_bytes as plain_weight_bytes
 from engines.cache import cache_key, file_lock
-from engines.quantized import select_linears
+from engines.quantized import check_layers, select_linears
 from engines.surgery import clone, shrink, top_k_sorted
 
 METHODS = ("magnitude", "wanda", "2:4", "structured")
 SCORES = ("magnitude", "wanda")
 FORMATS = ("auto", "dense", "csr", "semi_structured")
 GRANULARITIES = ("layer", "row")
-LAYER_KEYWORDS = ("all_but_head", "all")
 # structured pruning removes whole heads/channels in every block: engine.layers picks which of the two parts
 STRUCTURED_PARTS = {
     ("all_but_head",): ("attention", "feed_forward"),
@@ -93,10 +92,7 @@ class PrunedParams:
             raise ValueError(f"engine.format: {self.format} is for method={' or '.join(fmt_ok)}; allowed for "
                              f"method={self.method}: auto, dense")  # fmt: skip
         layers = self.layers
-        if not layers or not all(isinstance(x, str) and x for x in layers):
-            raise ValueError(f"engine.layers: give all_but_head, all or module-name patterns; got {layers!r}")
-        if len(layers) > 1 and any(x in LAYER_KEYWORDS for x in layers):
-            raise ValueError(f"engine.layers: {' and '.join(LAYER_KEYWORDS)} stand alone; got {list(layers)}")
+        check_layers(layers)
         if self.method == "structured" and tuple(layers) not in STRUCTURED_PARTS:
             raise ValueError(f"engine.layers: method=structured prunes every block alike; allowed: [all_but_head], "
                              f"[attention], [feed_forward]; got {list(layers)}")  # fmt: skip

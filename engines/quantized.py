@@ -60,11 +60,15 @@ class QuantizedParams:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"engine.{name}: {getattr(self, name)!r} is not allowed; allowed: "
                                  f"{', '.join(map(str, allowed))}")  # fmt: skip
-        layers = self.layers
-        if not layers or not all(isinstance(x, str) and x for x in layers):
-            raise ValueError(f"engine.layers: give {' or '.join(LAYER_KEYWORDS)}, {_PATTERN_HELP}; got {layers!r}")
-        if len(layers) > 1 and any(x in LAYER_KEYWORDS for x in layers):
-            raise ValueError(f"engine.layers: {' and '.join(LAYER_KEYWORDS)} stand alone; got {list(layers)}")
+        check_layers(self.layers)
+
+
+def check_layers(layers: tuple[str, ...]) -> None:
+    """``engine.layers`` is one keyword alone or module-name patterns (the quantized and pruned engines)."""
+    if not layers or not all(isinstance(x, str) and x for x in layers):
+        raise ValueError(f"engine.layers: give {' or '.join(LAYER_KEYWORDS)}, {_PATTERN_HELP}; got {layers!r}")
+    if len(layers) > 1 and any(x in LAYER_KEYWORDS for x in layers):
+        raise ValueError(f"engine.layers: {' and '.join(LAYER_KEYWORDS)} stand alone; got {list(layers)}")
 
 
 def _matches(name: str, pattern: str) -> bool:
