@@ -26,7 +26,7 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow" tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check harness engines tests benchmarks
+	$(BIN)/ruff check harness engines hydra_plugins tests benchmarks
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

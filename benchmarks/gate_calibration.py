@@ -9,11 +9,15 @@ change, non-overlapping 95% CIs of the medians): A/A compares A with B, the slow
 (matched on the workload, since the variant differs). Targets: A/A flags at most 1% of points, the slowdown at
 least 95%.
 
-By default the three measurements of a point run back to back (A, C, B, point after point), so that drift of
-the machine over minutes (other jobs starting) lands on both sides of every comparison alike; ``--sequential``
-runs three whole sweeps one after the other instead, as a CI gate against a stored baseline sees it.
+How the three sides are measured (``--mode``), from the least to the most exposed to drift of the machine:
 
-    python benchmarks/gate_calibration.py [--reps 20] [--gen-len 8] [--sequential] [--keep DIR]
+* ``turns`` (default): one sweep under ``hydra/launcher=interleaved``; A, B and C of a workload are timed in
+  turns, one repetition each per round, so drift over seconds lands on all three alike;
+* ``points``: one sweep with the basic launcher; A, C and B of a workload run back to back, each in its own
+  timing window (seconds apart);
+* ``sweeps``: three whole sweeps one after the other, as a gate against a stored baseline sees them.
+
+    python benchmarks/gate_calibration.py [--reps 20] [--gen-len 8] [--mode turns|points|sweeps] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ POINTS = ("workload.batch_size=1,2,4", "workload.prompt_len=8,16,24,32", "seed=0
 N_POINTS = 48
 WORKLOAD = ("model", "batch_size", "prompt_len", "gen_len", "decoding", "num_beams", "device", "dtype", "seed")
 SLOWDOWN = 0.10
+MODES = ("turns", "points", "sweeps")
 
 
 def fixed_overrides(reps: int, gen_len: int) -> list[str]:
@@ -77,7 +82,7 @@ Runner = Callable[..., int]
 
 
 def _split_interleaved(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """A, B and C from one sweep whose jobs run A, C, B per point (A and B share a point key)."""
+    """A, B and C from one sweep whose jobs are A, C, B per point (A and B share a point key)."""
     df = df.sort_values("job")
     slow = df["engine.slowdown"].astype(float) > 0
     base = df[~slow]
@@ -85,7 +90,7 @@ def _split_interleaved(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd
     return base[first], base[~first], df[slow]
 
 
-def calibrate(run: Runner, out: Path, reps: int = 20, gen_len: int = 8, sequential: bool = False) -> Calibration:
+def calibrate(run: Runner, out: Path, reps: int = 20, gen_len: int = 8, mode: str = "turns") -> Calibration:
     """Measure the three sides with ``run`` (``harness.cli.main``-like: a list of arguments, an exit code)
     and gate them."""
     from harness.export import read_points
@@ -104,12 +109,15 @@ def calibrate(run: Runner, out: Path, reps: int = 20, gen_len: int = 8, sequenti
             raise RuntimeError(f"calibration sweep has failed points: {directory}")
         return df
 
-    if sequential:
+    if mode not in MODES:
+        raise ValueError(f"mode: '{mode}' is not one of {', '.join(MODES)}")
+    if mode == "sweeps":
         a = sweep(out / "a", ["+engine.slowdown=0.0"])
         b = sweep(out / "b", ["+engine.slowdown=0.0"])
         c = sweep(out / "c", [f"+engine.slowdown={SLOWDOWN}"])
     else:
-        a, b, c = _split_interleaved(sweep(out / "abc", [f"+engine.slowdown=0.0,{SLOWDOWN},0.0"]))
+        launcher = ["hydra/launcher=interleaved"] if mode == "turns" else []
+        a, b, c = _split_interleaved(sweep(out / "abc", [f"+engine.slowdown=0.0,{SLOWDOWN},0.0", *launcher]))
     seconds = time.perf_counter() - t0
     assert len(a) == len(b) == len(c) == N_POINTS, (len(a), len(b), len(c))
     aa = compare(a, b, Settings())
@@ -132,7 +140,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=20, help="repetitions per point (default 20)")
     ap.add_argument("--gen-len", type=int, default=8, help="generated tokens per repetition (default 8)")
-    ap.add_argument("--sequential", action="store_true", help="three whole sweeps in a row instead of interleaved")
+    ap.add_argument("--mode", choices=MODES, default="turns", help="how the sides are measured (default: turns)")
     ap.add_argument("--keep", type=Path, help="write the sweeps here (default: a temporary directory)")
     opts = ap.parse_args()
     register_test_engines()
@@ -141,7 +149,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = opts.keep or Path(tmp)
         quiet = lambda args: _quietly(harness_main, args)
-        cal = calibrate(quiet, out, opts.reps, opts.gen_len, opts.sequential)
+        cal = calibrate(quiet, out, opts.reps, opts.gen_len, opts.mode)
+    print(f"mode: {opts.mode}")
     print(cal.summary())
     print(noise_floor(cal))
     print(details(cal))

@@ -6,9 +6,11 @@ Pure functions of tables (``harness.export.read_points``: the ``harness.records.
 A timed metric is a regression only when four tests agree, so noise on a shared machine does not cry wolf:
 the Mann-Whitney U test on the raw samples rejects "same distribution" at ``alpha``; the medians moved the
 wrong way by more than the metric's minimum relative change; the order-statistic CIs of the two medians do not
-overlap; and each side has at least ``min_samples`` samples. Anything less is "no change" (measured, within
-noise or threshold) or "unknown" (not comparable: too few samples, timings not representative, different
-environment fingerprints, or not measured on one side).
+overlap; and each side has at least ``min_samples`` samples. Two points timed in turns in one run
+(``hydra/launcher=interleaved``: the same ``turns_id``) pair up by repetition, and the paired versions of the
+tests apply (``decide_paired``): drift of the machine common to a round then cancels. Anything less is
+"no change" (measured, within noise or threshold) or "unknown" (not comparable: too few samples, timings not
+representative, different environment fingerprints, or not measured on one side).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import mannwhitneyu
+from scipy.stats import mannwhitneyu, wilcoxon
 
 from harness.gate_settings import GateInputError, Metric, Settings, check_metric, text_value
 from harness.stats import median_ci
@@ -90,6 +92,47 @@ def decide_samples(
     else:
         v.verdict = REGRESSION if worse else IMPROVEMENT
         v.reason = f"{_pct(change)} (threshold {threshold:.1%}), p={p:.2g}, CIs apart"
+    return v
+
+
+def decide_paired(
+    x: Sequence[float],
+    y: Sequence[float],
+    higher_is_better: bool,
+    threshold: float,
+    alpha: float = 0.01,
+    min_samples: int = 5,
+    confidence: float = 0.95,
+) -> Verdict:
+    """Verdict for base and candidate samples taken in turns (``x[i]`` and ``y[i]`` in the same round): the
+    per-round ratios ``y[i] / x[i]`` cancel what the round shares (the machine's speed at that moment). The
+    Wilcoxon signed-rank test on their logarithms, their median against the threshold, and the median ratio's
+    CI excluding 1 must all agree."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
+    x, y = x[keep], y[keep]
+    if x.size < min_samples:
+        return Verdict(UNKNOWN, f"too few paired samples ({x.size}; need {min_samples})", n_base=x.size,
+                       n_cand=y.size, mode="paired")  # fmt: skip
+    r = np.log(y / x)
+    p = 1.0 if np.all(r == 0) else float(wilcoxon(r, alternative="two-sided").pvalue)
+    lo, hi, _ = median_ci(r, confidence)
+    change = math.expm1(float(np.median(r)))
+    blo, bhi, _ = median_ci(x, confidence)
+    clo, chi, _ = median_ci(y, confidence)
+    v = Verdict(NO_CHANGE, "", float(np.median(x)), float(np.median(y)), change, p, (blo, bhi), (clo, chi), x.size,
+                y.size, mode="paired")  # fmt: skip
+    worse = change < 0 if higher_is_better else change > 0
+    ci = f"ratio CI [{math.exp(lo):.3f}, {math.exp(hi):.3f}]"
+    if abs(change) <= threshold:
+        v.reason = f"{_pct(change)} within ±{threshold:.1%} (paired by round)"
+    elif p >= alpha:
+        v.reason = f"{_pct(change)} but signed-rank p={p:.2g} >= {alpha:g} (paired by round)"
+    elif lo <= 0 <= hi:
+        v.reason = f"{_pct(change)} but the paired {ci} holds 1"
+    else:
+        v.verdict = REGRESSION if worse else IMPROVEMENT
+        v.reason = f"{_pct(change)} (threshold {threshold:.1%}), paired by round: p={p:.2g}, {ci}"
     return v
 
 
@@ -183,6 +226,12 @@ def _representative(row: Mapping[str, Any]) -> bool:
     return str(row.get("timing_representative")).lower() != "false"
 
 
+def _paired(b: Mapping[str, Any], c: Mapping[str, Any]) -> bool:
+    """Both points were timed in the same rounds (one ``turns_id``), so their samples pair up by repetition."""
+    tb, tc = b.get("turns_id"), c.get("turns_id")
+    return isinstance(tb, str) and bool(tb) and tb == tc
+
+
 def _fingerprint(row: Mapping[str, Any]) -> str | None:
     fp = row.get("fingerprint")
     return None if fp is None or (isinstance(fp, float) and math.isnan(fp)) else str(fp)
@@ -198,7 +247,10 @@ def metric_verdict(b: Mapping[str, Any], c: Mapping[str, Any], metric: Metric, s
         v = decide_value(base, cand, metric, threshold)
     else:
         x, y = metric_samples(b, metric), metric_samples(c, metric)
-        if x is not None and y is not None:
+        if x is not None and y is not None and _paired(b, c) and x.size == y.size:
+            v = decide_paired(x, y, metric.higher_is_better, threshold, settings.alpha, settings.min_samples,
+                              settings.confidence)  # fmt: skip
+        elif x is not None and y is not None:
             v = decide_samples(x, y, metric.higher_is_better, threshold, settings.alpha, settings.min_samples,
                                settings.confidence)  # fmt: skip
         else:

@@ -110,7 +110,10 @@ def compare_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threshold", metavar="X", help="default minimum relative change of timed metrics (0.05)")
     p.add_argument("--thresholds", type=Path, metavar="FILE", help="per-metric and per-point thresholds (YAML/JSON)")
-    p.add_argument("--alpha", type=float, default=0.01, help="significance level of the U test (default 0.01)")
+    p.add_argument(
+        "--alpha", type=float, default=0.01,
+        help="significance level of the U test (of the signed-rank test for points timed in turns; default 0.01)",
+    )  # fmt: skip
     p.add_argument("--min-samples", type=int, default=5, help="fewer samples on a side: unknown (default 5)")
     p.add_argument(
         "--allow-env-mismatch",

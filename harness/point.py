@@ -12,13 +12,16 @@ import json
 import logging
 import time
 import traceback
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from engines.base import PrepareContext, engine_info, weight_bytes
 from engines.generate import cache_rows, generate, setup_caches
@@ -33,7 +36,7 @@ from harness.profiling import profile_decode
 from harness.records import point_key, write_record
 from harness.roofline import device_peaks, roofline
 from harness.stats import summarize
-from harness.timing import make_clock, repeat
+from harness.timing import Repetitions, make_clock, repeat
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +102,37 @@ def _quality(spec: PointSpec, model, prepared, corpus: Corpus, trained: bool) ->
     return out
 
 
-def measure(spec: PointSpec, record: dict[str, Any], out_dir: Path) -> None:
-    """Prepare the engine, measure its quality and time generations; fills the record's sections.
+CONVERGE_ON = ("ttft_ms", "tpot_ms")
+
+
+@dataclass
+class TimedPoint:
+    """A point ready to be timed: its prepared engine, one repetition (``rep(i)``) and what ``finish`` needs."""
+
+    spec: PointSpec
+    record: dict[str, Any]
+    prepared: nn.Module
+    rep: Callable[[int], dict[str, Any]]
+    clock: Any
+    heldout: torch.Tensor | None
+    rows: int
+    out_dir: Path
+    prepare_s: float
+
+    def setup_caches(self) -> None:
+        """(Re)allocate the KV caches for this point's workload (another point's quality run may have resized
+        the caches of a model it shares, e.g. the eager reference)."""
+        w = self.spec.workload
+        setup_caches(self.prepared, self.rows, w.prompt_len + w.gen_len)
+
+
+def setup(spec: PointSpec, record: dict[str, Any], out_dir: Path, keep_reference: bool = False) -> TimedPoint:
+    """Prepare the engine and measure its quality; fills the record's reference, engine and quality sections.
 
     The reference model is built (or loaded) only when this point needs it: to prepare a variant the previous
     point did not already prepare, or to measure quality not yet measured. It is then dropped before the timed
-    window unless it is the prepared model itself (eager), so peak memory is the engine's own.
+    window unless it is the prepared model itself (eager) or ``keep_reference`` (points timed in turns prepare
+    one after another from the same reference), so peak memory is the engine's own.
     """
     w = spec.workload
     trained = spec.model.weights == "trained"
@@ -129,7 +157,8 @@ def measure(spec: PointSpec, record: dict[str, Any], out_dir: Path) -> None:
     if spec.quality.enabled:
         record["quality"] = quality or _quality(spec, model, prepared, corpus, trained)
     del model
-    reference.release_reference(keep=prepared)
+    if not keep_reference:
+        reference.release_reference(keep=prepared)
     heldout = corpus.tokens("heldout") if trained else None
     rows = cache_rows(w.batch_size, w.decoding, w.num_beams)
     setup_caches(prepared, rows, w.prompt_len + w.gen_len)
@@ -145,13 +174,28 @@ def measure(spec: PointSpec, record: dict[str, Any], out_dir: Path) -> None:
         itl = iv[1:]
         return {"ttft_ms": iv[0], "tpot_ms": float(itl.mean()), "e2e_ms": float(iv.sum()), "itl_ms": itl}
 
+    return TimedPoint(spec, record, prepared, rep, clock, heldout, rows, out_dir, prepare_s)
+
+
+def measure(spec: PointSpec, record: dict[str, Any], out_dir: Path) -> None:
+    """Prepare the engine, measure its quality and time generations; fills the record's sections."""
+    point = setup(spec, record, out_dir)
     peak = PeakMemory(spec.device)
     rss_before = current_rss_mb()
     sampler = Sampler(spec.device, spec.monitor.interval_s) if spec.monitor.enabled else None
     peak.reset()
-    reps = repeat(rep, spec.policy, converge_on=("ttft_ms", "tpot_ms"), timed_window=lambda: sampler or nullcontext())
-    peak_mb, peak_method = peak.read()
+    reps = repeat(point.rep, spec.policy, CONVERGE_ON, timed_window=lambda: sampler or nullcontext())
+    w = spec.workload
+    monitor = sampler.result(tokens=reps.reps * w.batch_size * w.gen_len) if sampler is not None else None
+    finish(point, reps, peak.read(), rss_before, monitor)
 
+
+def finish(
+    point: TimedPoint, reps: Repetitions, peak: tuple[float, str], rss_before: float, monitor: dict[str, Any] | None
+) -> None:
+    """Fill the record's timing, samples, summary, metrics, monitor, roofline and profile sections."""
+    spec, record, prepared, clock = point.spec, point.record, point.prepared, point.clock
+    w = spec.workload
     caveat = spec.engine.timing_caveat(spec.device)
     record["timing"] = {
         "clock": clock.kind,
@@ -160,12 +204,14 @@ def measure(spec: PointSpec, record: dict[str, Any], out_dir: Path) -> None:
         **reps.to_dict(),
         "representative": caveat is None,
         "caveat": caveat,
+        **record.get("timing", {}),
     }
     record["samples"] = reps.samples
     summary = {k: summarize(v, spec.policy.confidence) for k, v in reps.samples.items()}
     record["summary"] = summary
     b = w.batch_size
     wbytes = weight_bytes(prepared)
+    peak_mb, peak_method = peak
     metrics = record["metrics"] = {
         "decode_tokens_per_s": b * 1000.0 / summary["tpot_ms"]["p50"],
         "prefill_tokens_per_s": b * w.prompt_len * 1000.0 / summary["ttft_ms"]["p50"],
@@ -174,12 +220,12 @@ def measure(spec: PointSpec, record: dict[str, Any], out_dir: Path) -> None:
         "peak_memory_method": peak_method,
         "rss_before_mb": rss_before,
         "weight_bytes": wbytes,
-        "model_build_s": ref_info["build_s"],
-        "prepare_s": prepare_s,
+        "model_build_s": record["reference"]["build_s"],
+        "prepare_s": point.prepare_s,
         "warmup_s": float(np.sum(reps.warmup_times_s)),
     }
-    if sampler is not None:
-        monitor = record["monitor"] = sampler.result(tokens=reps.reps * b * w.gen_len)
+    if monitor is not None:
+        record["monitor"] = monitor
         source = monitor["aggregates"].get(monitor["util_source"])
         metrics["util_mean"] = source["mean"] if source else None
         metrics["energy_j_per_token"] = monitor["energy_j_per_token"]
@@ -189,14 +235,14 @@ def measure(spec: PointSpec, record: dict[str, Any], out_dir: Path) -> None:
             {"bandwidth_gbs": spec.roofline.bandwidth_gbs, "tflops": spec.roofline.tflops},
         )  # fmt: skip
         roof = record["roofline"] = roofline(
-            getattr(prepared, "args", spec.model.args), wbytes, spec.dtype.itemsize, rows, w.prompt_len, w.gen_len,
-            summary["tpot_ms"]["p50"], summary["ttft_ms"]["p50"], peaks,
+            getattr(prepared, "args", spec.model.args), wbytes, spec.dtype.itemsize, point.rows, w.prompt_len,
+            w.gen_len, summary["tpot_ms"]["p50"], summary["ttft_ms"]["p50"], peaks,
         )  # fmt: skip
         metrics["mbu"], metrics["mfu"] = roof["decode"]["mbu"], roof["prefill"]["mfu"]
     if spec.profile.enabled:
         record["profile"] = profile_decode(
-            prepared, _prompt(spec, 10**6, heldout), w.decoding, w.num_beams, rows, spec.profile.steps, out_dir,
-            spec.device,
+            prepared, _prompt(spec, 10**6, point.heldout), w.decoding, w.num_beams, point.rows, spec.profile.steps,
+            point.out_dir, spec.device,
         )  # fmt: skip
 
 
@@ -210,35 +256,26 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OOM_MESSAGES)
 
 
-def run_point(
-    spec: PointSpec, out_dir: Path, sweep: dict[str, Any] | None = None, timeout_s: float | None = None
-) -> dict[str, Any]:
-    """Measure one point and write its record into ``out_dir``; returns the record.
-
-    Never raises for a problem of the point itself: it is recorded as ``skipped`` (engine unavailable here),
-    ``oom``, ``timeout`` (``timeout_s`` passed) or ``failed``, memory is released, and the sweep goes on.
-    """
+def new_record(spec: PointSpec, sweep: dict[str, Any] | None) -> dict[str, Any]:
+    """The record's skeleton: identity, key, config and sweep, before any work."""
     ident = identity(spec)
-    started = time.time()
-    record: dict[str, Any] = {
+    return {
         "status": None,
         "error": None,
         "point_key": point_key(ident),
         "identity": ident,
         "config": spec.cfg,
         "sweep": sweep or {},
-        "started_at": datetime.fromtimestamp(started, UTC).isoformat(),
+        "started_at": datetime.fromtimestamp(time.time(), UTC).isoformat(),
     }
-    torch.manual_seed(spec.seed)
+
+
+@contextmanager
+def guarded(record: dict[str, Any]) -> Iterator[None]:
+    """Turn a failure of the point into its record's status (``timeout``, ``oom`` or ``failed``, with the
+    message and traceback) instead of an exception; what the failure left allocated is released."""
     try:
-        with deadline(timeout_s):
-            record["env"] = fingerprint(spec.device)
-            reason = spec.engine.available(spec.device)
-            if reason:
-                record["status"], record["error"] = "skipped", reason
-            else:
-                measure(spec, record, out_dir)
-                record["status"] = "ok"
+        yield
     except PointTimeout as exc:
         record["status"], record["error"] = "timeout", str(exc)
         record["traceback"] = traceback.format_exc()
@@ -251,9 +288,37 @@ def run_point(
     finally:
         if record["status"] in ("failed", "oom", "timeout"):
             reference.release()  # whatever the failure left allocated goes, so the next point has the memory
-        record.setdefault("env", {})
-        record["duration_s"] = time.time() - started
-        write_record(out_dir, record)
-        if spec.device.type == "cuda":
-            torch.cuda.empty_cache()
+
+
+def close_record(record: dict[str, Any], spec: PointSpec, out_dir: Path, started: float) -> None:
+    """Write the record (atomically), whatever its status."""
+    record.setdefault("env", {})
+    record["duration_s"] = time.time() - started
+    write_record(out_dir, record)
+    if spec.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_point(
+    spec: PointSpec, out_dir: Path, sweep: dict[str, Any] | None = None, timeout_s: float | None = None
+) -> dict[str, Any]:
+    """Measure one point and write its record into ``out_dir``; returns the record.
+
+    Never raises for a problem of the point itself: it is recorded as ``skipped`` (engine unavailable here),
+    ``oom``, ``timeout`` (``timeout_s`` passed) or ``failed``, memory is released, and the sweep goes on.
+    """
+    started = time.time()
+    record = new_record(spec, sweep)
+    torch.manual_seed(spec.seed)
+    try:
+        with guarded(record), deadline(timeout_s):
+            record["env"] = fingerprint(spec.device)
+            reason = spec.engine.available(spec.device)
+            if reason:
+                record["status"], record["error"] = "skipped", reason
+            else:
+                measure(spec, record, out_dir)
+                record["status"] = "ok"
+    finally:
+        close_record(record, spec, out_dir, started)
     return record

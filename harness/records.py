@@ -66,6 +66,10 @@ SCALAR_COLUMNS: dict[str, tuple[str, ...]] = {
     "converged": ("timing", "converged"),
     "stop_reason": ("timing", "stop_reason"),
     "clock": ("timing", "clock"),
+    # how many points were timed in turns with this one (hydra/launcher=interleaved); NaN: timed on its own
+    "timed_in_turns": ("timing", "interleaved", "points"),
+    # the same id on two points: timed in the same rounds, so their samples pair up by repetition (harness compare)
+    "turns_id": ("timing", "interleaved", "id"),
     "point_key": ("point_key",),
     "fingerprint": ("env", "id"),
     "git_sha": ("env", "git", "sha"),
@@ -95,6 +99,7 @@ NUMERIC_COLUMNS = {
     "fidelity_kl",
     "ppl",
     "n_reps",
+    "timed_in_turns",
     "duration_s",
 }
 

@@ -3,7 +3,9 @@
 Points of a sweep usually share a model and differ in engine or batch size. Building a 350M-parameter model
 takes seconds and preparing an engine (quantizing, pruning, distilling) can take longer, so the last reference
 and the last prepared engine are kept. Only one of each: a new shape frees the old one first, so two large
-models never sit in memory together. Trained weights come from the checkpoint cache (training on first use).
+models never sit in memory together. Points timed in turns (harness.interleave) need several prepared engines
+at once: ``hold`` names the variants that stay prepared until the group is done. Trained weights come from the
+checkpoint cache (training on first use).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from harness.training import ensure_trained, load_trained
 
 _reference: tuple[str, Transformer] | None = None
 _reference_info: dict[str, dict[str, Any]] = {}
-_prepared: tuple[str, nn.Module] | None = None
+_prepared: dict[str, nn.Module] = {}  # the last prepared engine, or the held ones
+_held: set[str] = set()
 
 
 def reference_key(spec: PointSpec) -> str:
@@ -38,7 +41,7 @@ def reference_key(spec: PointSpec) -> str:
     return json.dumps(parts, sort_keys=True, default=str)
 
 
-def _prepared_key(spec: PointSpec) -> str:
+def prepared_key(spec: PointSpec) -> str:
     return json.dumps([reference_key(spec), spec.engine.name, spec.engine.param_dict()], sort_keys=True, default=str)
 
 
@@ -59,16 +62,28 @@ def _free() -> None:
 
 
 def release() -> None:
-    global _reference, _prepared
-    _reference = _prepared = None
+    global _reference
+    _reference = None
+    _prepared.clear()
+    _held.clear()
     _free()
 
 
-def release_reference(keep: nn.Module) -> None:
-    """Drop the reference unless ``keep`` is the reference itself, so that the timed window holds only what the
-    engine uses (its peak memory is then the engine's, not the engine's plus a second model)."""
+def hold(keys: set[str]) -> None:
+    """Keep the engines prepared under ``keys`` (``prepared_key``) when others are prepared; drop every other."""
+    _held.clear()
+    _held.update(keys)
+    for key in [k for k in _prepared if k not in keys]:
+        del _prepared[key]
+    _free()
+
+
+def release_reference(keep: nn.Module | list[nn.Module]) -> None:
+    """Drop the reference unless it is one of ``keep`` (an engine that is the reference itself), so that the
+    timed window holds only what the engines use (peak memory is then theirs, not theirs plus a second model)."""
     global _reference
-    if _reference is not None and _reference[1] is not keep:
+    kept = keep if isinstance(keep, list) else [keep]
+    if _reference is not None and not any(_reference[1] is m for m in kept):
         _reference = None
         _free()
 
@@ -103,18 +118,16 @@ def reference_info(spec: PointSpec) -> dict[str, Any]:
 
 
 def cached_prepared(spec: PointSpec) -> nn.Module | None:
-    """The prepared engine of the previous point when it had the same reference and variant."""
-    if _prepared is not None and _prepared[0] == _prepared_key(spec):
-        return _prepared[1]
-    return None
+    """The prepared engine of the previous point (or a held one) when it had the same reference and variant."""
+    return _prepared.get(prepared_key(spec))
 
 
 def prepare(spec: PointSpec, model: nn.Module, ctx: PrepareContext) -> tuple[nn.Module, float]:
     """``spec.engine.prepare(model, ctx)``, kept for the next points of the same variant."""
-    global _prepared
-    _prepared = None
+    for key in [k for k in _prepared if k not in _held]:
+        del _prepared[key]
     _free()
     t0 = time.perf_counter()
     prepared = spec.engine.prepare(model, ctx)
-    _prepared = (_prepared_key(spec), prepared)
+    _prepared[prepared_key(spec)] = prepared
     return prepared, time.perf_counter() - t0

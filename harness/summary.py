@@ -59,7 +59,24 @@ def summary_table(df: pd.DataFrame) -> str:
         if r.get("timing_representative") is False:
             row["status"] += " [timing not representative]"
         rows.append(row)
-    return pd.DataFrame(rows).to_string(index=False)
+    return pd.DataFrame(rows).to_string(index=False) + _ratio_note(view)
+
+
+def _ratio_note(view: pd.DataFrame) -> str:
+    """How far the x-eager ratios can be trusted: points timed in turns share the machine's drift; points
+    timed one after another do not."""
+    if "speedup_tpot" not in view or not view["speedup_tpot"].notna().any():
+        return ""
+    ranked = view[view["speedup_tpot"].notna()]
+    if "timed_in_turns" in ranked and ranked["timed_in_turns"].notna().all():
+        return (
+            "\n(x eager: each point timed in turns with eager, one repetition each per round, so drift of the "
+            "machine lands on both alike)"
+        )
+    return (
+        "\n(x eager: points timed one after another; on a machine whose speed drifts, time them in turns with "
+        "hydra/launcher=interleaved)"
+    )
 
 
 def status_counts(df: pd.DataFrame) -> str:

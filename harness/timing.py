@@ -11,7 +11,8 @@ it from every interval, so the figures are the work's, not the timer's.
 
 ``repeat`` warms up until timings are stable (compilation and autotuning finish during warm-up), then repeats
 until the median's confidence interval is within the policy's target or the time budget ends. Every raw
-sample is kept.
+sample is kept. ``repeat_in_turns`` times several warmed-up points one repetition each per round, so that drift
+of the machine lands on all of them alike.
 """
 
 from __future__ import annotations
@@ -185,6 +186,15 @@ def repeat(
     manager factory, e.g. a utilization sampler) is entered around the timed repetitions only.
     """
     res = Repetitions()
+    warm_up(fn, policy, res)
+    gc.collect()
+    with timed_window() if timed_window is not None else nullcontext():
+        _timed_loop(fn, policy, converge_on, res)
+    return res
+
+
+def warm_up(fn: RepFn, policy: Policy, res: Repetitions) -> None:
+    """Run ``fn`` untimed until its repetition times are stable (see ``repeat``); their durations go to ``res``."""
     gc.collect()
     t_start = time.perf_counter()
     i = 0
@@ -200,10 +210,24 @@ def repeat(
         prev, last = res.warmup_times_s[-2:]
         if abs(last - prev) <= policy.warmup_stable_rel * prev:
             break
-    gc.collect()
-    with timed_window() if timed_window is not None else nullcontext():
-        _timed_loop(fn, policy, converge_on, res)
-    return res
+
+
+def _add_samples(res: Repetitions, out: dict[str, Any]) -> None:
+    res.reps += 1
+    for key, value in out.items():
+        bucket = res.samples.setdefault(key, [])
+        if isinstance(value, list | tuple | np.ndarray):
+            bucket.extend(float(v) for v in value)
+        else:
+            bucket.append(float(value))
+
+
+def _within_target(res: Repetitions, policy: Policy, converge_on: tuple[str, ...]) -> bool:
+    """Update the CI half-widths of ``converge_on`` and say whether all are within the policy's target."""
+    for key in converge_on:
+        lo, hi, _ = median_ci(res.samples[key], policy.confidence)
+        res.ci_rel_halfwidth[key] = ci_relative_halfwidth(lo, hi, float(np.median(res.samples[key])))
+    return all(res.ci_rel_halfwidth[k] <= policy.target_ci for k in converge_on)
 
 
 def _timed_loop(fn: RepFn, policy: Policy, converge_on: tuple[str, ...], res: Repetitions) -> None:
@@ -211,22 +235,13 @@ def _timed_loop(fn: RepFn, policy: Policy, converge_on: tuple[str, ...], res: Re
     t0 = time.perf_counter()
     while True:
         out, _ = _run_rep(fn, res.reps, policy.disable_gc)
-        res.reps += 1
-        for key, value in out.items():
-            bucket = res.samples.setdefault(key, [])
-            if isinstance(value, list | tuple | np.ndarray):
-                bucket.extend(float(v) for v in value)
-            else:
-                bucket.append(float(value))
+        _add_samples(res, out)
         res.elapsed_s = time.perf_counter() - t0
         due = res.reps >= next_check or res.reps >= policy.max_reps or res.elapsed_s >= policy.max_time_s
         if due and res.reps >= policy.min_reps:
             # the CI costs a sort: check it at geometrically spaced counts so bookkeeping stays O(log n) per sample
             next_check = max(res.reps + 1, int(res.reps * 1.1))
-            for key in converge_on:
-                lo, hi, _ = median_ci(res.samples[key], policy.confidence)
-                res.ci_rel_halfwidth[key] = ci_relative_halfwidth(lo, hi, float(np.median(res.samples[key])))
-            if all(res.ci_rel_halfwidth[k] <= policy.target_ci for k in converge_on):
+            if _within_target(res, policy, converge_on):
                 res.stop_reason, res.converged = "converged", True
                 break
             if res.reps >= policy.max_reps:
@@ -235,6 +250,56 @@ def _timed_loop(fn: RepFn, policy: Policy, converge_on: tuple[str, ...], res: Re
             if res.elapsed_s >= policy.max_time_s:
                 res.stop_reason = "time_budget"
                 break
+
+
+def repeat_in_turns(
+    fns: list[RepFn], policy: Policy, converge_on: tuple[str, ...], warmed: list[Repetitions]
+) -> list[Repetitions | BaseException]:
+    """Timed repetitions of several already warmed-up points taken in turns: one repetition of each per round.
+
+    Drift of the machine (clock changes, other tenants) then lands on every point alike, so their ratios hold
+    even where the absolute speed wanders between rounds. The order rotates every round so that no point always
+    runs right after the same neighbour. All points take the same number of rounds: the group stops when every
+    point's CI is within the target (after ``min_reps``), at ``max_reps`` rounds, or when ``max_time_s`` per
+    point (the group's budget is the points' budgets together) is spent. A point whose repetition raises leaves
+    the rotation and its slot holds the exception; the others go on.
+    """
+    out: list[Repetitions | BaseException] = list(warmed)
+    active = list(range(len(fns)))
+    budget_s = policy.max_time_s * len(fns)
+    next_check, rounds = policy.min_reps, 0
+    gc.collect()
+    t0 = time.perf_counter()
+    while active:
+        shift = rounds % len(active)
+        for k in active[shift:] + active[:shift]:
+            res = out[k]
+            assert isinstance(res, Repetitions)
+            try:
+                sample, _ = _run_rep(fns[k], res.reps, policy.disable_gc)
+            except Exception as exc:
+                out[k] = exc
+                continue
+            _add_samples(res, sample)
+        active = [k for k in active if isinstance(out[k], Repetitions)]
+        rounds += 1
+        elapsed = time.perf_counter() - t0
+        due = rounds >= next_check or rounds >= policy.max_reps or elapsed >= budget_s
+        if not active or not due or rounds < policy.min_reps:
+            continue
+        next_check = max(rounds + 1, int(rounds * 1.1))
+        within = [_within_target(out[k], policy, converge_on) for k in active]  # type: ignore[arg-type]
+        reason = "converged" if all(within) else "max_reps" if rounds >= policy.max_reps else (
+            "time_budget" if elapsed >= budget_s else None
+        )  # fmt: skip
+        if reason is None:
+            continue
+        for k, ok in zip(active, within, strict=True):
+            res = out[k]
+            assert isinstance(res, Repetitions)
+            res.elapsed_s, res.stop_reason, res.converged = elapsed, reason, ok
+        break
+    return out
 
 
 def measure_callable(

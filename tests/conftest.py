@@ -268,6 +268,7 @@ def _synthetic_point(
     caveat: str | None = None,
     quality: dict | None = None,
     peak_memory_mb: float = 100.0,
+    turns_id: str | None = None,
 ) -> dict:
     """Write one record that follows docs/record-schema.md, with the given raw samples (ITL gaps are the
     TPOT of each repetition, repeated ``gaps_per_rep`` times, so TPOT stays their mean)."""
@@ -325,6 +326,8 @@ def _synthetic_point(
             "caveat": caveat,
             "policy": {"min_reps": 5, "max_time_s": 2.0, "disable_gc": True},
         }
+        if turns_id is not None:  # timed in turns with the other points carrying this id (one round per sample)
+            record["timing"]["interleaved"] = {"id": turns_id, "points": 2, "position": 0, "rounds": len(tpot)}
         record["metrics"] = {
             "decode_tokens_per_s": batch_size * 1000 / summary["tpot_ms"]["p50"],
             "peak_memory_mb": peak_memory_mb,

@@ -14,7 +14,16 @@ import pytest
 import yaml
 
 from harness.export import read_points
-from harness.gate import IMPROVEMENT, NO_CHANGE, REGRESSION, UNKNOWN, compare, decide_samples, decide_value
+from harness.gate import (
+    IMPROVEMENT,
+    NO_CHANGE,
+    REGRESSION,
+    UNKNOWN,
+    compare,
+    decide_paired,
+    decide_samples,
+    decide_value,
+)  # fmt: skip
 from harness.gate_settings import METRICS, GateInputError, Settings, Thresholds, load_thresholds
 from harness.records import RECORD_NAME
 
@@ -416,3 +425,57 @@ def test_the_workflow_example_runs_real_commands(compose_cfg):
     uses = {s["uses"].split("@")[0]: s for s in steps if "uses" in s}
     assert {"actions/cache/save", "actions/cache/restore"} <= set(uses)
     assert uses["benchmark-action/github-action-benchmark"]["with"]["tool"] == "pytest"
+
+
+# --- points timed in turns: paired by round ------------------------------------------------------------------
+
+
+def _drifting(n: int, seed: int) -> np.ndarray:
+    """The machine's speed per round: wanders by a factor of two, as a shared VM's does over seconds."""
+    rng = np.random.default_rng(seed)
+    return np.exp(np.cumsum(rng.normal(0, 0.15, n))).clip(0.5, 2.0)
+
+
+def test_paired_rounds_see_through_drift_that_hides_a_slowdown_from_unpaired_tests():
+    rng = np.random.default_rng(7)
+    speed = _drifting(20, 3)
+    base = 2.0 * speed * rng.lognormal(0, 0.02, 20)
+    slow = 2.2 * speed * rng.lognormal(0, 0.02, 20)  # 10% slower in every round
+    same = 2.0 * speed * rng.lognormal(0, 0.02, 20)
+    unpaired = decide_samples(base, slow, higher_is_better=False, threshold=0.05)
+    assert unpaired.verdict == NO_CHANGE  # drift swamps the slowdown for any test on independent samples
+    v = decide_paired(base, slow, higher_is_better=False, threshold=0.05)
+    assert v.verdict == REGRESSION and v.mode == "paired" and 0.08 < v.change < 0.12
+    assert "paired by round" in v.reason
+    assert decide_paired(base, same, higher_is_better=False, threshold=0.05).verdict == NO_CHANGE
+    faster = decide_paired(slow, base, higher_is_better=False, threshold=0.05)
+    assert faster.verdict == IMPROVEMENT
+
+
+def test_paired_aa_false_alarms_stay_under_one_percent_and_small_changes_are_no_change():
+    alarms = 0
+    for trial in range(300):
+        rng = np.random.default_rng(trial)
+        speed = _drifting(20, 1000 + trial)
+        x, y = (2.0 * speed * rng.lognormal(0, 0.05, 20) for _ in range(2))
+        alarms += decide_paired(x, y, higher_is_better=False, threshold=0.05).verdict == REGRESSION
+    assert alarms / 300 <= 0.01
+    rng = np.random.default_rng(1)
+    x = 2.0 * rng.lognormal(0, 0.01, 30)
+    v = decide_paired(x, x * 1.02, higher_is_better=False, threshold=0.05)
+    assert v.verdict == NO_CHANGE and "within" in v.reason  # significant, but under the minimum change
+    assert decide_paired(x[:3], x[:3], False, 0.05).verdict == UNKNOWN
+
+
+def test_compare_pairs_only_points_timed_in_the_same_rounds(tmp_path, synthetic_point):
+    speed = _drifting(20, 5)
+    rng = np.random.default_rng(2)
+    tpot_a, tpot_c = list(2.0 * speed * rng.lognormal(0, 0.02, 20)), list(2.2 * speed * rng.lognormal(0, 0.02, 20))
+    ttft = list(10 * speed)
+    match = Settings(match=("model", "batch_size", "prompt_len", "gen_len"))
+    for turns, expected, mode in (("t1", REGRESSION, "paired"), (None, NO_CHANGE, "samples")):
+        base = _side(tmp_path / str(turns), "a", synthetic_point, [dict(tpot=tpot_a, ttft=ttft, turns_id=turns)])
+        cand = _side(tmp_path / str(turns), "c", synthetic_point,
+                     [dict(tpot=tpot_c, ttft=ttft, variant="slowed", turns_id=turns)])  # fmt: skip
+        rows = compare(base, cand, match).rows.set_index("metric")
+        assert rows.loc["tpot_ms", "verdict"] == expected and rows.loc["tpot_ms", "mode"] == mode

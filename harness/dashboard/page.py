@@ -135,8 +135,10 @@ def gate_section(doc: dict[str, Any]) -> str:
     shown = rows[rows["verdict"] != "no change"]
     quiet = len(rows) - len(shown)
     body = table(GATE_HEADERS, verdict_table(shown), [v.replace(" ", "-") for v in shown["verdict"]])
-    return head + (f"<div class='scroll'>{body}</div>" if len(shown) else "") + (
-        f"<p class='note'>{quiet} metric(s) with no change not listed.</p>" if quiet else ""
+    return (
+        head
+        + (f"<div class='scroll'>{body}</div>" if len(shown) else "")
+        + (f"<p class='note'>{quiet} metric(s) with no change not listed.</p>" if quiet else "")
     )
 
 

@@ -1,0 +1,196 @@
+"""Points of a sweep timed in turns, so that their ratios survive a machine whose speed drifts.
+
+A sweep's points normally run one after another, each timed in its own window. On a shared or throttling
+machine the speed wanders over seconds to minutes, and a ratio between two points timed minutes apart carries
+that drift. Here the points of a group (by default those that differ only in their engine: same model,
+workload, device, dtype, seed and policy) are prepared together, warmed up one by one, and then timed one
+repetition each per round, the order rotating every round. Drift then lands on every point of the group alike.
+
+The cost: the group's engines are resident together, so a point's peak memory and its utilization and energy
+window are the group's, and the records say so. Time a sweep point by point (the basic launcher) where those
+figures matter per point. Used by the ``interleaved`` Hydra launcher (hydra_plugins/harness_launcher).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness import reference
+from harness.config import ConfigError, PointSpec
+from harness.env import fingerprint
+from harness.isolation import PointTimeout, deadline
+from harness.memory import PeakMemory, current_rss_mb
+from harness.monitor import Sampler
+from harness.point import CONVERGE_ON, TimedPoint, close_record, finish, guarded, identity, new_record, setup
+from harness.timing import Repetitions, repeat_in_turns, warm_up
+
+log = logging.getLogger(__name__)
+
+ENGINE_FIELDS = ("engine", "variant", "engine_params")
+
+# Records measured by the launcher, by resolved output directory, for the task of each job to report.
+RESULTS: dict[str, dict[str, Any]] = {}
+
+
+@dataclass
+class Job:
+    spec: PointSpec
+    out_dir: Path
+    sweep: dict[str, Any]
+
+
+@dataclass
+class _Entry:
+    job: Job
+    record: dict[str, Any]
+    started: float
+    point: TimedPoint | None = None
+    warm: Repetitions = field(default_factory=Repetitions)
+
+
+def take(out_dir: Path) -> dict[str, Any] | None:
+    """The record measured for the job writing into ``out_dir``, if the launcher measured it (once)."""
+    return RESULTS.pop(str(Path(out_dir).resolve()), None)
+
+
+def group_key(spec: PointSpec) -> str:
+    """Points with equal keys are timed in turns: all but the engine's fields of the identity, the policy and
+    the monitor settings. (Two workloads never share a group: an engine's KV cache is sized for one.)"""
+    ident = {k: v for k, v in identity(spec).items() if k not in ENGINE_FIELDS}
+    return json.dumps([ident, spec.policy.__dict__, spec.monitor.__dict__], sort_keys=True, default=str)
+
+
+def groups(jobs: Sequence[Job]) -> list[list[Job]]:
+    """Jobs grouped by ``group_key``, groups in the order of their first job, jobs in sweep order."""
+    out: dict[str, list[Job]] = {}
+    for job in jobs:
+        out.setdefault(group_key(job.spec), []).append(job)
+    return list(out.values())
+
+
+def check(jobs: Sequence[Job]) -> None:
+    """What cannot be timed in turns, as a one-line error before any work."""
+    for job in jobs:
+        if job.spec.isolate:
+            raise ConfigError(
+                "isolate: true cannot be combined with hydra/launcher=interleaved (the points of a group are timed "
+                "in turns in one process); use the basic or a submitit launcher to isolate points"
+            )
+
+
+def run(jobs: Sequence[Job]) -> None:
+    """Measure every job, group after group; each record is written to its job's directory and kept in
+    ``RESULTS`` for the job's task."""
+    check(jobs)
+    plan = groups(jobs)
+    for i, members in enumerate(plan):
+        upcoming = plan[i + 1] if i + 1 < len(plan) else []
+        keep = {reference.prepared_key(j.spec) for j in members + upcoming}
+        reference.hold(keep)  # engines the next group uses again stay prepared (e.g. batch 1, then batch 8)
+        names = ", ".join(j.spec.engine.variant() for j in members)
+        log.info("group %d/%d: %d point(s) timed in turns: %s", i + 1, len(plan), len(members), names)
+        for job, record in zip(members, run_group(members), strict=True):
+            RESULTS[str(job.out_dir.resolve())] = record
+    reference.hold(set())
+
+
+def run_group(jobs: Sequence[Job]) -> list[dict[str, Any]]:
+    """Prepare and warm up each job of one group, time them in turns, and write their records."""
+    entries = [_prepare(job) for job in jobs]
+    ready = [e for e in entries if e.point is not None]
+    reference.release_reference(keep=[e.point.prepared for e in ready])  # type: ignore[union-attr]
+    for e in ready:
+        _warm_up(e)
+    ready = [e for e in ready if e.point is not None]
+    if ready:
+        _time_in_turns(ready)
+    for e in entries:
+        close_record(e.record, e.job.spec, e.job.out_dir, e.started)
+        e.point = None  # the prepared engine goes with the group (unless held for the next one)
+    return [e.record for e in entries]
+
+
+def _prepare(job: Job) -> _Entry:
+    """Set up one job (engine, quality); a skipped or failed job has its record's status set and no point."""
+    spec = job.spec
+    entry = _Entry(job, new_record(spec, job.sweep), time.time())
+    record = entry.record
+    torch.manual_seed(spec.seed)
+    with guarded(record), deadline(spec.policy.timeout_s):
+        record["env"] = fingerprint(spec.device)
+        reason = spec.engine.available(spec.device)
+        if reason:
+            record["status"], record["error"] = "skipped", reason
+            return entry
+        entry.point = setup(spec, record, job.out_dir, keep_reference=True)
+    if record["status"] is not None:
+        entry.point = None
+    return entry
+
+
+def _warm_up(entry: _Entry) -> None:
+    """Warm up one prepared job (after every job of the group is prepared, so the caches are its own)."""
+    spec, point = entry.job.spec, entry.point
+    assert point is not None
+    with guarded(entry.record), deadline(spec.policy.timeout_s):
+        point.setup_caches()
+        warm_up(point.rep, spec.policy, entry.warm)
+    if entry.record["status"] is not None:
+        entry.point = None
+
+
+def _time_in_turns(ready: list[_Entry]) -> None:
+    spec = ready[0].job.spec  # a group shares device, workload, policy and monitor settings
+    policy, w = spec.policy, spec.workload
+    peak = PeakMemory(spec.device)
+    rss_before = current_rss_mb()
+    sampler = Sampler(spec.device, spec.monitor.interval_s) if spec.monitor.enabled else None
+    limit = policy.timeout_s * len(ready) if policy.timeout_s else None
+    peak.reset()
+    try:
+        with sampler or nullcontext(), deadline(limit):
+            results = repeat_in_turns([e.point.rep for e in ready], policy, CONVERGE_ON, [e.warm for e in ready])
+    except PointTimeout as exc:
+        results = [exc] * len(ready)
+    peak_mb, method = peak.read()
+    keys = [e.record["point_key"] for e in ready]
+    turns_id = uuid.uuid4().hex[:16]
+    rounds = max((r.reps for r in results if isinstance(r, Repetitions)), default=0)
+    monitor = None
+    if sampler is not None and hasattr(sampler, "window_s"):
+        tokens = sum(r.reps for r in results if isinstance(r, Repetitions)) * w.batch_size * w.gen_len
+        monitor = sampler.result(tokens=tokens)
+    shared = f"shared by the {len(ready)} points timed in turns (their engines resident together)"
+    for i, (e, res) in enumerate(zip(ready, results, strict=True)):
+        with guarded(e.record):
+            if isinstance(res, BaseException):
+                raise res
+            e.record["timing"] = {
+                "interleaved": {"id": turns_id, "points": len(ready), "position": i, "rounds": rounds, "group": keys},
+            }
+            finish(e.point, res, (peak_mb, f"{method}, {shared}"), rss_before, _shared_monitor(monitor, shared))
+            e.record["status"] = "ok"
+
+
+def _shared_monitor(monitor: dict[str, Any] | None, shared: str) -> dict[str, Any] | None:
+    """The group's monitor section for one of its points: utilization as the group's, energy per token not
+    attributed (the window's energy is the group's, spent by several engines)."""
+    if monitor is None:
+        return None
+    out = copy.deepcopy(monitor)
+    out["shared"] = shared
+    if out.get("energy_j") is not None:
+        out["missing"]["energy_j_per_token"] = f"not attributed to one point: the energy window is {shared}"
+    out["energy_j_per_token"] = None
+    return out

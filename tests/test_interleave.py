@@ -1,0 +1,91 @@
+"""Points timed in turns: the rotation of ``repeat_in_turns`` and the ``interleaved`` Hydra launcher end to end."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import QUICK
+
+from harness.records import load
+from harness.timing import Policy, Repetitions, repeat_in_turns
+
+
+def _policy(**kw) -> Policy:
+    base = dict(min_reps=3, max_reps=6, max_time_s=60.0, target_ci=1e-9, disable_gc=False)
+    return Policy(**{**base, **kw})
+
+
+def _fns(calls: list[str], names: str, fail: dict[str, int] | None = None):
+    def make(name: str):
+        def rep(i: int) -> dict[str, float]:
+            if fail and name in fail and i >= fail[name]:
+                raise RuntimeError(f"{name} broke at repetition {i}")
+            calls.append(name)
+            return {"t": 1.0 + 0.01 * (i % 3)}
+
+        return rep
+
+    return [make(n) for n in names]
+
+
+def test_rounds_take_one_repetition_each_and_rotate():
+    calls: list[str] = []
+    out = repeat_in_turns(_fns(calls, "abc"), _policy(), ("t",), [Repetitions() for _ in range(3)])
+    assert [r.reps for r in out] == [6, 6, 6]  # every point the same number of rounds (max_reps)
+    rounds = ["".join(calls[i : i + 3]) for i in range(0, len(calls), 3)]
+    assert rounds == ["abc", "bca", "cab", "abc", "bca", "cab"]  # no point always follows the same one
+    assert all(r.stop_reason == "max_reps" and not r.converged for r in out)
+
+
+def test_group_stops_when_every_point_converges():
+    calls: list[str] = []
+    out = repeat_in_turns(
+        _fns(calls, "ab"), _policy(target_ci=10.0, max_reps=50), ("t",), [Repetitions(), Repetitions()]
+    )
+    assert [r.reps for r in out] == [3, 3] and all(r.converged and r.stop_reason == "converged" for r in out)
+
+
+def test_a_failing_point_leaves_the_rotation_and_the_others_go_on():
+    calls: list[str] = []
+    out = repeat_in_turns(_fns(calls, "abc", fail={"b": 2}), _policy(), ("t",), [Repetitions() for _ in range(3)])
+    assert isinstance(out[1], RuntimeError) and "repetition 2" in str(out[1])
+    assert out[0].reps == out[2].reps == 6
+    assert calls.count("b") == 2
+
+
+def test_interleaved_launcher_times_each_workload_in_turns(run_harness, tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    code = run_harness(
+        "run", "-m", "engine.name=eager,unranked-test,failing-test", "model=tiny", "model.weights=random",
+        "workload.batch_size=1,2", *QUICK, "hydra/launcher=interleaved", f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    df = load(sweep)
+    assert len(df) == 6 and sorted(df.job) == list(range(6))  # one record per job, in its own job directory
+    ok = df[df.status == "ok"]
+    assert len(ok) == 4 and ok.timed_in_turns.eq(2).all()  # the failing engine's point left each group
+    failed = df[df.status == "failed"]
+    assert len(failed) == 2 and failed.error.str.contains("injected failure").all()
+    for batch in (1, 2):
+        group = ok[ok.batch_size == batch]
+        assert group.n_reps.nunique() == 1  # timed in the same rounds
+        records = [json.loads((sweep / str(j) / "record.json").read_text()) for j in group.job]
+        keys = [set(r["timing"]["interleaved"]["group"]) for r in records]
+        assert keys[0] == keys[1] == set(group.point_key)
+        assert all("shared by the 2 points" in r["metrics"]["peak_memory_method"] for r in records)
+        assert all(r["monitor"]["energy_j_per_token"] is None and r["monitor"]["shared"] for r in records)
+    assert "each point timed in turns with eager" in out
+
+
+def test_interleaved_launcher_resumes_and_refuses_isolation(run_harness, tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    args = ["run", "-m", "engine.name=eager", "model=tiny", "model.weights=random", "workload.batch_size=1",
+            *QUICK, "hydra/launcher=interleaved", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    assert run_harness(*args) == 0
+    first = load(sweep).started_at.tolist()
+    assert run_harness(*args, "resume=true") == 0
+    assert load(sweep).started_at.tolist() == first  # measured ok already: not measured again
+    capsys.readouterr()
+    assert run_harness(*args[:-1], f"hydra.sweep.dir={tmp_path / 'isolated'}", "isolate=true") == 2
+    assert "isolate: true cannot be combined with hydra/launcher=interleaved" in capsys.readouterr().err
