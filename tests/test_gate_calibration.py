@@ -23,4 +23,4 @@ def test_gate_calibration_aa_and_injected_slowdown(run_harness, tmp_path, capsys
         print(f"\n{cal.summary()}\n{noise_floor(cal)}\n{details(cal)}")
     assert cal.rate(cal.aa) <= 0.01
     assert cal.rate(cal.slow) >= 0.95
-    assert 1.07 < np.median(cal.tpot_ratio) < 1.13  # the injected slowdown is what the harness measures
+    assert 1.06 < np.median(cal.tpot_ratio) < 1.16  # the injected slowdown is what the harness measures
