@@ -33,6 +33,7 @@ from harness.isolation import PointTimeout, deadline
 from harness.memory import PeakMemory, current_rss_mb
 from harness.monitor import Sampler
 from harness.point import CONVERGE_ON, TimedPoint, close_record, finish, guarded, identity, new_record, setup
+from harness.progress import format_duration
 from harness.timing import Repetitions, repeat_in_turns, warm_up
 
 log = logging.getLogger(__name__)
@@ -94,15 +95,26 @@ def run(jobs: Sequence[Job]) -> None:
     ``RESULTS`` for the job's task."""
     check(jobs)
     plan = groups(jobs)
+    t0 = time.perf_counter()
     for i, members in enumerate(plan):
         upcoming = plan[i + 1] if i + 1 < len(plan) else []
         keep = {reference.prepared_key(j.spec) for j in members + upcoming}
         reference.hold(keep)  # engines the next group uses again stay prepared (e.g. batch 1, then batch 8)
         names = ", ".join(j.spec.engine.variant() for j in members)
-        log.info("group %d/%d: %d point(s) timed in turns: %s", i + 1, len(plan), len(members), names)
+        spent = time.perf_counter() - t0
+        eta = format_duration(spent / i * (len(plan) - i)) if i else "?"
+        log.info(
+            "[group %d/%d] elapsed %s, ETA %s: %d point(s) timed in turns: %s · %s",
+            i + 1, len(plan), format_duration(spent), eta, len(members), names, _workload(members[0].spec),
+        )  # fmt: skip
         for job, record in zip(members, run_group(members), strict=True):
             RESULTS[str(job.out_dir.resolve())] = record
     reference.hold(set())
+
+
+def _workload(spec: PointSpec) -> str:
+    w = spec.workload
+    return f"{spec.model.name} · batch={w.batch_size} prompt={w.prompt_len} gen={w.gen_len} · {spec.device.type}"
 
 
 def run_group(jobs: Sequence[Job]) -> list[dict[str, Any]]:
