@@ -34,6 +34,7 @@ def test_wheel_contains_packages_configs_and_entry_point(wheel):
         assert f"harness/configs/{rel}" in names, rel
     assert "engines/llama.py" in names and "harness/cli.py" in names
     assert "harness/report/__init__.py" in names and "harness/report/figures.py" in names
+    assert "hydra_plugins/harness_launcher/interleaved_launcher.py" in names  # the `interleaved` launcher
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "harness = harness.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
     assert not any(n.startswith(("tests/", "results/")) for n in names)
