@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from harness import reference
@@ -34,11 +35,13 @@ from harness.memory import PeakMemory, current_rss_mb
 from harness.monitor import Sampler
 from harness.point import CONVERGE_ON, TimedPoint, close_record, finish, guarded, identity, new_record, setup
 from harness.progress import format_duration
+from harness.stats import median_ci
 from harness.timing import Repetitions, repeat_in_turns, warm_up
 
 log = logging.getLogger(__name__)
 
 ENGINE_FIELDS = ("engine", "variant", "engine_params")
+BASELINE = "eager"  # speedups are over this engine (as in the report), paired by round when it is in the group
 
 # Records measured by the launcher, by resolved output directory, for the task of each job to report.
 RESULTS: dict[str, dict[str, Any]] = {}
@@ -184,6 +187,8 @@ def _time_in_turns(ready: list[_Entry]) -> None:
         tokens = sum(r.reps for r in results if isinstance(r, Repetitions)) * w.batch_size * w.gen_len
         monitor = sampler.result(tokens=tokens)
     shared = f"shared by the {len(ready)} points timed in turns (their engines resident together)"
+    base = next((k for k, e in enumerate(ready) if e.job.spec.engine.name == BASELINE
+                 and isinstance(results[k], Repetitions)), None)  # fmt: skip
     for i, (e, res) in enumerate(zip(ready, results, strict=True)):
         with guarded(e.record):
             if isinstance(res, BaseException):
@@ -191,8 +196,29 @@ def _time_in_turns(ready: list[_Entry]) -> None:
             e.record["timing"] = {
                 "interleaved": {"id": turns_id, "points": len(ready), "position": i, "rounds": rounds, "group": keys},
             }
+            if base is not None and base != i:
+                paired = paired_speedups(results[base], res, policy.confidence)  # type: ignore[arg-type]
+                e.record["timing"]["interleaved"]["vs_" + BASELINE] = {"point_key": keys[base], **paired}
             finish(e.point, res, (peak_mb, f"{method}, {shared}"), rss_before, _shared_monitor(monitor, shared))
             e.record["status"] = "ok"
+
+
+def paired_speedups(base: Repetitions, point: Repetitions, confidence: float) -> dict[str, dict[str, float]]:
+    """The point's speedup over the baseline timed in the same rounds, per timed metric: the median of the
+    per-round ratios base/point (above 1: faster) and its order-statistic CI. Each ratio compares two
+    repetitions run a fraction of a second apart, so what the machine's speed did between rounds cancels."""
+    out = {}
+    for metric in CONVERGE_ON:
+        x, y = np.asarray(base.samples[metric], dtype=float), np.asarray(point.samples[metric], dtype=float)
+        n = min(x.size, y.size)
+        ratios = x[:n] / y[:n]
+        ratios = ratios[np.isfinite(ratios) & (ratios > 0)]
+        if ratios.size == 0:
+            continue
+        lo, hi, coverage = median_ci(ratios, confidence)
+        out[metric] = {"median": float(np.median(ratios)), "ci_low": lo, "ci_high": hi, "coverage": coverage,
+                       "n": int(ratios.size)}  # fmt: skip
+    return out
 
 
 def _shared_monitor(monitor: dict[str, Any] | None, shared: str) -> dict[str, Any] | None:

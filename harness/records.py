@@ -70,6 +70,11 @@ SCALAR_COLUMNS: dict[str, tuple[str, ...]] = {
     "timed_in_turns": ("timing", "interleaved", "points"),
     # the same id on two points: timed in the same rounds, so their samples pair up by repetition (harness compare)
     "turns_id": ("timing", "interleaved", "id"),
+    # speedup over eager timed in the same rounds: median of the per-round ratios and its 95% CI
+    "paired_speedup_tpot": ("timing", "interleaved", "vs_eager", "tpot_ms", "median"),
+    "paired_speedup_tpot_ci_low": ("timing", "interleaved", "vs_eager", "tpot_ms", "ci_low"),
+    "paired_speedup_tpot_ci_high": ("timing", "interleaved", "vs_eager", "tpot_ms", "ci_high"),
+    "paired_speedup_ttft": ("timing", "interleaved", "vs_eager", "ttft_ms", "median"),
     "point_key": ("point_key",),
     "fingerprint": ("env", "id"),
     "git_sha": ("env", "git", "sha"),
@@ -100,6 +105,10 @@ NUMERIC_COLUMNS = {
     "ppl",
     "n_reps",
     "timed_in_turns",
+    "paired_speedup_tpot",
+    "paired_speedup_tpot_ci_low",
+    "paired_speedup_tpot_ci_high",
+    "paired_speedup_ttft",
     "duration_s",
 }
 

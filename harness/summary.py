@@ -17,6 +17,7 @@ COLUMNS = {
     "decode_tokens_per_s": "decode tok/s",
     "speedup_tpot": "TPOT x eager",
     "speedup_ttft": "TTFT x eager",
+    "paired_ci": "TPOT x eager 95% CI",
     "fidelity_top1": "top-1",
     "ppl": "ppl",
     "sparsity": "sparsity",
@@ -24,7 +25,7 @@ COLUMNS = {
     "status": "status",
 }
 # shown only when some point has a value (a sweep without quality or pruning keeps its table narrow)
-OPTIONAL = ("speedup_tpot", "speedup_ttft", "fidelity_top1", "ppl", "sparsity")
+OPTIONAL = ("speedup_tpot", "speedup_ttft", "paired_ci", "fidelity_top1", "ppl", "sparsity")
 
 
 def _fmt(value: object) -> str:
@@ -47,6 +48,7 @@ def summary_table(df: pd.DataFrame) -> str:
     rep = view["representative"]
     view["speedup_tpot"] = view["speedup_tpot"].where(rep)
     view["speedup_ttft"] = view["speedup_ttft"].where(rep)
+    view["paired_ci"] = _paired_ci(view).where(rep)
     columns = {c: label for c, label in COLUMNS.items()
                if c not in OPTIONAL or (c in view and view[c].notna().any())}  # fmt: skip
     rows = []
@@ -62,6 +64,14 @@ def summary_table(df: pd.DataFrame) -> str:
     return pd.DataFrame(rows).to_string(index=False) + _ratio_note(view)
 
 
+def _paired_ci(view: pd.DataFrame) -> pd.Series:
+    """'[low, high]' of the TPOT speedup over eager where the point was timed in turns with eager."""
+    lo, hi = "paired_speedup_tpot_ci_low", "paired_speedup_tpot_ci_high"
+    if lo not in view:
+        return pd.Series(None, index=view.index, dtype=object)
+    return view.apply(lambda r: f"[{r[lo]:.3f}, {r[hi]:.3f}]" if pd.notna(r[lo]) else None, axis=1).astype(object)
+
+
 def _ratio_note(view: pd.DataFrame) -> str:
     """How far the x-eager ratios can be trusted: points timed in turns share the machine's drift; points
     timed one after another do not."""
@@ -71,7 +81,7 @@ def _ratio_note(view: pd.DataFrame) -> str:
     if "timed_in_turns" in ranked and ranked["timed_in_turns"].notna().all():
         return (
             "\n(x eager: each point timed in turns with eager, one repetition each per round, so drift of the "
-            "machine lands on both alike)"
+            "machine lands on both alike; the speedups are medians of the per-round ratios)"
         )
     return (
         "\n(x eager: points timed one after another; on a machine whose speed drifts, time them in turns with "

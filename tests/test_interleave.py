@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import QUICK
 
 from harness.records import load
@@ -75,7 +76,15 @@ def test_interleaved_launcher_times_each_workload_in_turns(run_harness, tmp_path
         assert keys[0] == keys[1] == set(group.point_key)
         assert all("shared by the 2 points" in r["metrics"]["peak_memory_method"] for r in records)
         assert all(r["monitor"]["energy_j_per_token"] is None and r["monitor"]["shared"] for r in records)
-    assert "each point timed in turns with eager" in out
+        other = next(r for r in records if r["identity"]["engine"] != "eager")
+        eager = next(r for r in records if r["identity"]["engine"] == "eager")
+        vs = other["timing"]["interleaved"]["vs_eager"]
+        assert vs["point_key"] == eager["point_key"] and "vs_eager" not in eager["timing"]["interleaved"]
+        assert vs["tpot_ms"]["ci_low"] <= vs["tpot_ms"]["median"] <= vs["tpot_ms"]["ci_high"]
+        assert vs["tpot_ms"]["n"] == other["timing"]["reps"]
+    unranked = ok[ok.engine == "unranked-test"]
+    assert unranked.paired_speedup_tpot.notna().all()  # recorded, though never ranked (not representative)
+    assert "TPOT x eager 95% CI" not in out  # the only other engine here is not representative
 
 
 def test_interleaved_launcher_resumes_and_refuses_isolation(run_harness, tmp_path, capsys):
@@ -89,3 +98,27 @@ def test_interleaved_launcher_resumes_and_refuses_isolation(run_harness, tmp_pat
     capsys.readouterr()
     assert run_harness(*args[:-1], f"hydra.sweep.dir={tmp_path / 'isolated'}", "isolate=true") == 2
     assert "isolate: true cannot be combined with hydra/launcher=interleaved" in capsys.readouterr().err
+
+
+def test_paired_speedups_are_medians_of_per_round_ratios_and_lead_the_report():
+    import numpy as np
+    import pandas as pd
+
+    from harness.interleave import paired_speedups
+    from harness.report.data import prepare
+
+    drift = np.array([1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0])  # the machine's speed per round
+    eager = Repetitions(samples={"tpot_ms": list(3.0 * drift), "ttft_ms": list(10.0 * drift)})
+    fast = Repetitions(samples={"tpot_ms": list(2.0 * drift), "ttft_ms": list(5.0 * drift)})
+    out = paired_speedups(eager, fast, 0.95)
+    assert out["tpot_ms"]["median"] == pytest.approx(1.5) and out["ttft_ms"]["median"] == pytest.approx(2.0)
+    assert out["tpot_ms"]["ci_low"] == pytest.approx(1.5) == out["tpot_ms"]["ci_high"]  # drift cancelled
+    row = dict(status="ok", engine="eager", variant="eager", model="tiny", batch_size=1, prompt_len=8, gen_len=4,
+               decoding="greedy", num_beams=1, device="cpu", dtype="fp32", timing_representative=True,
+               tpot_ms_p50=4.0, ttft_ms_p50=10.0, tpot_ms_ci_low=3.9, tpot_ms_ci_high=4.1, decode_tokens_per_s=250.0,
+               paired_speedup_tpot=float("nan"), paired_speedup_ttft=float("nan"))  # fmt: skip
+    other = {**row, "engine": "x", "variant": "x", "tpot_ms_p50": 2.0, "paired_speedup_tpot": 1.5,
+             "paired_speedup_ttft": 2.0}  # fmt: skip
+    view = prepare(pd.DataFrame([row, other])).set_index("variant")
+    assert view.loc["x", "speedup_tpot"] == 1.5  # the paired median, not 4.0 / 2.0 from medians timed apart
+    assert view.loc["eager", "speedup_tpot"] == 1.0

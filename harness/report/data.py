@@ -59,7 +59,9 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
 
     ``representative``; ``scenario`` (model and whatever workload fields vary); ``label`` (one point);
     ``speedup_tpot`` / ``speedup_ttft`` (eager's p50 over the variant's, same scenario and batch; NaN without an
-    ok, representative eager point there); decode tokens/s CI bounds mapped from the TPOT median's CI.
+    ok, representative eager point there; for a point timed in turns with eager, the median of the per-round
+    ratios instead, which drift of the machine does not bias); decode tokens/s CI bounds mapped from the TPOT
+    median's CI.
     """
     out = df.copy().reset_index(drop=True)
     if out.empty:
@@ -82,6 +84,10 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     )
     out["speedup_tpot"] = out["eager_tpot_ms_p50"] / out["tpot_ms_p50"].where(ok)
     out["speedup_ttft"] = out["eager_ttft_ms_p50"] / out["ttft_ms_p50"].where(ok)
+    for metric in ("tpot", "ttft"):
+        paired = f"paired_speedup_{metric}"
+        if paired in out:
+            out[f"speedup_{metric}"] = out[paired].where(ok & out[paired].notna(), out[f"speedup_{metric}"])
     # tokens/s = batch / TPOT median, so the CI of the median maps through the same monotone function
     tps = out["decode_tokens_per_s"]
     out["tps_ci_low"] = tps * out["tpot_ms_p50"] / out["tpot_ms_ci_high"]
