@@ -167,9 +167,9 @@ class CompiledEngine(Engine):
         return _unavailable_compiler(device)
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
-        from engines.fused import shared_copy
+        from engines.surgery import clone
 
-        compiled = CompiledModel(shared_copy(model), self.params, ctx.device)
+        compiled = CompiledModel(clone(model, share_weights=True), self.params, ctx.device)
         compiled.engine_info = {
             "mode": self.params.mode,
             "inductor_options": compiled.options,

@@ -19,7 +19,6 @@ On CUDA the engine is timed like any other. Without CUDA the kernels run under T
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 
 from engines.base import Engine, PrepareContext, register
 from engines.llama import Attention, FeedForward, RMSNorm, Transformer, TransformerBlock, apply_rope
+from engines.surgery import clone
 
 KERNELS = ("rmsnorm", "swiglu", "rope", "attention")
 
@@ -42,20 +42,6 @@ class FusedParams:
         if unknown or len(set(self.kernels)) != len(self.kernels):
             raise ValueError(f"engine.kernels: {list(self.kernels)} is not a list of distinct names from "
                              f"{', '.join(KERNELS)}")  # fmt: skip
-
-
-def shared_copy(model: Transformer) -> Transformer:
-    """A copy of the module tree whose parameters are the reference's own tensors; KV caches are left out."""
-    saved = [layer.attention.kv_cache for layer in model.layers], model.causal_mask
-    for layer in model.layers:
-        layer.attention.kv_cache = None
-    model.causal_mask = None
-    try:
-        return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
-    finally:
-        for layer, cache in zip(model.layers, saved[0], strict=True):
-            layer.attention.kv_cache = cache
-        model.causal_mask = saved[1]
 
 
 class FusedRMSNorm(RMSNorm):
@@ -138,7 +124,7 @@ class FusedTransformer(Transformer):
 
 def fuse(model: Transformer, kernels: tuple[str, ...] = KERNELS) -> FusedTransformer:
     """A fused model sharing ``model``'s weights (``model`` itself is left as it is)."""
-    fused = shared_copy(model)
+    fused = clone(model, share_weights=True)
     replacements = {RMSNorm: FusedRMSNorm, FeedForward: FusedFeedForward, Attention: FusedAttention,
                     TransformerBlock: FusedBlock, Transformer: FusedTransformer}  # fmt: skip
     for module in fused.modules():

@@ -97,14 +97,15 @@ def shrink(
     return small.eval()
 
 
-def clone(model: Transformer) -> Transformer:
-    """A deep copy without the KV caches (which belong to a workload, not to the weights)."""
+def clone(model: Transformer, share_weights: bool = False) -> Transformer:
+    """A deep copy without the KV caches (which belong to a workload, not to the weights). ``share_weights``: the
+    copy's parameters are the reference's own tensors (a new module tree to swap modules in, no second model)."""
     saved = [layer.attention.kv_cache for layer in model.layers], model.causal_mask
     for layer in model.layers:
         layer.attention.kv_cache = None
     model.causal_mask = None
     try:
-        return copy.deepcopy(model)
+        return copy.deepcopy(model, memo={id(p): p for p in model.parameters()} if share_weights else None)
     finally:
         for layer, cache in zip(model.layers, saved[0], strict=True):
             layer.attention.kv_cache = cache
