@@ -155,6 +155,7 @@ def cmd_env(args: Sequence[str]) -> int:
         ("device", f"{fp['device_type']}: {fp['device_name']}"),
         ("cpu", f"{fp['cpu_model']} ({fp['cpu_count_logical']} logical, {fp['cpu_affinity']} usable)"),
         ("torch threads", fp["torch_threads"]),
+        ("huge pages", _huge_pages_line(fp.get("huge_pages"))),
         ("memory", f"{fp['memory_gb']} GB"),
         ("python", fp["python"]),
         ("platform", fp["platform"]),
@@ -286,7 +287,17 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 }
 
 
+def _huge_pages_line(hp: dict | None) -> str:
+    if not hp:
+        return "n/a (not a CPU device)"
+    state = {True: "in use", False: "not in use", None: "unknown"}[hp.get("in_use")]
+    return f"{state} for tensors (THP {hp.get('system')}, THP_MEM_ALLOC_ENABLE={hp.get('torch_alloc')})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from harness.env import enable_huge_pages
+
+    enable_huge_pages()  # before any model is built: PyTorch reads it at its first large allocation
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         sys.stdout.write(USAGE)

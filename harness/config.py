@@ -6,6 +6,7 @@ multirun: for every point of the sweep before the first one runs).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -101,6 +102,7 @@ class PointSpec:
     profile: ProfileSpec = ProfileSpec()
     isolate: bool = False
     resume: bool = False
+    threads: int | None = None  # torch intra-op threads; None: torch's default for this process
 
     @property
     def dtype_name(self) -> str:
@@ -287,6 +289,16 @@ def _quality(q: Any) -> QualitySpec:
     return QualitySpec(**q)
 
 
+def _threads(value: Any) -> int | None:
+    """``auto`` (None) or a thread count this process can actually run in parallel."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= usable:
+        raise ConfigError(f"threads: {value!r} is not allowed; allowed: auto, or an integer 1..{usable} (usable CPUs)")
+    return value
+
+
 def _bool(value: Any, field: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{field}: expected true or false, got {value!r}")
@@ -350,4 +362,5 @@ def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
         model, engine, workload, policy, device, dtype, seed, data, corpus, train, quality,
         _monitor(data.get("monitor")), _roofline(data.get("roofline")), profile,
         isolate=_bool(data.get("isolate", False), "isolate"), resume=_bool(data.get("resume", False), "resume"),
+        threads=_threads(data.get("threads", "auto")),
     )  # fmt: skip

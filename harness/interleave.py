@@ -33,7 +33,17 @@ from harness.env import fingerprint
 from harness.isolation import PointTimeout, deadline
 from harness.memory import PeakMemory, current_rss_mb
 from harness.monitor import Sampler
-from harness.point import CONVERGE_ON, TimedPoint, close_record, finish, guarded, identity, new_record, setup
+from harness.point import (
+    CONVERGE_ON,
+    TimedPoint,
+    apply_threads,
+    close_record,
+    finish,
+    guarded,
+    identity,
+    new_record,
+    setup,
+)
 from harness.progress import format_duration
 from harness.stats import median_ci
 from harness.timing import Repetitions, repeat_in_turns, warm_up
@@ -142,6 +152,7 @@ def _prepare(job: Job) -> _Entry:
     entry = _Entry(job, new_record(spec, job.sweep), time.time())
     record = entry.record
     torch.manual_seed(spec.seed)
+    apply_threads(spec)  # one count for the whole group: threads is part of the point, so of the group key
     with guarded(record), deadline(spec.policy.timeout_s):
         record["env"] = fingerprint(spec.device)
         reason = spec.engine.available(spec.device)

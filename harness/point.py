@@ -60,7 +60,16 @@ def identity(spec: PointSpec) -> dict[str, Any]:
         "device": spec.device.type,
         "dtype": spec.dtype_name,
         "seed": spec.seed,
+        **({"threads": spec.threads} if spec.threads else {}),  # absent for auto: keys of older points hold
     }
+
+
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+def apply_threads(spec: PointSpec) -> None:
+    """Set torch's intra-op thread count for this point (auto: back to the process default)."""
+    torch.set_num_threads(spec.threads or DEFAULT_THREADS)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -310,6 +319,7 @@ def run_point(
     started = time.time()
     record = new_record(spec, sweep)
     torch.manual_seed(spec.seed)
+    apply_threads(spec)
     try:
         with guarded(record), deadline(timeout_s):
             record["env"] = fingerprint(spec.device)

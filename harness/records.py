@@ -46,6 +46,8 @@ SCALAR_COLUMNS: dict[str, tuple[str, ...]] = {
     "dtype": ("identity", "dtype"),
     "seed": ("identity", "seed"),
     "device_name": ("env", "device_name"),
+    # torch intra-op threads the point ran with (config `threads`, or torch's default for auto)
+    "threads": ("env", "torch_threads"),
     "decode_tokens_per_s": ("metrics", "decode_tokens_per_s"),
     "prefill_tokens_per_s": ("metrics", "prefill_tokens_per_s"),
     "output_tokens_per_s": ("metrics", "output_tokens_per_s"),
@@ -86,6 +88,7 @@ SCALAR_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 NUMERIC_COLUMNS = {
     "n_params",
+    "threads",
     "batch_size",
     "prompt_len",
     "gen_len",

@@ -40,12 +40,24 @@ def test_default_config_is_valid(compose_cfg):
         (["measure.max_reps=2", "measure.min_reps=5"], r"^measure\.max_reps: must be >= measure\.min_reps=5, got 2$"),
         (["measure.target_ci=0"], r"^measure\.target_ci: must be > 0"),
         (["seed=-3"], r"^seed: must be an integer >= 0, got -3$"),
+        (["threads=0"], r"^threads: 0 is not allowed; allowed: auto, or an integer 1\.\.\d+ \(usable CPUs\)$"),
+        (["threads=many"], r"^threads: 'many' is not allowed; allowed: auto, or an integer 1\.\.\d+"),
+        (["threads=4096"], r"^threads: 4096 is not allowed; allowed: auto, or an integer 1\.\.\d+"),
     ],
 )
 def test_bad_values_name_the_field(compose_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message) as info:
         validate(compose_cfg(*overrides))
     assert "\n" not in str(info.value)
+
+
+def test_threads_is_part_of_the_point_only_when_set(compose_cfg):
+    from harness.point import identity
+
+    auto, one = validate(compose_cfg()), validate(compose_cfg("threads=1"))
+    assert auto.threads is None and one.threads == 1
+    assert "threads" not in identity(auto)  # point keys of sweeps that never set it do not change
+    assert identity(one)["threads"] == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -92,6 +93,27 @@ def test_record_contents(run_harness, tmp_path, tiny):
     assert 1.0 < q["bits_per_byte"] < 8.0 and math.isclose(q["ppl"], 2 ** q["bits_per_byte"], rel_tol=1e-6)
     row = load(tmp_path).iloc[0]
     assert row.fidelity_top1 == 1.0 and row.fidelity_kl == 0.0 and math.isclose(row.ppl, q["ppl"])
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable CPUs")
+def test_threads_sweep_measures_each_count(run_harness, tmp_path, tiny):
+    """`-m threads=1,2` (in turns with eager, as the presets run): each point runs with its own count, records
+    it, has its own key, and the report's speedups compare like with like."""
+    from harness.report.data import prepare
+
+    sweep = tmp_path / "sweep"
+    args = ("-m", "threads=1,2", "engine=eager,compiled", "hydra/launcher=interleaved", *QUICK, *tiny)
+    assert run_harness("run", *args, f"hydra.sweep.dir={sweep}") == 0
+    df = load(sweep)
+    assert len(df) == 4 and df["status"].eq("ok").all()
+    assert sorted(df["threads"]) == [1, 1, 2, 2] and df["point_key"].nunique() == 4
+    for rec in (json.loads(p.read_text()) for p in sweep.rglob(RECORD_NAME)):
+        assert rec["env"]["torch_threads"] == rec["identity"]["threads"] == rec["config"]["threads"]
+        # timed in turns only with the point of the same thread count
+        assert rec["timing"]["interleaved"]["points"] == 2
+    report = prepare(df)
+    assert report["scenario"].str.contains("threads").all()
+    assert report.loc[report["engine"].eq("eager"), "speedup_tpot"].tolist() == [1.0, 1.0]
 
 
 def test_failing_points_are_recorded_and_the_sweep_goes_on(run_harness, tmp_path, capsys, tiny):

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 # A speedup compares a variant with eager on exactly the same workload, device and dtype.
-SCENARIO_KEYS = ["model", "prompt_len", "gen_len", "decoding", "num_beams", "device", "dtype"]
+SCENARIO_KEYS = ["model", "prompt_len", "gen_len", "decoding", "num_beams", "device", "dtype", "threads"]
 SPEEDUP_KEYS = [*SCENARIO_KEYS, "batch_size"]
 BASELINE = "eager"
 PROFILE_CATEGORIES = ("matmul", "attention", "norm", "elementwise", "copy", "other")
@@ -37,6 +37,8 @@ def _scenario_label(row: pd.Series, varying: list[str]) -> str:
             parts.append(f"beam×{_int(row['num_beams'])}")
         elif key in ("prompt_len", "gen_len"):
             parts.append(f"{key.split('_')[0]} {_int(value)}")
+        elif key == "threads":
+            parts.append(f"{_int(value)} threads")
         else:
             parts.append(str(value))
     return " · ".join(parts)
