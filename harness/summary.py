@@ -10,7 +10,7 @@ from harness.report.data import prepare
 
 COLUMNS = {
     "variant": "variant",
-    "model": "model",
+    "scenario": "model",  # the model, plus any workload field or thread count that varies in the sweep
     "batch_size": "batch",
     "ttft_ms_p50": "TTFT p50 ms",
     "tpot_ms_p50": "TPOT p50 ms",
@@ -44,13 +44,15 @@ def summary_table(df: pd.DataFrame) -> str:
     """
     if df.empty:
         return "(no records)"
-    view = prepare(df).sort_values(["model", "variant", "batch_size"], na_position="last")
+    view = prepare(df).sort_values(["scenario", "variant", "batch_size"], na_position="last")
     rep = view["representative"]
     view["speedup_tpot"] = view["speedup_tpot"].where(rep)
     view["speedup_ttft"] = view["speedup_ttft"].where(rep)
     view["paired_ci"] = _paired_ci(view).where(rep)
     columns = {c: label for c, label in COLUMNS.items()
                if c not in OPTIONAL or (c in view and view[c].notna().any())}  # fmt: skip
+    if not view["scenario"].eq(view["model"]).all():
+        columns["scenario"] = "scenario"
     rows = []
     for _, r in view.iterrows():
         row = {label: _fmt(r.get(col)) for col, label in columns.items()}
