@@ -66,6 +66,9 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     median's CI.
     """
     out = df.copy().reset_index(drop=True)
+    for key in SCENARIO_KEYS:  # a frame built by hand or by an older version may lack one (e.g. threads)
+        if key not in out:
+            out[key] = np.nan
     if out.empty:
         for col in ("representative", "scenario", "label", "speedup_tpot", "speedup_ttft", "tps_ci_low", "tps_ci_high"):
             out[col] = pd.Series(dtype=object if col in ("scenario", "label") else float)
