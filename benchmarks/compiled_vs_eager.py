@@ -20,6 +20,7 @@ import yaml
 
 from engines.compiled import CompiledModel, CompiledParams
 from engines.llama import ModelArgs, Transformer
+from harness.env import enable_huge_pages, huge_pages
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = {
@@ -77,7 +78,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--rounds", type=int, default=12)
     opts = ap.parse_args()
-    print(f"torch {torch.__version__}")
+    enable_huge_pages()  # as `harness run` does, before any model is built
+    print(f"torch {torch.__version__}, huge pages in use: {huge_pages()['in_use']}")
     with torch.inference_mode():
         for batch in opts.batch:
             run(opts.model, batch, opts.rounds)

@@ -18,6 +18,7 @@ import torch
 
 from engines.generate import greedy
 from engines.llama import ModelArgs, Transformer
+from harness.env import enable_huge_pages
 from harness.monitor import Sampler
 from harness.timing import HostClock, Policy, repeat
 
@@ -49,6 +50,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="timing per round and setting")
     ap.add_argument("--interval", type=float, default=0.05, help="sampler interval (s)")
     opts = ap.parse_args()
+    enable_huge_pages()  # as `harness run` does, before any model is built
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, sampler interval {opts.interval} s")
     print(f"{'model':<34} {'TPOT off ms':>12} {'TPOT on ms':>11} {'on/off':>7} {'samples/round':>14}")
     for name, args in SHAPES.items():
