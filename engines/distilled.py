@@ -23,7 +23,7 @@ from engines.base import Engine, PrepareContext, register
 from engines.cache import cache_key, cached, file_lock, load_weights, save_weights
 from engines.llama import Transformer
 from engines.surgery import evenly_spaced, ffn_importance, kv_group_importance, shrink, top_k_sorted
-from engines.train import TrainConfig, fit, heldout_nll
+from engines.train import PRECISIONS, TrainConfig, fit, heldout_nll, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,11 @@ class DistilledParams:
     lr: float = 1e-3
     batch_size: int = 16
     seq_len: int = 128
+    precision: str = "auto"  # training precision (engines.train): auto | fp32 | bf16
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"engine.precision: {self.precision!r} is not allowed; allowed: {', '.join(PRECISIONS)}")
         for name in ("depth", "width"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"engine.{name} must be in (0, 1], got {getattr(self, name)}")
@@ -106,7 +109,8 @@ class DistilledEngine(Engine):
             student.engine_info = info
             return student
         student = student.float()
-        key = cache_key({"teacher": ctx.reference_key, "params": asdict(p), "seed": ctx.seed})
+        params = {**asdict(p), "precision": resolve_precision(p.precision, ctx.device)}
+        key = cache_key({"teacher": ctx.reference_key, "params": params, "seed": ctx.seed})
         path = Path(ctx.cache_dir) / "students" / f"distilled-{key}.safetensors"
         with file_lock(path.with_suffix(".lock")):
             if cached(path):
@@ -131,7 +135,7 @@ class DistilledEngine(Engine):
             init_bpb = heldout_nll(student, held) / math.log(2)
         cfg = TrainConfig(
             steps=p.steps, batch_size=p.batch_size, seq_len=p.seq_len, lr=p.lr,
-            warmup_steps=max(1, p.steps // 10), seed=ctx.seed,
+            warmup_steps=max(1, p.steps // 10), seed=ctx.seed, precision=p.precision,
         )  # fmt: skip
         every = max(1, p.steps // 5)
         log.info("distilling a %d-layer student from the %d-layer teacher for %d steps", student.args.n_layers,
@@ -143,7 +147,8 @@ class DistilledEngine(Engine):
             if s % every == 0 else None,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
-        meta = {"distill_seconds": seconds, "final_loss": losses[-1], "steps": p.steps}
+        meta = {"distill_seconds": seconds, "final_loss": losses[-1], "steps": p.steps,
+                "precision": resolve_precision(p.precision, ctx.device)}  # fmt: skip
         if held is not None:
             distilled_bpb = heldout_nll(student, held) / math.log(2)
             gap = init_bpb - teacher_bpb

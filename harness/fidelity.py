@@ -6,7 +6,10 @@ KL(reference || engine) in nats per token, and, for trained weights, perplexity 
 itself. Greedy-generation agreement counts how many leading tokens an engine generates exactly as the
 reference does. Logits go through the same ``forward(tokens, input_pos)`` path that is timed.
 
-Computed once per prepared engine (not per batch size) and memoized in-process.
+Computed once per prepared engine (not per batch size) and memoized in-process. The reference's own outputs
+are computed once per reference too (``ReferenceOutputs``) and shared by every engine evaluated against it
+while it is held (the engines of a group timed in turns); the eager engine, which is the reference itself,
+costs no second pass.
 """
 
 from __future__ import annotations
@@ -30,15 +33,75 @@ def _logits(model: nn.Module, tokens: Tensor) -> Tensor:
     return model(tokens, torch.arange(tokens.shape[1], device=tokens.device)).float()
 
 
+# Reference log-probs are kept for reuse only up to this size (fp32 positions x vocabulary): 2,048 positions of
+# a 32k vocabulary (256 MiB) are; Llama-3's 128k vocabulary at the same length is recomputed per engine instead.
+KEEP_LOG_PROBS_BYTES = 512 * 2**20
+
+
+class ReferenceOutputs:
+    """The reference's outputs on the quality inputs, computed on first use and kept for the next engine.
+
+    Keyed by the caller's id for (reference weights, quality inputs); ``teacher_forced`` and
+    ``greedy_agreement`` take it in place of recomputing the reference's side.
+    """
+
+    def __init__(self, reference: nn.Module, tokens: Tensor) -> None:
+        self.reference = reference
+        self.keep = tokens.numel() * _vocab(reference) * 4 <= KEEP_LOG_PROBS_BYTES
+        self._log_probs: dict[int, Tensor] = {}
+        self._greedy: dict[tuple[int, ...], Tensor] = {}
+
+    def log_probs(self, i: int, x: Tensor) -> Tensor:
+        """log-softmax of the reference's logits for chunk ``i`` (rows ``x``)."""
+        if i in self._log_probs:
+            return self._log_probs[i]
+        lp = torch.log_softmax(_logits(self.reference, x), dim=-1)
+        if self.keep:
+            self._log_probs[i] = lp
+        return lp
+
+    def greedy(self, prompts: Tensor, gen_len: int) -> Tensor:
+        key = (*prompts.shape, gen_len, hash(prompts.cpu().numpy().tobytes()))
+        if key not in self._greedy:
+            setup_caches(self.reference, prompts.shape[0], prompts.shape[1] + gen_len)
+            self._greedy[key] = greedy(self.reference, prompts, gen_len)
+        return self._greedy[key]
+
+
+def _vocab(model: nn.Module) -> int:
+    args = getattr(model, "args", None)
+    return int(getattr(args, "vocab_size", 0)) or 1
+
+
+_reference_outputs: dict[str, ReferenceOutputs] = {}
+
+
+def reference_outputs(reference_id: str, reference: nn.Module, tokens: Tensor) -> ReferenceOutputs:
+    """The kept outputs of the reference under ``reference_id`` (one reference at a time)."""
+    held = _reference_outputs.get(reference_id)
+    if held is None or held.reference is not reference:
+        _reference_outputs.clear()
+        held = _reference_outputs[reference_id] = ReferenceOutputs(reference, tokens)
+    return held
+
+
+def forget_reference() -> None:
+    """Drop the kept reference outputs (the reference model itself is being dropped)."""
+    _reference_outputs.clear()
+
+
 @torch.inference_mode()
-def teacher_forced(reference: nn.Module, model: nn.Module, tokens: Tensor, with_ppl: bool) -> dict[str, float]:
+def teacher_forced(
+    reference: nn.Module, model: nn.Module, tokens: Tensor, with_ppl: bool, ref: ReferenceOutputs | None = None
+) -> dict[str, float]:
     """top-1 agreement, mean KL(reference || model) and (with_ppl) the model's NLL over ``tokens`` [n, L]."""
+    ref = ref if ref is not None else ReferenceOutputs(reference, tokens)
     agree = kl = nll = 0.0
     positions = 0
     for i in range(0, tokens.shape[0], CHUNK_ROWS):
         x = tokens[i : i + CHUNK_ROWS]
-        lp_ref = torch.log_softmax(_logits(reference, x), dim=-1)
-        lp = torch.log_softmax(_logits(model, x), dim=-1)
+        lp_ref = ref.log_probs(i, x)
+        lp = lp_ref if model is reference else torch.log_softmax(_logits(model, x), dim=-1)
         agree += float((lp_ref.argmax(-1) == lp.argmax(-1)).sum())
         kl += float((lp_ref.exp() * (lp_ref - lp)).sum(-1).clamp_min(0).sum())
         if with_ppl:
@@ -52,15 +115,20 @@ def teacher_forced(reference: nn.Module, model: nn.Module, tokens: Tensor, with_
 
 
 @torch.inference_mode()
-def greedy_agreement(reference: nn.Module, model: nn.Module, prompts: Tensor, gen_len: int) -> float:
+def greedy_agreement(
+    reference: nn.Module, model: nn.Module, prompts: Tensor, gen_len: int, ref: ReferenceOutputs | None = None
+) -> float:
     """Mean number of leading tokens ``model`` generates exactly as ``reference`` does (0..gen_len)."""
     if prompts.shape[0] == 0 or gen_len == 0:
         return math.nan
-    outs = []
-    for m in (reference, model):
-        setup_caches(m, prompts.shape[0], prompts.shape[1] + gen_len)
-        outs.append(greedy(m, prompts, gen_len))
-    same = (outs[0] == outs[1]).int()
+    ref = ref if ref is not None else ReferenceOutputs(reference, prompts)
+    expected = ref.greedy(prompts, gen_len)
+    if model is reference:
+        got = expected
+    else:
+        setup_caches(model, prompts.shape[0], prompts.shape[1] + gen_len)
+        got = greedy(model, prompts, gen_len)
+    same = (expected == got).int()
     leading = same.cumprod(dim=1).sum(dim=1).float()
     return float(leading.mean())
 
@@ -81,14 +149,17 @@ def evaluate(
     greedy_prompts: Tensor,
     greedy_len: int,
     trained: bool,
+    reference_id: str | None = None,
 ) -> dict[str, Any]:
-    """The quality section of a record; memoized under ``key`` (the prepared engine's identity)."""
+    """The quality section of a record; memoized under ``key`` (the prepared engine's identity). With
+    ``reference_id`` (reference weights and quality inputs), the reference's outputs are kept for the next engine."""
     if key in _memo:
         return lookup(key)
     t0 = time.perf_counter()
+    ref = reference_outputs(reference_id, reference, windows) if reference_id is not None else None
     out: dict[str, Any] = {"reference": "eager", "trained": trained}
-    out.update(teacher_forced(reference, model, windows, with_ppl=trained))
-    out["greedy_agreement_len"] = greedy_agreement(reference, model, greedy_prompts, greedy_len)
+    out.update(teacher_forced(reference, model, windows, with_ppl=trained, ref=ref))
+    out["greedy_agreement_len"] = greedy_agreement(reference, model, greedy_prompts, greedy_len, ref=ref)
     out["greedy_len"] = greedy_len
     if not trained:
         out.update(ppl=None, bits_per_byte=None)

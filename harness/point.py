@@ -102,9 +102,11 @@ def _quality(spec: PointSpec, model, prepared, corpus: Corpus, trained: bool) ->
         vocab = spec.model.args.vocab_size
         win = torch.randint(1, vocab, (q.n_seqs, q.seq_len), generator=gen)
         prompts = torch.randint(1, vocab, (q.greedy_prompts, q.greedy_prompt_len), generator=gen)
+    reference_id = json.dumps([reference.reference_key(spec), q.__dict__], sort_keys=True, default=str)
     out = fidelity.evaluate(
-        _quality_key(spec), model, prepared, win.to(spec.device), prompts.to(spec.device), q.greedy_len, trained
-    )
+        _quality_key(spec), model, prepared, win.to(spec.device), prompts.to(spec.device), q.greedy_len, trained,
+        reference_id=reference_id,
+    )  # fmt: skip
     out["inputs"] = "corpus held-out text" if trained else "random token ids"
     if trained:
         out["corpus"] = corpus.identity()

@@ -21,6 +21,7 @@ from torch import nn
 
 from engines.base import PrepareContext
 from engines.llama import Transformer
+from harness import fidelity
 from harness.config import PointSpec
 from harness.corpus import load_corpus
 from harness.training import ensure_trained, load_trained
@@ -64,6 +65,7 @@ def _free() -> None:
 def release() -> None:
     global _reference
     _reference = None
+    fidelity.forget_reference()
     _prepared.clear()
     _held.clear()
     _free()
@@ -83,9 +85,10 @@ def release_reference(keep: nn.Module | list[nn.Module]) -> None:
     timed window holds only what the engines use (peak memory is then theirs, not theirs plus a second model)."""
     global _reference
     kept = keep if isinstance(keep, list) else [keep]
+    fidelity.forget_reference()  # the reference's kept quality outputs never reach a timed window
     if _reference is not None and not any(_reference[1] is m for m in kept):
         _reference = None
-        _free()
+    _free()
 
 
 def reference_model(spec: PointSpec) -> tuple[Transformer, dict[str, Any]]:

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 
 from engines.cache import cache_key, cached, file_lock, load_weights, save_weights
 from engines.llama import ModelArgs, Transformer
-from engines.train import TrainConfig, fit, heldout_nll
+from engines.train import TrainConfig, fit, heldout_nll, resolve_precision
 from harness.corpus import Corpus, bits_per_byte, unigram_bits_per_byte
 from harness.progress import format_duration
 
@@ -56,8 +56,8 @@ def train_reference(
     model = Transformer.build(args, device=device, dtype=torch.float32, seed=seed)
     unigram = unigram_bits_per_byte(corpus)
     init_bpb = bits_per_byte(heldout_nll(model, corpus.tokens("heldout")))
-    log.info("training %s (%.2fM params) on %s: %d steps of %dx%d tokens", name, args.num_params() / 1e6,
-             corpus.name, cfg.steps, cfg.batch_size, cfg.seq_len)  # fmt: skip
+    log.info("training %s (%.2fM params) on %s: %d steps of %dx%d tokens, %s", name, args.num_params() / 1e6,
+             corpus.name, cfg.steps, cfg.batch_size, cfg.seq_len, resolve_precision(cfg.precision, device))  # fmt: skip
     t0 = time.perf_counter()
     losses = fit(model, corpus.tokens("train"), cfg, on_step=_progress_logger(cfg, every=max(cfg.steps // 10, 1)))
     seconds = time.perf_counter() - t0
@@ -93,6 +93,7 @@ def ensure_trained(
     force: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
     """Path of the cached checkpoint and its training summary, training it first when missing."""
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))
     key = checkpoint_key(args, corpus, cfg, seed, device.type)
     ckpt = Path(cache_dir) / "checkpoints" / f"{name}-{key}.safetensors"
     with file_lock(ckpt.with_suffix(".lock")):

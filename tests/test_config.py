@@ -43,6 +43,11 @@ def test_default_config_is_valid(compose_cfg):
         (["threads=0"], r"^threads: 0 is not allowed; allowed: auto, or an integer 1\.\.\d+ \(usable CPUs\)$"),
         (["threads=many"], r"^threads: 'many' is not allowed; allowed: auto, or an integer 1\.\.\d+"),
         (["threads=4096"], r"^threads: 4096 is not allowed; allowed: auto, or an integer 1\.\.\d+"),
+        (["train.precision=fp8"], r"^train\.precision: 'fp8' is not allowed; allowed: auto, fp32, bf16$"),
+        (
+            ["engine=distilled", "engine.precision=half"],
+            r"^engine: invalid parameters for 'distilled': engine\.precision: 'half' is not allowed; allowed: auto, ",
+        ),
     ],
 )
 def test_bad_values_name_the_field(compose_cfg, overrides, message):

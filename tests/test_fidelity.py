@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engines.llama import ModelArgs, Transformer
+from harness import fidelity
 from harness.fidelity import evaluate, greedy_agreement, teacher_forced
 
 
@@ -55,3 +56,40 @@ def test_evaluate_is_memoized_per_prepared_engine(model, tokens):
     second = evaluate("k-memo", model, model, tokens, tokens[:2, :8], 4, trained=False)
     assert first["cached"] is False and second["cached"] is True
     assert first["ppl"] is None and second["top1_agreement"] == first["top1_agreement"] == 1.0
+
+
+def _count_forwards(module):
+    calls = []
+    handle = module.register_forward_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+def test_reference_outputs_are_computed_once_per_reference(model, tokens):
+    """Engines evaluated against one held reference share its outputs; the reference itself needs one pass."""
+    fidelity.forget_reference()
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    fresh = evaluate("k-fresh", model, noisy, tokens, tokens[:2, :8], 4, trained=True)
+    calls, handle = _count_forwards(model)
+    try:
+        itself = evaluate("k-ref-eager", model, model, tokens, tokens[:2, :8], 4, trained=True, reference_id="r")
+        passes_for_itself = len(calls)
+        other = evaluate("k-ref-noisy", model, noisy, tokens, tokens[:2, :8], 4, trained=True, reference_id="r")
+        assert len(calls) == passes_for_itself  # the reference ran for the first engine only
+        fidelity.forget_reference()
+        evaluate("k-ref-noisy-2", model, noisy, tokens, tokens[:2, :8], 4, trained=True, reference_id="r")
+        assert len(calls) == 2 * passes_for_itself  # forgotten: computed again
+    finally:
+        handle.remove()
+    assert itself["top1_agreement"] == 1.0 and itself["kl"] == 0.0 and itself["greedy_agreement_len"] == 4.0
+    for k in ("top1_agreement", "kl", "ppl", "greedy_agreement_len"):
+        assert other[k] == pytest.approx(fresh[k], rel=1e-6)
+
+
+def test_large_reference_log_probs_are_not_kept(model, tokens, monkeypatch):
+    monkeypatch.setattr(fidelity, "KEEP_LOG_PROBS_BYTES", 1)
+    ref = fidelity.ReferenceOutputs(model, tokens)
+    ref.log_probs(0, tokens[:4])
+    assert not ref.keep and ref._log_probs == {}

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+import engines.train as train_module
 from engines.llama import ModelArgs, Transformer
-from engines.train import TrainConfig, fit, heldout_nll, lr_at
+from engines.train import TrainConfig, fit, heldout_nll, lr_at, resolve_precision
 from harness import training
 from harness.corpus import load_corpus
 
@@ -69,3 +71,32 @@ def test_trained_tiny_beats_the_unigram_baseline(trained_tiny):
                                   torch.device("cpu"), torch.float32)  # fmt: skip
     nll = heldout_nll(model, load_corpus().tokens("heldout"))
     assert math.isclose(nll / math.log(2), info["heldout_bits_per_byte"], rel_tol=1e-5)
+
+
+def test_precision_auto_resolves_by_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: True)
+    assert resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: False)
+    assert resolve_precision("auto", cpu) == "fp32"
+    with pytest.raises(ValueError, match="train.precision: 'fp8' is not allowed; allowed: auto, fp32, bf16"):
+        resolve_precision("fp8", cpu)
+
+
+def test_bf16_training_keeps_fp32_weights_learns_and_is_keyed_apart(tmp_path):
+    tokens = load_corpus().tokens("train")
+    model = Transformer.build(MICRO, seed=0)
+    losses = fit(model, tokens, TrainConfig(**{**FEW.__dict__, "steps": 12, "precision": "bf16"}))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    corpus, cpu = load_corpus(), torch.device("cpu")
+    keys = {prec: training.checkpoint_key(MICRO, corpus, TrainConfig(**{**FEW.__dict__, "precision": prec}), 0, "cpu")
+            for prec in ("fp32", "bf16")}  # fmt: skip
+    assert keys["fp32"] != keys["bf16"]
+    p_auto, _ = training.ensure_trained("micro", MICRO, corpus, FEW, 0, cpu, tmp_path)
+    resolved = resolve_precision("auto", cpu)
+    p_named, info = training.ensure_trained(
+        "micro", MICRO, corpus, TrainConfig(**{**FEW.__dict__, "precision": resolved}), 0, cpu, tmp_path
+    )
+    assert p_auto == p_named and info["cached"] is True and info["train"]["precision"] == resolved
