@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from harness.config import ConfigError, validate
+from harness.paths import config_dir
 
 
 def test_default_config_is_valid(compose_cfg):
@@ -105,3 +106,21 @@ def test_console_script_exit_code_and_no_traceback(tmp_path, subprocess_env):
     assert proc.stderr.strip() == "harness run: error: workload.batch_size: must be an integer >= 1, got 0"
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (config_dir() / "sweep").glob("*.yaml")))
+def test_every_point_of_every_sweep_preset_is_valid(compose_cfg, preset):
+    """Each named sweep composes, and every point of its grid validates (GPU presets with the device set to cpu,
+    so that a typo in an engine or model name fails here rather than on a GPU machine)."""
+    import itertools
+
+    import yaml
+
+    text = yaml.safe_load((config_dir() / "sweep" / f"{preset}.yaml").read_text())
+    params = {k: str(v).split(",") for k, v in text["hydra"]["sweeper"]["params"].items()}
+    assert params, f"+sweep={preset} sweeps nothing"
+    cpu = ["device=cpu"] if str(text.get("device", "auto")).startswith("cuda") else []
+    for values in itertools.product(*params.values()):
+        point = [f"{k}={v}" for k, v in zip(params, values, strict=True)]
+        spec = validate(compose_cfg(f"+sweep={preset}", *cpu, *point))
+        assert spec.engine.name in {v.split("/")[0] for v in params.get("engine", [spec.engine.name])}

@@ -1,0 +1,51 @@
+"""Benchmark scripts that need a GPU still import, explain themselves without one, and add up their tables."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_sparse_24_linears_says_why_it_skips_without_cuda(capsys):
+    bench = load("sparse_24_linears")
+    assert bench.main(["--batch", "1"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("skipped: 2:4 semi-structured sparsity needs a CUDA GPU with compute capability 8.0+")
+
+
+def test_sparse_24_linears_table_totals_each_batch():
+    bench = load("sparse_24_linears")
+    rows = [
+        {"linear": name, "out": o, "in": i, "batch": b, "dense_us": 10.0 * (k + 1), "sparse_us": 5.0 * (k + 1),
+         "speedup": 2.0, "dense_gbs": 1.0}
+        for k, (name, o, i) in enumerate(bench.LLAMA3_8B_LINEARS)
+        for b in (1, 64)
+    ]  # fmt: skip
+    text = bench.table(rows, [1, 64])
+    layer = [line.split() for line in text.splitlines() if line.startswith("layer")]
+    totals = [(r[3], r[4], r[5], r[6]) for r in layer]
+    assert totals == [("1", "280.0", "140.0", "2.00"), ("64", "280.0", "140.0", "2.00")]
+    assert len(bench.LLAMA3_8B_LINEARS) == 7 and {o for _, o, _ in bench.LLAMA3_8B_LINEARS} == {1024, 4096, 14336}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sparse_24_linears_measures_on_a_gpu(tmp_path):
+    bench = load("sparse_24_linears")
+    if bench.semi_structured_unavailable(torch.device("cuda")):
+        pytest.skip("GPU without sparse tensor cores")
+    rows = bench.measure([1], torch.bfloat16, torch.device("cuda"))
+    assert len(rows) == 7 and all(r["dense_us"] > 0 and r["sparse_us"] > 0 for r in rows)
+    assert all(r["max_abs_err_vs_masked_dense"] < 0.1 for r in rows)
