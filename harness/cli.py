@@ -234,7 +234,8 @@ def cmd_train(args: Sequence[str]) -> int:
     c = corpus.identity()
     print(
         f"model {spec.model.name}: {spec.model.args.num_params() / 1e6:.2f}M params, {info['steps']} steps of "
-        f"{spec.train.batch_size}x{spec.train.seq_len} tokens on {c['name']} ({c['train_bytes']:,} train bytes, "
+        f"{spec.train.batch_size}x{spec.train.seq_len} tokens in {info['train'].get('precision', 'fp32')} on "
+        f"{c['name']} ({c['train_bytes']:,} train bytes, "
         f"{c['heldout_bytes']:,} held out)\n"
         f"held-out: {info['heldout_bits_per_byte']:.3f} bits/byte   "
         f"unigram baseline: {info['unigram_bits_per_byte']:.3f} bits/byte   "
