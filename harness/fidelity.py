@@ -45,9 +45,9 @@ class ReferenceOutputs:
     ``greedy_agreement`` take it in place of recomputing the reference's side.
     """
 
-    def __init__(self, reference: nn.Module, tokens: Tensor) -> None:
+    def __init__(self, reference: nn.Module, tokens: Tensor, share: bool = True) -> None:
         self.reference = reference
-        self.keep = tokens.numel() * _vocab(reference) * 4 <= KEEP_LOG_PROBS_BYTES
+        self.keep = share and tokens.numel() * _vocab(reference) * 4 <= KEEP_LOG_PROBS_BYTES
         self._log_probs: dict[int, Tensor] = {}
         self._greedy: dict[tuple[int, ...], Tensor] = {}
 
@@ -95,7 +95,7 @@ def teacher_forced(
     reference: nn.Module, model: nn.Module, tokens: Tensor, with_ppl: bool, ref: ReferenceOutputs | None = None
 ) -> dict[str, float]:
     """top-1 agreement, mean KL(reference || model) and (with_ppl) the model's NLL over ``tokens`` [n, L]."""
-    ref = ref if ref is not None else ReferenceOutputs(reference, tokens)
+    ref = ref if ref is not None else ReferenceOutputs(reference, tokens, share=False)  # one chunk held at a time
     agree = kl = nll = 0.0
     positions = 0
     for i in range(0, tokens.shape[0], CHUNK_ROWS):
@@ -121,7 +121,7 @@ def greedy_agreement(
     """Mean number of leading tokens ``model`` generates exactly as ``reference`` does (0..gen_len)."""
     if prompts.shape[0] == 0 or gen_len == 0:
         return math.nan
-    ref = ref if ref is not None else ReferenceOutputs(reference, prompts)
+    ref = ref if ref is not None else ReferenceOutputs(reference, prompts, share=False)
     expected = ref.greedy(prompts, gen_len)
     if model is reference:
         got = expected

@@ -93,3 +93,7 @@ def test_large_reference_log_probs_are_not_kept(model, tokens, monkeypatch):
     ref = fidelity.ReferenceOutputs(model, tokens)
     ref.log_probs(0, tokens[:4])
     assert not ref.keep and ref._log_probs == {}
+    monkeypatch.undo()
+    alone = fidelity.ReferenceOutputs(model, tokens, share=False)  # one engine's pass: nothing held after a chunk
+    alone.log_probs(0, tokens[:4])
+    assert not alone.keep and alone._log_probs == {}
