@@ -24,9 +24,10 @@ from harness.env import enable_huge_pages, huge_pages
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = {
-    "compiled (defaults: freezing, prepack, cpp_wrapper)": CompiledParams(),
-    "compiled, no weight prepack": CompiledParams(weight_prepack=False),
-    "compiled, no freezing": CompiledParams(freezing=False),
+    "compiled (defaults: reduction GEMV, freezing, ...)": CompiledParams(),
+    "compiled, library GEMV (MKL)": CompiledParams(gemv="library"),
+    "compiled, library GEMV, no weight prepack": CompiledParams(gemv="library", weight_prepack=False),
+    "compiled, library GEMV, no freezing": CompiledParams(gemv="library", freezing=False),
 }
 STEPS = 8
 

@@ -10,7 +10,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from engines.base import EngineError, PrepareContext, make_engine
-from engines.compiled import CompiledModel, inductor_options
+from engines.compiled import CompiledModel, ReductionGemvLinear, inductor_options
 from engines.generate import greedy
 from engines.llama import ModelArgs, Transformer
 from harness.records import load, read_record
@@ -104,6 +104,59 @@ def test_the_reference_is_left_alone_and_weights_are_shared(pair):
         n: p.data_ptr() for n, p in ref.named_parameters()
     }
     assert compiled.weight_bytes() == sum(p.numel() * 4 for p in ref.parameters())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 12])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_reduction_gemv_computes_the_linear(rows, bias):
+    """Up to max_rows rows the product is a multiply-sum, above it F.linear; both are the linear, odd sizes too."""
+    g = torch.Generator().manual_seed(rows)
+    linear = torch.nn.Linear(97, 150, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(150, 97, generator=g))
+    layer = ReductionGemvLinear(linear, max_rows=4)
+    assert layer.weight is linear.weight and layer.bias is linear.bias
+    x = torch.randn(rows, 1, 97, generator=g)
+    with torch.inference_mode():
+        want = linear(x)
+        assert relative_error(layer(x), want) < 1e-6
+        compiled = torch.compile(layer, fullgraph=True, options={"freezing": True})
+        assert relative_error(compiled(x), want) < 1e-5
+        if rows > 4:  # the library path: exactly F.linear
+            assert torch.equal(layer(x), want)
+
+
+def test_the_reduction_gemv_sums_low_precision_in_fp32():
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(64, 4096, generator=g), torch.randn(1, 4096, generator=g)
+    linear = torch.nn.Linear(4096, 64, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    with torch.inference_mode():
+        exact = x.bfloat16().float() @ linear.weight.float().T
+        got = ReductionGemvLinear(linear, max_rows=1)(x.bfloat16())
+    assert got.dtype == torch.bfloat16 and relative_error(got.float(), exact) < 1e-2
+
+
+def test_gemv_choice_swaps_linears_of_the_engine_copy_only():
+    ref = Transformer.build(ARGS, seed=0)
+    ctx = PrepareContext(CPU, torch.float32, 0, "t", ARGS, "/x")
+    auto = make_engine({"name": "compiled"}).prepare(ref, ctx)
+    kinds = {type(m) for n, m in auto.model.named_modules() if n.endswith(("wq", "w2", "output"))}
+    assert kinds == {ReductionGemvLinear} and auto.engine_info["gemv"] == "reduction"
+    assert auto.engine_info["gemv_max_rows"] == 4
+    assert {type(m) for m in ref.modules()} >= {torch.nn.Linear} and not any(
+        isinstance(m, ReductionGemvLinear) for m in ref.modules()
+    )
+    library = make_engine({"name": "compiled", "gemv": "library"}).prepare(ref, ctx)
+    assert not any(isinstance(m, ReductionGemvLinear) for m in library.modules())
+    assert library.engine_info["gemv"] == "library" and library.engine_info["gemv_max_rows"] is None
+    assert make_engine({"name": "compiled"}).params.gemv_for(torch.device("cuda")) == "library"
+    assert make_engine({"name": "compiled", "gemv": "reduction"}).params.gemv_for(torch.device("cuda")) == "reduction"
+    with pytest.raises(EngineError, match=r"engine.gemv_max_rows: 0 is not allowed; allowed: an integer >= 1"):
+        make_engine({"name": "compiled", "gemv_max_rows": 0})
+    with pytest.raises(EngineError, match=r"engine.gemv: 'mkl' is not allowed; allowed: auto, reduction, library"):
+        make_engine({"name": "compiled", "gemv": "mkl"})
 
 
 def test_options_modes_and_availability():
