@@ -80,7 +80,8 @@ class ReductionGemvLinear(nn.Module):
     step at small batch) is computed as ``(x[..., None, :] * W).sum(-1)``, which inductor turns into one reduction
     kernel that reads each weight once, vectorized and split across threads. It sums in fp32 whatever the dtype.
     Larger inputs (prefill, large batches) call ``F.linear``: there the reduction would re-read W for every row.
-    The module holds the linear's own parameters, so no weight is copied."""
+    So does a call outside torch.compile (the cacheless forward of quality metrics). The module holds the
+    linear's own parameters, so no weight is copied."""
 
     def __init__(self, linear: nn.Linear, max_rows: int) -> None:
         super().__init__()
@@ -89,8 +90,8 @@ class ReductionGemvLinear(nn.Module):
         self.max_rows = max_rows
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[:-1].numel() > self.max_rows:
-            return F.linear(x, self.weight, self.bias)
+        if x.shape[:-1].numel() > self.max_rows or not torch.compiler.is_compiling():
+            return F.linear(x, self.weight, self.bias)  # run eagerly, the product would be materialized
         y = (x.unsqueeze(-2) * self.weight).sum(-1, dtype=torch.float32)
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 

@@ -119,11 +119,23 @@ def test_the_reduction_gemv_computes_the_linear(rows, bias):
     x = torch.randn(rows, 1, 97, generator=g)
     with torch.inference_mode():
         want = linear(x)
-        assert relative_error(layer(x), want) < 1e-6
+        assert torch.equal(layer(x), want)  # eagerly: F.linear itself
+        torch._dynamo.reset()
         compiled = torch.compile(layer, fullgraph=True, options={"freezing": True})
         assert relative_error(compiled(x), want) < 1e-5
-        if rows > 4:  # the library path: exactly F.linear
-            assert torch.equal(layer(x), want)
+
+
+def test_the_reduction_gemv_is_a_reduction_only_up_to_max_rows():
+    from torch._inductor.utils import run_and_get_code
+
+    linear = torch.nn.Linear(64, 32, bias=False)
+    layer = ReductionGemvLinear(linear, max_rows=4)
+    with torch.inference_mode():
+        for rows, reduction in ((1, True), (4, True), (5, False)):
+            torch._dynamo.reset()
+            _, code = run_and_get_code(torch.compile(layer, fullgraph=True), torch.randn(rows, 64))
+            source = "\n".join(code)
+            assert ("cpp_fused_mul_sum" in source) == reduction and ("extern_kernels.mm(" in source) != reduction
 
 
 def test_the_reduction_gemv_sums_low_precision_in_fp32():
@@ -134,7 +146,7 @@ def test_the_reduction_gemv_sums_low_precision_in_fp32():
         linear.weight.copy_(w)
     with torch.inference_mode():
         exact = x.bfloat16().float() @ linear.weight.float().T
-        got = ReductionGemvLinear(linear, max_rows=1)(x.bfloat16())
+        got = torch.compile(ReductionGemvLinear(linear, max_rows=1), fullgraph=True)(x.bfloat16())
     assert got.dtype == torch.bfloat16 and relative_error(got.float(), exact) < 1e-2
 
 
