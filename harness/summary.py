@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from harness.report.data import prepare
+from harness.report.data import NO_GAIN_BAND, prepare
 
 COLUMNS = {
     "variant": "variant",
@@ -18,6 +18,7 @@ COLUMNS = {
     "speedup_tpot": "TPOT x eager",
     "speedup_ttft": "TTFT x eager",
     "paired_ci": "TPOT x eager 95% CI",
+    "verdict": "vs eager",
     "fidelity_top1": "top-1",
     "ppl": "ppl",
     "sparsity": "sparsity",
@@ -25,7 +26,7 @@ COLUMNS = {
     "status": "status",
 }
 # shown only when some point has a value (a sweep without quality or pruning keeps its table narrow)
-OPTIONAL = ("speedup_tpot", "speedup_ttft", "paired_ci", "fidelity_top1", "ppl", "sparsity")
+OPTIONAL = ("speedup_tpot", "speedup_ttft", "paired_ci", "verdict", "fidelity_top1", "ppl", "sparsity")
 
 
 def _fmt(value: object) -> str:
@@ -40,7 +41,8 @@ def summary_table(df: pd.DataFrame) -> str:
     """One line per point, sorted by model, variant and batch; failed points show their error.
 
     ``TPOT x eager`` is eager's TPOT p50 over the point's on the same workload, device and dtype (above 1:
-    faster), measured in the same sweep; it is left blank where the timing is not representative.
+    faster), measured in the same sweep; it is left blank where the timing is not representative. ``vs eager``
+    is its verdict: faster, slower, no gain (within 5%) or uncertain (the CI contains 1).
     """
     if df.empty:
         return "(no records)"
@@ -80,14 +82,16 @@ def _ratio_note(view: pd.DataFrame) -> str:
     if "speedup_tpot" not in view or not view["speedup_tpot"].notna().any():
         return ""
     ranked = view[view["speedup_tpot"].notna()]
+    rule = (f"\n(vs eager: no gain within ±{NO_GAIN_BAND:.0%} of eager's TPOT, uncertain where the ratio's 95% CI "
+            "contains 1, else faster or slower)")  # fmt: skip
     if "timed_in_turns" in ranked and ranked["timed_in_turns"].notna().all():
         return (
             "\n(x eager: each point timed in turns with eager, one repetition each per round, so drift of the "
-            "machine lands on both alike; the speedups are medians of the per-round ratios)"
+            "machine lands on both alike; the speedups are medians of the per-round ratios)" + rule
         )
     return (
         "\n(x eager: points timed one after another; on a machine whose speed drifts, time them in turns with "
-        "hydra/launcher=interleaved)"
+        "hydra/launcher=interleaved)" + rule
     )
 
 

@@ -287,3 +287,47 @@ def test_terminal_summary_prints_speedups_vs_eager_and_quality(sweep):
             assert f"{r.speedup_tpot:.4g}" in line
         else:
             assert "not representative" in line and f"{r.speedup_tpot:.4g}" not in line
+
+
+def test_speed_verdicts():
+    from harness.report.data import speed_verdict
+
+    assert speed_verdict(1.04, 1.02, 1.06) == "no gain"  # significant, but within 5%: not worth an optimization
+    assert speed_verdict(0.96) == "no gain"
+    assert speed_verdict(1.3, 0.9, 1.7) == "uncertain"
+    assert speed_verdict(1.3, 1.1, 1.5) == speed_verdict(1.3) == "faster"
+    assert speed_verdict(0.5, 0.45, 0.55) == "slower"
+    assert speed_verdict(float("nan")) is None
+
+
+def test_no_gain_and_slower_are_said_in_the_report_and_the_summary(tmp_path, monkeypatch):
+    """Pruned weights kept dense cost what eager costs (no gain); a sparse format slower than dense says so."""
+    import report_records
+
+    from harness.report.tables import summary_table
+    from harness.summary import summary_table as terminal_summary
+
+    monkeypatch.setitem(report_records.VARIANTS, "pruned(method=magnitude)",
+                        ("pruned", {"method": "magnitude"}, 1.01, 0.98, 0.01, 12.2, None))  # fmt: skip
+    monkeypatch.setitem(report_records.VARIANTS, "pruned(format=csr)",
+                        ("pruned", {"format": "csr"}, 0.4, 0.98, 0.01, 12.2, None))  # fmt: skip
+    for i, variant in enumerate(("eager", "quantized(scheme=int8)", "pruned(method=magnitude)", "pruned(format=csr)")):
+        write_record(tmp_path / str(i), make_record(variant, "small", 1, i))
+    df = prepare(load(tmp_path))
+    verdicts = {v: x if isinstance(x, str) else None for v, x in zip(df.variant, df.verdict, strict=True)}
+    assert verdicts == {"eager": None, "quantized(scheme=int8)": "faster", "pruned(method=magnitude)": "no gain",
+                        "pruned(format=csr)": "slower"}  # fmt: skip
+    csr, eager = _row(df, "pruned(format=csr)", "small", 1), _row(df, "eager", "small", 1)
+    assert math.isclose(csr.speedup_tpot_ci_low, eager.tpot_ms_ci_low / csr.tpot_ms_ci_high)  # not timed in turns
+    assert csr.speedup_tpot_ci_low < csr.speedup_tpot < csr.speedup_tpot_ci_high < 1
+    page = write_report([tmp_path]).read_text()
+    summary = page[page.index('id="summary"') : page.index('id="speedup"')]
+    assert re.search(r"<b>no gain</b> \(TPOT within ±5% of eager\): pruned\(method=magnitude\) on small b1 1\.0\d×",
+                     summary)  # fmt: skip
+    assert re.search(r"<b>slower</b> \(TPOT ratio below 1\): pruned\(format=csr\) on small b1 0\.4\d×", summary)
+    assert "2.0" in summary_table(df) and "(faster)" in summary_table(df)
+    lines = terminal_summary(load(tmp_path)).splitlines()
+    assert "vs eager" in lines[0]
+    assert "no gain" in next(x for x in lines if x.lstrip().startswith("pruned(method=magnitude)"))
+    assert "slower" in next(x for x in lines if x.lstrip().startswith("pruned(format=csr)"))
+    assert any("no gain within ±5%" in x for x in lines)

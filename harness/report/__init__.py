@@ -89,7 +89,7 @@ def build_html(
         Section(
             "summary",
             "Best variant per model and batch",
-            f"<div class='scroll'>{tables.summary_table(data)}</div>",
+            f"<div class='scroll'>{tables.summary_table(data)}</div>{tables.verdict_note(data)}",
             note=unranked_note,
         ),
         fig_section(

@@ -18,6 +18,10 @@ SCENARIO_KEYS = ["model", "prompt_len", "gen_len", "decoding", "num_beams", "dev
 SPEEDUP_KEYS = [*SCENARIO_KEYS, "batch_size"]
 BASELINE = "eager"
 PROFILE_CATEGORIES = ("matmul", "attention", "norm", "elementwise", "copy", "other")
+# A TPOT ratio within 1 +/- NO_GAIN_BAND of eager is "no gain": smaller differences do not pay for an optimization
+# (and on a shared machine they are within run-to-run drift), whatever their CI says.
+NO_GAIN_BAND = 0.05
+VERDICTS = ("faster", "slower", "no gain", "uncertain")
 TIMELINE_MAX_POINTS = 24  # timelines drawn (one line per point); the rest are counted in a note
 TIMELINE_MAX_SAMPLES = 300  # samples per drawn line, after striding
 
@@ -62,16 +66,18 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     ``representative``; ``scenario`` (model and whatever workload fields vary); ``label`` (one point);
     ``speedup_tpot`` / ``speedup_ttft`` (eager's p50 over the variant's, same scenario and batch; NaN without an
     ok, representative eager point there; for a point timed in turns with eager, the median of the per-round
-    ratios instead, which drift of the machine does not bias); decode tokens/s CI bounds mapped from the TPOT
-    median's CI.
+    ratios instead, which drift of the machine does not bias); ``speedup_tpot_ci_low/high`` (the paired CI where
+    timed in turns, else the conservative ratio of the two medians' CIs); ``verdict`` (``speed_verdict``); decode
+    tokens/s CI bounds mapped from the TPOT median's CI.
     """
     out = df.copy().reset_index(drop=True)
     for key in SCENARIO_KEYS:  # a frame built by hand or by an older version may lack one (e.g. threads)
         if key not in out:
             out[key] = np.nan
     if out.empty:
-        for col in ("representative", "scenario", "label", "speedup_tpot", "speedup_ttft", "tps_ci_low", "tps_ci_high"):
-            out[col] = pd.Series(dtype=object if col in ("scenario", "label") else float)
+        for col in ("representative", "scenario", "label", "speedup_tpot", "speedup_ttft", "speedup_tpot_ci_low",
+                    "speedup_tpot_ci_high", "verdict", "tps_ci_low", "tps_ci_high"):  # fmt: skip
+            out[col] = pd.Series(dtype=object if col in ("scenario", "label", "verdict") else float)
         return out
     out["representative"] = representative(out)
     varying = varying_keys(out)
@@ -82,8 +88,9 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     eager = out[ok & out["engine"].eq(BASELINE) & out["representative"]]
     if eager["variant"].eq(BASELINE).any():  # an eager with non-default parameters is not the baseline
         eager = eager[eager["variant"].eq(BASELINE)]
-    base = eager.groupby(SPEEDUP_KEYS, dropna=False)[["tpot_ms_p50", "ttft_ms_p50"]].median()
-    base = base.rename(columns={"tpot_ms_p50": "eager_tpot_ms_p50", "ttft_ms_p50": "eager_ttft_ms_p50"})
+    cols = [c for c in ("tpot_ms_p50", "ttft_ms_p50", "tpot_ms_ci_low", "tpot_ms_ci_high") if c in out]
+    base = eager.groupby(SPEEDUP_KEYS, dropna=False)[cols].median()
+    base = base.rename(columns={c: f"{BASELINE}_{c}" for c in cols})
     out = out.drop(columns=[c for c in base.columns if c in out.columns]).merge(
         base.reset_index(), on=SPEEDUP_KEYS, how="left"
     )
@@ -93,11 +100,45 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
         paired = f"paired_speedup_{metric}"
         if paired in out:
             out[f"speedup_{metric}"] = out[paired].where(ok & out[paired].notna(), out[f"speedup_{metric}"])
+    out = _speedup_ci(out)
+    is_baseline = out["variant"].eq(BASELINE)
+    out["verdict"] = [
+        None if base or not rep else speed_verdict(r, lo, hi)
+        for base, rep, r, lo, hi in zip(is_baseline, out["representative"], out["speedup_tpot"],
+                                        out["speedup_tpot_ci_low"], out["speedup_tpot_ci_high"], strict=True)
+    ]  # fmt: skip
     # tokens/s = batch / TPOT median, so the CI of the median maps through the same monotone function
     tps = out["decode_tokens_per_s"]
     out["tps_ci_low"] = tps * out["tpot_ms_p50"] / out["tpot_ms_ci_high"]
     out["tps_ci_high"] = tps * out["tpot_ms_p50"] / out["tpot_ms_ci_low"]
     return out
+
+
+def _speedup_ci(out: pd.DataFrame) -> pd.DataFrame:
+    """The TPOT speedup's 95% CI: paired (timed in turns) where recorded, else eager's CI bounds over the
+    variant's opposite bounds (wider than the true CI of a ratio: a verdict from it errs towards "uncertain")."""
+    lo = out["eager_tpot_ms_ci_low"] / out["tpot_ms_ci_high"] if "eager_tpot_ms_ci_low" in out else np.nan
+    hi = out["eager_tpot_ms_ci_high"] / out["tpot_ms_ci_low"] if "eager_tpot_ms_ci_high" in out else np.nan
+    out["speedup_tpot_ci_low"], out["speedup_tpot_ci_high"] = lo, hi
+    for bound in ("low", "high"):
+        paired = f"paired_speedup_tpot_ci_{bound}"
+        if paired in out:
+            own = f"speedup_tpot_ci_{bound}"
+            out[own] = out[paired].where(out[paired].notna(), out[own])
+    return out
+
+
+def speed_verdict(ratio: float, ci_low: float = math.nan, ci_high: float = math.nan) -> str | None:
+    """What a TPOT ratio over eager says: ``no gain`` within 1 +/- NO_GAIN_BAND; ``uncertain`` when its 95% CI
+    still contains 1; else ``faster`` or ``slower``. None without a ratio."""
+    if ratio is None or not math.isfinite(ratio):
+        return None
+    if abs(ratio - 1) <= NO_GAIN_BAND:
+        return "no gain"
+    if ci_low is not None and ci_high is not None and math.isfinite(ci_low) and math.isfinite(ci_high):
+        if ci_low <= 1 <= ci_high:
+            return "uncertain"
+    return "faster" if ratio > 1 else "slower"
 
 
 def ranked(df: pd.DataFrame) -> pd.DataFrame:

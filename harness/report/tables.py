@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harness.report.data import ranked
+from harness.report.data import NO_GAIN_BAND, ranked
 
 NOT_RANKED = "timing not representative"
 MAX_CONFIG_VALUES = 12
@@ -62,6 +62,34 @@ def _ci(row: pd.Series, metric: str) -> str:
     return f"{fmt(row.get(f'{metric}_p50'))} [{fmt(lo)}, {fmt(hi)}]"
 
 
+def verdict(row: pd.Series) -> str:
+    """'no gain [0.944, 1.17]': what the TPOT ratio over eager says, with its 95% CI where known."""
+    v = row.get("verdict")
+    if not isinstance(v, str):
+        return "-"
+    lo, hi = row.get("speedup_tpot_ci_low"), row.get("speedup_tpot_ci_high")
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+        return v
+    return f"{v} [{lo:.3g}, {hi:.3g}]"
+
+
+def verdict_note(df: pd.DataFrame) -> str:
+    """One line per verdict other than faster, naming the variants it applies to (the optimizations that did
+    not pay on this workload), and how the verdicts are decided."""
+    ok = df[df["status"].eq("ok") & df["verdict"].notna()] if "verdict" in df else df.iloc[:0]
+    lines = []
+    for v, why in (("no gain", f"TPOT within ±{NO_GAIN_BAND:.0%} of eager"), ("slower", "TPOT ratio below 1"),
+                   ("uncertain", "the ratio's 95% CI contains 1")):  # fmt: skip
+        rows = ok[ok["verdict"].eq(v)].sort_values(["scenario", "batch_size", "variant"])
+        if len(rows):
+            items = "; ".join(f"{esc(r['variant'])} on {esc(r['scenario'])} b{fmt(r['batch_size'])} "
+                              f"{speedup(r['speedup_tpot'])}" for _, r in rows.iterrows())  # fmt: skip
+            lines.append(f"<li><b>{esc(v)}</b> ({esc(why)}): {items}</li>")
+    if not lines:
+        return ""
+    return f"<ul class='verdicts'>{''.join(lines)}</ul>"
+
+
 def _caveat(row: pd.Series) -> str:
     caveat = row.get("timing_caveat")
     return f"{NOT_RANKED}: {caveat}" if isinstance(caveat, str) and caveat else NOT_RANKED
@@ -90,7 +118,7 @@ def summary_table(df: pd.DataFrame) -> str:
                 best["variant"],
                 _ci(best, "tpot_ms"),
                 fmt(best["eager_tpot_ms_p50"]),
-                speedup(best["speedup_tpot"]),
+                speedup(best["speedup_tpot"]) + (f" ({best['verdict']})" if isinstance(best["verdict"], str) else ""),
                 speedup(best["speedup_ttft"]),
                 fmt(best["decode_tokens_per_s"]),
                 fmt(best.get("fidelity_top1")),
@@ -140,6 +168,7 @@ def points_table(df: pd.DataFrame) -> str:
                 _ci(r, "tpot_ms"),
                 fmt(r["decode_tokens_per_s"]),
                 speedup(r["speedup_tpot"]),
+                verdict(r),
                 fmt(r["peak_memory_mb"]),
                 fmt(r["n_reps"]),
                 r.get("stop_reason") or "-",
@@ -155,6 +184,7 @@ def points_table(df: pd.DataFrame) -> str:
         "TPOT p50 ms [95% CI]",
         "decode tok/s",
         "TPOT speedup",
+        "vs eager [95% CI]",
         "peak memory MB",
         "n",
         "stopped by",
