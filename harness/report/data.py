@@ -21,7 +21,6 @@ PROFILE_CATEGORIES = ("matmul", "attention", "norm", "elementwise", "copy", "oth
 # A TPOT ratio within 1 +/- NO_GAIN_BAND of eager is "no gain": smaller differences do not pay for an optimization
 # (and on a shared machine they are within run-to-run drift), whatever their CI says.
 NO_GAIN_BAND = 0.05
-VERDICTS = ("faster", "slower", "no gain", "uncertain")
 TIMELINE_MAX_POINTS = 24  # timelines drawn (one line per point); the rest are counted in a note
 TIMELINE_MAX_SAMPLES = 300  # samples per drawn line, after striding
 
