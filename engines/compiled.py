@@ -159,7 +159,7 @@ class CompiledModel(nn.Module):
     def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:
         self.model.setup_caches(max_batch_size=max_batch_size, max_seq_length=max_seq_length)
         device = self.model.output.weight.device
-        tables = self.model.rope(device)  # built here, never inside the compiled region
+        tables = (*self.model.rope(device), *self.model.rope_pairs(device))  # built here, never when compiled
         if self.cuda_graphs:  # fixed addresses: cudagraphs neither copy them per replay nor re-record
             for t in (*tables, self.model.causal_mask):
                 torch._dynamo.mark_static_address(t)

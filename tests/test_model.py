@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from engines.llama import ModelArgs, Transformer, rope_frequencies
+from engines.llama import ModelArgs, Transformer, apply_rope, rope_frequencies, rope_pair_tables, rotate_pairs
 from harness.paths import config_dir
 
 # Parameter counts of the real models these shapes copy (from their published configs).
@@ -61,6 +61,22 @@ def test_cached_decode_equals_full_forward(n_kv_heads, tie):
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
 
 
+def test_rope_is_the_rotation_of_interleaved_pairs():
+    """The three-kernel form (x * cos + swapped pairs * signed sin) is the textbook rotation of each pair."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 3, 16, generator=gen)
+    angles = torch.rand(5, 8, generator=gen) * 2 * math.pi
+    cos, sin = angles.cos(), angles.sin()
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    c, s = cos[None, :, None], sin[None, :, None]
+    want = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, cos, sin), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rotate_pairs(x, *rope_pair_tables(cos, sin)), want, rtol=1e-6, atol=1e-6)
+    bf16 = apply_rope(x.bfloat16(), cos, sin)
+    assert bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.float(), want, rtol=2e-2, atol=2e-2)
+
+
 def test_build_is_seeded_and_tied(small_args):
     a = Transformer.build(small_args, seed=3)
     b = Transformer.build(small_args, seed=3)
@@ -79,6 +95,8 @@ def test_build_in_bf16_keeps_rope_in_fp32(small_args):
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     cos, sin = model.rope("cpu")
     assert cos.dtype == torch.float32 and cos.shape == (small_args.max_seq_len, small_args.head_dim // 2)
+    cos2, sin2 = model.rope_pairs("cpu")
+    assert cos2.dtype == sin2.dtype == torch.float32 and cos2.shape == (small_args.max_seq_len, small_args.head_dim)
     model.setup_caches(1, 8)
     with torch.inference_mode():
         logits = model(torch.tensor([[1, 2, 3]]), torch.arange(3))

@@ -4,8 +4,8 @@ One new query per sequence attends to positions ``0..input_pos`` of a cache [B, 
 queries to fill a GPU with one program per head, so the cache length is split into chunks processed in parallel,
 each keeping a running max and sum (online softmax); a second small kernel merges the chunks. Each program
 serves the whole group of query heads that share one KV head, so every key and value is read from memory once
-per group (the reference's ``scaled_dot_product_attention(enable_gqa=True)`` with a boolean mask reads the mask
-too, materializes the [B, Hq, 1, T] scores and probabilities, and on some paths expands K/V to all query heads).
+per group (the reference's ``scaled_dot_product_attention``, its group's query heads as the query rows, reads a
+boolean mask over the whole cache too and materializes the [B, Hq, 1, T] scores and probabilities).
 
 Bytes: the cache rows up to ``input_pos`` (2 x B x Hkv x (pos + 1) x D elements), once; the partial results
 (B x Hq x splits x (D + 2) fp32) are small. Positions past ``input_pos`` are never read (the eager path reads the

@@ -1,9 +1,10 @@
 """Rotary embeddings applied to q and k in place, both in one launch.
 
-The reference's ``apply_rope`` (per tensor) casts to fp32, splits interleaved pairs, computes four products, a
-difference and a sum, stacks and casts back: each of those steps reads and writes the tensor again, about 10x
-its size in traffic, plus a fresh output tensor. Here each pair is read once and written back in place (2x the
-size, no allocation), for q and k together: about 80% less traffic, and one launch instead of about twenty.
+The reference's ``rotate_pairs`` (per tensor) multiplies by the cos table, swaps each pair into a new tensor and
+adds the product with the signed sin table: three kernels that read and write the tensor again each, about 6x
+its size in traffic, plus the tables and a fresh output tensor. Here each pair is read once and written back in
+place (2x the size, no allocation), for q and k together: about two thirds less traffic, and one launch instead
+of six.
 
 q is [B, S, Hq, D] and k is [B, S, Hkv, D] (the projections' outputs viewed as heads; each token's heads must be
 contiguous); cos and sin are [S, D/2] fp32 tables of the tokens' positions. Pairs are interleaved (Meta's layout).
