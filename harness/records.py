@@ -57,6 +57,8 @@ SCALAR_COLUMNS: dict[str, tuple[str, ...]] = {
     "energy_j_per_token": ("metrics", "energy_j_per_token"),
     "mbu": ("metrics", "mbu"),
     "mfu": ("metrics", "mfu"),
+    # bytes one decode step reads (weights as stored, KV cache, activations): the roofline's count
+    "decode_bytes_per_step": ("roofline", "decode", "bytes_per_step"),
     # what a pruned engine really removed (fraction of the selected weights), beside engine.sparsity requested
     "sparsity": ("engine_info", "sparsity"),
     "fidelity_top1": ("quality", "top1_agreement"),
@@ -103,6 +105,7 @@ NUMERIC_COLUMNS = {
     "energy_j_per_token",
     "mbu",
     "mfu",
+    "decode_bytes_per_step",
     "fidelity_top1",
     "fidelity_kl",
     "ppl",

@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from harness.report.data import NO_GAIN_BAND, prepare
+from harness.report.data import BASELINE, NO_GAIN_BAND, prepare
 
 COLUMNS = {
     "variant": "variant",
@@ -19,6 +19,7 @@ COLUMNS = {
     "speedup_ttft": "TTFT x eager",
     "paired_ci": "TPOT x eager 95% CI",
     "verdict": "vs eager",
+    "bytes_speedup": "bytes x eager",
     "fidelity_top1": "top-1",
     "ppl": "ppl",
     "sparsity": "sparsity",
@@ -26,7 +27,7 @@ COLUMNS = {
     "status": "status",
 }
 # shown only when some point has a value (a sweep without quality or pruning keeps its table narrow)
-OPTIONAL = ("speedup_tpot", "speedup_ttft", "paired_ci", "verdict", "fidelity_top1", "ppl", "sparsity")
+OPTIONAL = ("speedup_tpot", "speedup_ttft", "paired_ci", "verdict", "bytes_speedup", "fidelity_top1", "ppl", "sparsity")
 
 
 def _fmt(value: object) -> str:
@@ -42,7 +43,9 @@ def summary_table(df: pd.DataFrame) -> str:
 
     ``TPOT x eager`` is eager's TPOT p50 over the point's on the same workload, device and dtype (above 1:
     faster), measured in the same sweep; it is left blank where the timing is not representative. ``vs eager``
-    is its verdict: faster, slower, no gain (within 5%) or uncertain (the CI contains 1).
+    is its verdict: faster, slower, no gain (within 5%) or uncertain (the CI contains 1). ``bytes x eager`` is
+    eager's decode bytes per step over the point's: the speedup a decode bound by memory traffic alone would
+    reach (shown when a sweep has a point beside eager).
     """
     if df.empty:
         return "(no records)"
@@ -51,6 +54,7 @@ def summary_table(df: pd.DataFrame) -> str:
     view["speedup_tpot"] = view["speedup_tpot"].where(rep)
     view["speedup_ttft"] = view["speedup_ttft"].where(rep)
     view["paired_ci"] = _paired_ci(view).where(rep)
+    view["bytes_speedup"] = view["bytes_speedup"].where(~view["variant"].eq(BASELINE))
     columns = {c: label for c, label in COLUMNS.items()
                if c not in OPTIONAL or (c in view and view[c].notna().any())}  # fmt: skip
     if not view["scenario"].eq(view["model"]).all():
@@ -65,7 +69,14 @@ def summary_table(df: pd.DataFrame) -> str:
         if r.get("timing_representative") is False:
             row["status"] += " [timing not representative]"
         rows.append(row)
-    return pd.DataFrame(rows).to_string(index=False) + _ratio_note(view)
+    return pd.DataFrame(rows).to_string(index=False) + _ratio_note(view) + _bytes_note(columns)
+
+
+def _bytes_note(columns: dict[str, str]) -> str:
+    if "bytes_speedup" not in columns:
+        return ""
+    return ("\n(bytes x eager: eager's decode bytes per step over the point's, the TPOT speedup a decode bound by "
+            "memory traffic alone would reach; below it: per-step overhead and kernel efficiency)")  # fmt: skip
 
 
 def _paired_ci(view: pd.DataFrame) -> pd.Series:

@@ -141,8 +141,8 @@ def _add_sections(record: dict[str, Any], seed: int, top1: float, kl: float, ppl
     record["roofline"] = {
         "peaks": {"bandwidth_gbs": PEAK_GBS, "flops": PEAK_FLOPS, "source": "measured", "device": "Test CPU"},
         "decode": {
-            "bytes_per_token": bytes_per_token,
-            "flops_per_token": flops_per_token,
+            "bytes_per_step": bytes_per_token,
+            "flops_per_step": flops_per_token,
             "intensity": flops_per_token / bytes_per_token,
             "achieved_gbs": achieved_gbs,
             "achieved_gflops": flops_per_token / seconds / 1e9,

@@ -54,6 +54,26 @@ def test_speedup_is_eager_p50_over_the_variants_on_the_same_point(data, sweep):
     assert quant.tps_ci_low < quant.decode_tokens_per_s < quant.tps_ci_high
 
 
+def test_bytes_speedup_is_the_memory_traffic_bound_of_the_tpot_speedup(data, sweep):
+    """Eager's decode bytes per step over the variant's, beside the measured speedup (terminal and report)."""
+    from harness.summary import summary_table as terminal_summary
+
+    df, _ = data
+    for _, r in df[df.status == "ok"].iterrows():
+        eager = _row(df, "eager", r.model, r.batch_size)
+        assert math.isclose(r.bytes_speedup, eager.decode_bytes_per_step / r.decode_bytes_per_step)
+    assert math.isclose(_row(df, "quantized(scheme=int8)", "small", 1).bytes_speedup, 2.0)  # half the bytes
+    assert math.isclose(_row(df, "pruned(sparsity=0.5)", "small", 1).bytes_speedup, 1.0)  # zeros stored dense
+    lines = terminal_summary(load(sweep)).splitlines()
+    assert "bytes x eager" in lines[0]
+    quant = next(x for x in lines if x.lstrip().startswith("quantized(scheme=int8)") and " small " in x)
+    assert "     2 " in quant
+    assert any(x.startswith("(bytes x eager: ") for x in lines)
+    page = write_report([sweep]).read_text()
+    points = page[page.index('id="points"') :]
+    assert "memory-traffic bound" in points and "2.00×" in points
+
+
 def test_unrepresentative_timings_are_never_best(data):
     df, _ = data
     fused = df[df.variant == "fused"]

@@ -66,8 +66,10 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     ``speedup_tpot`` / ``speedup_ttft`` (eager's p50 over the variant's, same scenario and batch; NaN without an
     ok, representative eager point there; for a point timed in turns with eager, the median of the per-round
     ratios instead, which drift of the machine does not bias); ``speedup_tpot_ci_low/high`` (the paired CI where
-    timed in turns, else the conservative ratio of the two medians' CIs); ``verdict`` (``speed_verdict``); decode
-    tokens/s CI bounds mapped from the TPOT median's CI.
+    timed in turns, else the conservative ratio of the two medians' CIs); ``verdict`` (``speed_verdict``);
+    ``bytes_speedup`` (eager's decode bytes per step over the variant's: the TPOT speedup a decode bound by memory
+    traffic alone would reach, so ``speedup_tpot`` below it is what per-step overhead and kernel efficiency keep);
+    decode tokens/s CI bounds mapped from the TPOT median's CI.
     """
     out = df.copy().reset_index(drop=True)
     for key in SCENARIO_KEYS:  # a frame built by hand or by an older version may lack one (e.g. threads)
@@ -75,7 +77,7 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
             out[key] = np.nan
     if out.empty:
         for col in ("representative", "scenario", "label", "speedup_tpot", "speedup_ttft", "speedup_tpot_ci_low",
-                    "speedup_tpot_ci_high", "verdict", "tps_ci_low", "tps_ci_high"):  # fmt: skip
+                    "speedup_tpot_ci_high", "verdict", "bytes_speedup", "tps_ci_low", "tps_ci_high"):  # fmt: skip
             out[col] = pd.Series(dtype=object if col in ("scenario", "label", "verdict") else float)
         return out
     out["representative"] = representative(out)
@@ -87,7 +89,8 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     eager = out[ok & out["engine"].eq(BASELINE) & out["representative"]]
     if eager["variant"].eq(BASELINE).any():  # an eager with non-default parameters is not the baseline
         eager = eager[eager["variant"].eq(BASELINE)]
-    cols = [c for c in ("tpot_ms_p50", "ttft_ms_p50", "tpot_ms_ci_low", "tpot_ms_ci_high") if c in out]
+    cols = [c for c in ("tpot_ms_p50", "ttft_ms_p50", "tpot_ms_ci_low", "tpot_ms_ci_high", "decode_bytes_per_step")
+            if c in out]  # fmt: skip
     base = eager.groupby(SPEEDUP_KEYS, dropna=False)[cols].median()
     base = base.rename(columns={c: f"{BASELINE}_{c}" for c in cols})
     out = out.drop(columns=[c for c in base.columns if c in out.columns]).merge(
@@ -95,6 +98,10 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     )
     out["speedup_tpot"] = out["eager_tpot_ms_p50"] / out["tpot_ms_p50"].where(ok)
     out["speedup_ttft"] = out["eager_ttft_ms_p50"] / out["ttft_ms_p50"].where(ok)
+    if "decode_bytes_per_step" in out:
+        out["bytes_speedup"] = out["eager_decode_bytes_per_step"] / out["decode_bytes_per_step"].where(ok)
+    else:
+        out["bytes_speedup"] = np.nan
     for metric in ("tpot", "ttft"):
         paired = f"paired_speedup_{metric}"
         if paired in out:
