@@ -49,3 +49,23 @@ def test_sparse_24_linears_measures_on_a_gpu(tmp_path):
     rows = bench.measure([1], torch.bfloat16, torch.device("cuda"))
     assert len(rows) == 7 and all(r["dense_us"] > 0 and r["sparse_us"] > 0 for r in rows)
     assert all(r["max_abs_err_vs_masked_dense"] < 0.1 for r in rows)
+
+
+def test_decode_breakdown_splits_a_step_into_its_linears_and_the_rest():
+    bench = load("decode_breakdown")
+    args = bench.model_args("tiny")
+    model = bench.Transformer.build(args)
+    forward = torch.nn.Linear.forward
+    with torch.inference_mode():
+        model.setup_caches(1, 16)
+        with bench.LinearClock() as clock:
+            parts = bench.step_parts(model, clock, torch.tensor([[3]]), 4)
+            assert len(clock.calls) == 7 * args.n_layers + 1  # q k v o, w1 w3 w2 per block, and the head
+    assert torch.nn.Linear.forward is forward  # unwrapped on exit
+    shapes = {k: v for k, v in parts.items() if k[0].isdigit()}
+    assert set(shapes) == {f"{o}x{i}" for o, i in {tuple(m.weight.shape) for m in model.modules()
+                                                     if isinstance(m, torch.nn.Linear)}}  # fmt: skip
+    assert 0 < parts["linears"] < parts["step"] and parts["between linears"] > 0
+    bytes_by_shape = bench.linear_bytes(model)
+    assert sum(bytes_by_shape.values()) == sum(m.weight.numel() * 4 for m in model.modules()
+                                               if isinstance(m, torch.nn.Linear))  # fmt: skip
