@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from engines.compiled import CompiledModel, CompiledParams
-from engines.llama import ModelArgs, Transformer
+from engines.llama import Transformer
 from harness.env import enable_huge_pages, huge_pages
+from harness.paths import model_shape
 
-REPO = Path(__file__).resolve().parent.parent
 VARIANTS = {
     "compiled (defaults: reduction GEMV, freezing, ...)": CompiledParams(),
     "compiled, library GEMV (MKL)": CompiledParams(gemv="library"),
@@ -30,11 +28,6 @@ VARIANTS = {
     "compiled, library GEMV, no freezing": CompiledParams(gemv="library", freezing=False),
 }
 STEPS = 8
-
-
-def model_args(name: str) -> ModelArgs:
-    cfg = yaml.safe_load((REPO / "configs" / "model" / f"{name}.yaml").read_text())
-    return ModelArgs(**{k: v for k, v in cfg.items() if k in ModelArgs.__dataclass_fields__})
 
 
 def decode_ms(model: torch.nn.Module, tokens: torch.Tensor, start: int) -> float:
@@ -47,7 +40,7 @@ def decode_ms(model: torch.nn.Module, tokens: torch.Tensor, start: int) -> float
 
 
 def run(model_name: str, batch: int, rounds: int) -> None:
-    args = model_args(model_name)
+    args = model_shape(model_name)
     tokens = torch.zeros(batch, 1, dtype=torch.long)
     models: dict[str, torch.nn.Module] = {}
     for name, params in {"eager": None, **VARIANTS}.items():

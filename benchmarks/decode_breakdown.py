@@ -19,23 +19,16 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from engines.llama import ModelArgs, Transformer
+from engines.llama import Transformer
 from engines.surgery import shrink
 from harness.env import enable_huge_pages, huge_pages
+from harness.paths import model_shape
 
-REPO = Path(__file__).resolve().parent.parent
 STEPS = 8  # decode steps per turn
-
-
-def model_args(name: str) -> ModelArgs:
-    cfg = yaml.safe_load((REPO / "configs" / "model" / f"{name}.yaml").read_text())
-    return ModelArgs(**{k: v for k, v in cfg.items() if k in ModelArgs.__dataclass_fields__})
 
 
 class LinearClock:
@@ -91,7 +84,7 @@ def linear_bytes(model: Transformer) -> dict[str, int]:
 
 def run(name: str, sparsity: float, threads: int, rounds: int) -> None:
     torch.set_num_threads(threads)
-    args = model_args(name)
+    args = model_shape(name)
     eager = Transformer.build(args)
     n_ffn = max(1, round((1 - sparsity) * args.intermediate_size))
     n_kv = max(1, round((1 - sparsity) * args.n_kv_heads))

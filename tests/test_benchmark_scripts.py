@@ -53,7 +53,7 @@ def test_sparse_24_linears_measures_on_a_gpu(tmp_path):
 
 def test_decode_breakdown_splits_a_step_into_its_linears_and_the_rest():
     bench = load("decode_breakdown")
-    args = bench.model_args("tiny")
+    args = bench.model_shape("tiny")
     model = bench.Transformer.build(args)
     forward = torch.nn.Linear.forward
     with torch.inference_mode():

@@ -6,17 +6,13 @@ import math
 
 import pytest
 import torch
-import yaml
 
 from engines.llama import ModelArgs, Transformer, apply_rope, rope_frequencies, rope_pair_tables, rotate_pairs
-from harness.paths import config_dir
+from harness.paths import model_shape as shape
 
 # Parameter counts of the real models these shapes copy (from their published configs).
 KNOWN = {"llama-3.2-1b": 1_235_814_400, "llama-3-8b": 8_030_261_248}
 
-
-def shape(name: str) -> ModelArgs:
-    return ModelArgs.from_dict(yaml.safe_load((config_dir() / "model" / f"{name}.yaml").read_text()))
 
 
 @pytest.mark.parametrize("name", ["tiny", "small", "medium", "llama-3.2-1b", "llama-3-8b"])
