@@ -26,7 +26,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engines.base import Engine, PrepareContext, register
-from engines.llama import Attention, FeedForward, RMSNorm, Transformer, TransformerBlock, apply_rope
+from engines.llama import (
+    Attention,
+    FeedForward,
+    RMSNorm,
+    Transformer,
+    TransformerBlock,
+    rope_pair_tables,
+    rotate_pairs,
+)  # fmt: skip
 from engines.surgery import clone
 
 KERNELS = ("rmsnorm", "swiglu", "rope", "attention")
@@ -85,7 +93,8 @@ class FusedAttention(Attention):
 
             rope_(q, k, cos, sin)
         else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            cos2, sin2 = rope_pair_tables(cos, sin)  # once for q and k
+            q, k = rotate_pairs(q, cos2, sin2), rotate_pairs(k, cos2, sin2)
         gqa = self.n_heads != self.n_kv_heads
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if input_pos is None or self.kv_cache is None:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harness.report.data import NO_GAIN_BAND, ranked
+from harness.report.data import BASELINE, NO_GAIN_BAND, ranked
 
 NOT_RANKED = "timing not representative"
 MAX_CONFIG_VALUES = 12
@@ -169,7 +169,7 @@ def points_table(df: pd.DataFrame) -> str:
                 fmt(r["decode_tokens_per_s"]),
                 speedup(r["speedup_tpot"]),
                 verdict(r),
-                "-" if r["variant"] == "eager" else speedup(r.get("bytes_speedup")),
+                "-" if r["variant"] == BASELINE else speedup(r.get("bytes_speedup")),
                 fmt(r["peak_memory_mb"]),
                 fmt(r["n_reps"]),
                 r.get("stop_reason") or "-",
