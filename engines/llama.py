@@ -82,6 +82,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # one dispatched op instead of six: a batch-1 decode step on a CPU is mostly per-op overhead
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
@@ -111,10 +114,14 @@ def rotate_pairs(x: Tensor, cos2: Tensor, sin2: Tensor) -> Tensor:
     """RoPE on interleaved pairs (Meta's layout) as x * cos2 + swap(x) * sin2, with [S, D] pair tables (see
     ``rope_pair_tables``): three kernels (a product, a pair swap, a fused multiply-add) where the textbook form
     (split, four products, a difference, a sum, a stack) takes about ten, which dominate a decode step's RoPE
-    on a CPU. x: [B, S, H, D]; the tables in fp32."""
-    xf = x.float()
+    on a CPU. x: [B, S, H, D]; the tables in fp32, [S, D] or already [S, 1, D] (as ``Transformer.forward`` passes
+    them, shaped once per step rather than in every layer)."""
+    if cos2.dim() == 2:
+        cos2, sin2 = cos2[:, None], sin2[:, None]
+    xf = x if x.dtype == torch.float32 else x.float()
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return torch.addcmul(xf * cos2[None, :, None, :], swapped, sin2[None, :, None, :]).type_as(x)
+    y = torch.addcmul(xf * cos2, swapped, sin2)
+    return y if y.dtype == x.dtype else y.type_as(x)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -133,7 +140,7 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None):
-        """cos/sin: the [S, D] tables of ``rotate_pairs`` (``Transformer.positions(..., pairs=True)``)."""
+        """cos/sin: the [S, D] or [S, 1, D] tables of ``rotate_pairs`` (``Transformer.positions(..., pairs=True)``)."""
         b, s, _ = x.shape
         q = rotate_pairs(self.wq(x).view(b, s, self.n_heads, self.head_dim), cos, sin)
         k = rotate_pairs(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), cos, sin)
@@ -255,6 +262,7 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
         """tokens [B, S] -> logits [B, S, vocab]. With input_pos, uses and fills the KV cache."""
         mask, cos, sin = self.positions(tokens, input_pos, pairs=True)
+        cos, sin = cos[:, None], sin[:, None]  # [S, 1, D]: broadcast over heads, shaped once for every layer
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)

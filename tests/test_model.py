@@ -7,12 +7,19 @@ import math
 import pytest
 import torch
 
-from engines.llama import ModelArgs, Transformer, apply_rope, rope_frequencies, rope_pair_tables, rotate_pairs
+from engines.llama import (
+    ModelArgs,
+    RMSNorm,
+    Transformer,
+    apply_rope,
+    rope_frequencies,
+    rope_pair_tables,
+    rotate_pairs,
+)
 from harness.paths import model_shape as shape
 
 # Parameter counts of the real models these shapes copy (from their published configs).
 KNOWN = {"llama-3.2-1b": 1_235_814_400, "llama-3-8b": 8_030_261_248}
-
 
 
 @pytest.mark.parametrize("name", ["tiny", "small", "medium", "llama-3.2-1b", "llama-3-8b"])
@@ -67,10 +74,28 @@ def test_rope_is_the_rotation_of_interleaved_pairs():
     c, s = cos[None, :, None], sin[None, :, None]
     want = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2)
     torch.testing.assert_close(apply_rope(x, cos, sin), want, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(rotate_pairs(x, *rope_pair_tables(cos, sin)), want, rtol=1e-6, atol=1e-6)
+    cos2, sin2 = rope_pair_tables(cos, sin)
+    torch.testing.assert_close(rotate_pairs(x, cos2, sin2), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(rotate_pairs(x, cos2[:, None], sin2[:, None]), rotate_pairs(x, cos2, sin2))  # [S, 1, D] too
     bf16 = apply_rope(x.bfloat16(), cos, sin)
     assert bf16.dtype == torch.bfloat16
     torch.testing.assert_close(bf16.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_is_the_textbook_formula(dtype):
+    """fp32 takes F.rms_norm (one op), other dtypes normalize in fp32: both are x / rms(x) * weight."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 64, generator=gen).to(dtype)
+    norm = RMSNorm(64, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64, generator=gen) + 0.5)
+    xf = x.float()
+    want = (xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) * norm.weight
+    got = norm(x)
+    assert got.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 def test_build_is_seeded_and_tied(small_args):
