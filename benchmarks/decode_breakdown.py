@@ -8,7 +8,11 @@ attention and the framework cost inside a real step. The pruned model keeps ever
 linear before them has just streamed megabytes of weights through the caches, so they run cold. The printout
 splits each model's step into linears (with GB/s per shape) and the time between them.
 
-    python benchmarks/decode_breakdown.py [--model medium] [--sparsity 0.5] [--threads 1 2] [--rounds 6]
+    python benchmarks/decode_breakdown.py [--model medium] [--sparsity 0.5] [--threads 1 2] [--rounds 6] [--resident]
+
+``--resident`` adds a third model that runs the same ops with weights that stay in the caches: every block is
+one block (its FFN 64 channels wide) and the head has 256 rows. Its "between linears" is what those ops cost
+when nothing has evicted them: the framework's part, apart from cache misses.
 
 The pruned model is ``engines.surgery.shrink`` keeping the first KV groups and FFN channels: the shapes of
 ``engine=pruned engine.method=structured`` without calibrating (which ones are kept does not change the time).
@@ -17,6 +21,7 @@ The pruned model is ``engines.surgery.shrink`` keeping the first KV groups and F
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections import defaultdict
 
@@ -82,7 +87,15 @@ def linear_bytes(model: Transformer) -> dict[str, int]:
     return out
 
 
-def run(name: str, sparsity: float, threads: int, rounds: int) -> None:
+def resident_model(args) -> Transformer:
+    """The eager step's ops (same dim, heads and layers) on weights small enough to stay cached: one block, with
+    a 64-channel FFN, stands for every block, and the head has 256 rows. Its outputs mean nothing."""
+    model = Transformer.build(dataclasses.replace(args, intermediate_size=64, vocab_size=256))
+    model.layers = torch.nn.ModuleList([model.layers[0]] * args.n_layers)
+    return model
+
+
+def run(name: str, sparsity: float, threads: int, rounds: int, resident: bool = False) -> None:
     torch.set_num_threads(threads)
     args = model_shape(name)
     eager = Transformer.build(args)
@@ -90,7 +103,9 @@ def run(name: str, sparsity: float, threads: int, rounds: int) -> None:
     n_kv = max(1, round((1 - sparsity) * args.n_kv_heads))
     pruned = shrink(eager, None, [torch.arange(n_ffn)] * args.n_layers, [torch.arange(n_kv)] * args.n_layers)
     models = {"eager": eager, f"structured {sparsity:g}": pruned}
-    tokens = torch.randint(0, args.vocab_size, (1, 1), generator=torch.Generator().manual_seed(0))
+    if resident:
+        models["eager ops, cached weights"] = resident_model(args)
+    tokens = torch.randint(0, min(args.vocab_size, 256), (1, 1), generator=torch.Generator().manual_seed(0))
     start = 128
     for m in models.values():
         m.setup_caches(1, start + STEPS)
@@ -109,9 +124,13 @@ def run(name: str, sparsity: float, threads: int, rounds: int) -> None:
         print(f"  {key:32s} {base[key]:9.2f} {other[key]:16.2f} {base[key] / other[key]:15.3f}")
     ratio = np.median([a["step"] / b["step"] for a, b in zip(samples["eager"], samples[list(models)[1]], strict=True)])
     nbytes = {n: linear_bytes(m) for n, m in models.items()}
+    if resident:
+        r = med["eager ops, cached weights"]
+        print(f"  {'eager ops on cached weights':32s} step {r['step']:.2f}, linears {r['linears']:.2f}, "
+              f"between linears {r['between linears']:.2f}")  # fmt: skip
     print(f"  TPOT ratio (median of per-round ratios) x{ratio:.3f}; linear weight bytes "
           f"{sum(nbytes['eager'].values()) / sum(nbytes[list(models)[1]].values()):.3f}x fewer")  # fmt: skip
-    for n in models:
+    for n in list(models)[:2]:
         shapes = [k for k in med[n] if "x" in k and k[0].isdigit()]
         rates = ", ".join(f"{k} {nbytes[n][k] / med[n][k] / 1e6:.1f}" for k in shapes)
         print(f"  {n} linears, GB/s by weight shape (out x in): {rates}")
@@ -123,12 +142,13 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--resident", action="store_true", help="also time the same ops on weights that stay cached")
     opts = ap.parse_args()
     enable_huge_pages()  # as `harness run` does, before any model is built
     print(f"torch {torch.__version__}, huge pages in use: {huge_pages()['in_use']}")
     with torch.inference_mode():
         for threads in opts.threads:
-            run(opts.model, opts.sparsity, threads, opts.rounds)
+            run(opts.model, opts.sparsity, threads, opts.rounds, opts.resident)
 
 
 if __name__ == "__main__":

@@ -69,3 +69,17 @@ def test_decode_breakdown_splits_a_step_into_its_linears_and_the_rest():
     bytes_by_shape = bench.linear_bytes(model)
     assert sum(bytes_by_shape.values()) == sum(m.weight.numel() * 4 for m in model.modules()
                                                if isinstance(m, torch.nn.Linear))  # fmt: skip
+
+
+def test_decode_breakdown_resident_model_runs_the_same_ops_on_cached_weights():
+    bench = load("decode_breakdown")
+    args = bench.model_shape("tiny")
+    model = bench.resident_model(args)
+    assert len(model.layers) == args.n_layers and all(b is model.layers[0] for b in model.layers)
+    assert model.layers[0].feed_forward.w1.weight.shape == (64, args.dim) and model.output.weight.shape[0] == 256
+    with torch.inference_mode():
+        model.setup_caches(1, 16)
+        with bench.LinearClock() as clock:
+            parts = bench.step_parts(model, clock, torch.tensor([[3]]), 4)
+            assert len(clock.calls) == 7 * args.n_layers + 1  # the eager step's linears, one block's weights
+    assert 0 < parts["linears"] < parts["step"]
