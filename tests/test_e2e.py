@@ -112,7 +112,7 @@ def test_threads_sweep_measures_each_count(run_harness, tmp_path, tiny):
         # timed in turns only with the point of the same thread count
         assert rec["timing"]["interleaved"]["points"] == 2
     report = prepare(df)
-    assert report["scenario"].str.contains("threads").all()
+    assert set(report["scenario"].str.extract(r"· (\d+ threads?)")[0]) == {"1 thread", "2 threads"}
     assert report.loc[report["engine"].eq("eager"), "speedup_tpot"].tolist() == [1.0, 1.0]
 
 

@@ -41,7 +41,8 @@ def _scenario_label(row: pd.Series, varying: list[str]) -> str:
         elif key in ("prompt_len", "gen_len"):
             parts.append(f"{key.split('_')[0]} {_int(value)}")
         elif key == "threads":
-            parts.append(f"{_int(value)} threads")
+            n = _int(value)
+            parts.append(f"{n} thread" if n == "1" else f"{n} threads")
         else:
             parts.append(str(value))
     return " · ".join(parts)
