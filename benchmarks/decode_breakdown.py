@@ -102,7 +102,8 @@ def run(name: str, sparsity: float, threads: int, rounds: int, resident: bool = 
     n_ffn = max(1, round((1 - sparsity) * args.intermediate_size))
     n_kv = max(1, round((1 - sparsity) * args.n_kv_heads))
     pruned = shrink(eager, None, [torch.arange(n_ffn)] * args.n_layers, [torch.arange(n_kv)] * args.n_layers)
-    models = {"eager": eager, f"structured {sparsity:g}": pruned}
+    small = f"structured {sparsity:g}"
+    models = {"eager": eager, small: pruned}
     if resident:
         models["eager ops, cached weights"] = resident_model(args)
     tokens = torch.randint(0, min(args.vocab_size, 256), (1, 1), generator=torch.Generator().manual_seed(0))
@@ -117,20 +118,20 @@ def run(name: str, sparsity: float, threads: int, rounds: int, resident: bool = 
             for n in list(models)[:: 1 if r % 2 == 0 else -1]:
                 samples[n].append(step_parts(models[n], clock, tokens, start))
     med = {n: {k: float(np.median([s[k] for s in v])) for k in v[0]} for n, v in samples.items()}
-    base, other = med["eager"], med[list(models)[1]]
+    base, other = med["eager"], med[small]
     print(f"\n{name}, batch 1, {threads} thread(s), {rounds} rounds in turns of {STEPS} decode steps")
-    print(f"  {'ms a step':32s} {'eager':>9s} {list(models)[1]:>16s} {'eager / pruned':>15s}")
+    print(f"  {'ms a step':32s} {'eager':>9s} {small:>16s} {'eager / pruned':>15s}")
     for key in ("step", "linears", "between linears"):
         print(f"  {key:32s} {base[key]:9.2f} {other[key]:16.2f} {base[key] / other[key]:15.3f}")
-    ratio = np.median([a["step"] / b["step"] for a, b in zip(samples["eager"], samples[list(models)[1]], strict=True)])
-    nbytes = {n: linear_bytes(m) for n, m in models.items()}
+    ratio = np.median([a["step"] / b["step"] for a, b in zip(samples["eager"], samples[small], strict=True)])
+    nbytes = {n: linear_bytes(models[n]) for n in ("eager", small)}
     if resident:
         r = med["eager ops, cached weights"]
         print(f"  {'eager ops on cached weights':32s} step {r['step']:.2f}, linears {r['linears']:.2f}, "
               f"between linears {r['between linears']:.2f}")  # fmt: skip
     print(f"  TPOT ratio (median of per-round ratios) x{ratio:.3f}; linear weight bytes "
-          f"{sum(nbytes['eager'].values()) / sum(nbytes[list(models)[1]].values()):.3f}x fewer")  # fmt: skip
-    for n in list(models)[:2]:
+          f"{sum(nbytes['eager'].values()) / sum(nbytes[small].values()):.3f}x fewer")  # fmt: skip
+    for n in ("eager", small):
         shapes = [k for k in med[n] if "x" in k and k[0].isdigit()]
         rates = ", ".join(f"{k} {nbytes[n][k] / med[n][k] / 1e6:.1f}" for k in shapes)
         print(f"  {n} linears, GB/s by weight shape (out x in): {rates}")
