@@ -14,8 +14,9 @@ splits each model's step into linears (with GB/s per shape) and the time between
 one block (its FFN 64 channels wide) and the head has 256 rows. Its "between linears" is what those ops cost
 when nothing has evicted them: the framework's part, apart from cache misses.
 
-The pruned model is ``engines.surgery.shrink`` keeping the first KV groups and FFN channels: the shapes of
-``engine=pruned engine.method=structured`` without calibrating (which ones are kept does not change the time).
+The pruned model is ``engines.surgery.first_of_width``, with the first KV groups and FFN channels kept: the
+shapes of ``engine=pruned engine.method=structured`` without calibrating (which ones are kept does not change
+the time).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from engines.llama import Transformer
-from engines.surgery import shrink
+from engines.surgery import first_of_width
 from harness.env import enable_huge_pages, huge_pages
 from harness.paths import model_shape
 
@@ -99,9 +100,7 @@ def run(name: str, sparsity: float, threads: int, rounds: int, resident: bool = 
     torch.set_num_threads(threads)
     args = model_shape(name)
     eager = Transformer.build(args)
-    n_ffn = max(1, round((1 - sparsity) * args.intermediate_size))
-    n_kv = max(1, round((1 - sparsity) * args.n_kv_heads))
-    pruned = shrink(eager, None, [torch.arange(n_ffn)] * args.n_layers, [torch.arange(n_kv)] * args.n_layers)
+    pruned = first_of_width(eager, 1 - sparsity)
     small = f"structured {sparsity:g}"
     models = {"eager": eager, small: pruned}
     if resident:

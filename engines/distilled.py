@@ -22,7 +22,14 @@ from torch import Tensor, nn
 from engines.base import Engine, PrepareContext, register
 from engines.cache import cache_key, cached, file_lock, load_weights, save_weights
 from engines.llama import Transformer
-from engines.surgery import evenly_spaced, ffn_importance, kv_group_importance, shrink, top_k_sorted
+from engines.surgery import (
+    evenly_spaced,
+    ffn_importance,
+    kept_width,
+    kv_group_importance,
+    shrink,
+    top_k_sorted,
+)
 from engines.train import PRECISIONS, TrainConfig, fit, heldout_nll, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -91,8 +98,7 @@ class DistilledEngine(Engine):
             layers = evenly_spaced(args.n_layers, max(1, round(p.depth * args.n_layers)))
         ffn_keep = kv_keep = None
         if p.width < 1:
-            n_ffn = max(1, round(p.width * args.intermediate_size))
-            n_kv = max(1, round(p.width * args.n_kv_heads))
+            n_ffn, n_kv = kept_width(args, p.width)
             ffn_keep = [top_k_sorted(ffn_importance(teacher, i), n_ffn) for i in layers]
             kv_keep = [top_k_sorted(kv_group_importance(teacher, i), n_kv) for i in layers]
         return shrink(teacher, layers, ffn_keep, kv_keep), layers

@@ -41,7 +41,7 @@ from engines.base import Engine, PrepareContext, choice, register
 from engines.base import weight_bytes as plain_weight_bytes
 from engines.cache import cache_key, file_lock
 from engines.quantized import check_layers, select_linears
-from engines.surgery import clone, shrink, top_k_sorted
+from engines.surgery import clone, kept_width, shrink, top_k_sorted
 
 METHODS = ("magnitude", "wanda", "2:4", "structured")
 SCORES = ("magnitude", "wanda")
@@ -261,8 +261,7 @@ class PrunedEngine(Engine):
         """Per layer, the FFN channels and KV groups kept (None: that part is not pruned)."""
         p, args = self.params, model.args
         parts = STRUCTURED_PARTS[tuple(p.layers)]
-        n_ffn = max(1, round((1 - p.sparsity) * args.intermediate_size))
-        n_kv = max(1, round((1 - p.sparsity) * args.n_kv_heads))
+        n_ffn, n_kv = kept_width(args, 1 - p.sparsity)
         layers = range(args.n_layers)
         ffn_keep = kv_keep = None
         if "feed_forward" in parts and n_ffn < args.intermediate_size:

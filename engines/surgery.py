@@ -43,6 +43,21 @@ def kv_group_importance(model: Transformer, layer: int) -> Tensor:
     return q * k * v * o
 
 
+def kept_width(args: ModelArgs, fraction: float) -> tuple[int, int]:
+    """FFN channels and KV groups kept in each layer when ``fraction`` of the width stays: round(fraction * n),
+    at least one (structured pruning keeps 1 - sparsity; distillation its ``width``)."""
+    return max(1, round(fraction * args.intermediate_size)), max(1, round(fraction * args.n_kv_heads))
+
+
+def first_of_width(model: Transformer, fraction: float) -> Transformer:
+    """The model's shape after structured pruning to ``fraction`` of its width, keeping the first channels and
+    groups: for timing, where which ones are kept does not change the time (its outputs are not the pruned
+    model's)."""
+    n_ffn, n_kv = kept_width(model.args, fraction)
+    layers = model.args.n_layers
+    return shrink(model, None, [torch.arange(n_ffn)] * layers, [torch.arange(n_kv)] * layers)
+
+
 def top_k_sorted(scores: Tensor, k: int) -> Tensor:
     return scores.topk(k).indices.sort().values
 

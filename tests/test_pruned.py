@@ -14,6 +14,7 @@ from engines.base import EngineError, PrepareContext, make_engine, weight_bytes
 from engines.generate import greedy
 from engines.llama import ModelArgs, Transformer
 from engines.sparse_formats import CSRLinear
+from engines.surgery import first_of_width, kept_width
 from harness.corpus import load_corpus
 from harness.records import load
 
@@ -161,6 +162,18 @@ def test_structured_parts_follow_engine_layers(corpus):
     assert (ffn_only.args.intermediate_size, ffn_only.args.n_kv_heads, ffn_only.args.n_heads) == (75, 4, 8)
     assert (heads_only.args.intermediate_size, heads_only.args.n_kv_heads, heads_only.args.n_heads) == (150, 2, 4)
     assert ffn_only.engine_info["sparsity"] == pytest.approx(0.5, abs=0.01)  # of the FFN linears it prunes
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.3, 0.9])
+def test_uncalibrated_timing_stand_in_has_the_structured_engines_shape(corpus, ref, sparsity):
+    """The benchmarks time ``first_of_width`` instead of calibrating: it must be the engine's shape exactly."""
+    engine = pruned("structured", sparsity=sparsity).prepare(ref, ctx(corpus))
+    stand_in = first_of_width(ref, 1 - sparsity)
+    assert stand_in.args == engine.args
+    assert {k: v.shape for k, v in stand_in.state_dict().items()} == {
+        k: v.shape for k, v in engine.state_dict().items()
+    }
+    assert kept_width(ARGS, 0.001) == (1, 1)  # at least one channel and one group
 
 
 def _naive_greedy(model: nn.Module, prompt: torch.Tensor, n: int) -> torch.Tensor:
