@@ -83,3 +83,31 @@ def test_decode_breakdown_resident_model_runs_the_same_ops_on_cached_weights():
             parts = bench.step_parts(model, clock, torch.tensor([[3]]), 4)
             assert len(clock.calls) == 7 * args.n_layers + 1  # the eager step's linears, one block's weights
     assert 0 < parts["linears"] < parts["step"]
+
+
+def test_sampler_overhead_pairs_each_round_off_and_on(monkeypatch):
+    bench = load("sampler_overhead")
+    built = bench.models(["tiny"], structured=0.5)
+    assert list(built) == ["tiny", "tiny structured 0.5"]
+    assert built["tiny structured 0.5"].args.intermediate_size == built["tiny"].args.intermediate_size // 2
+    calls = []
+
+    def fake_tpot(model, seconds, sampler):
+        calls.append(sampler is not None)
+        if sampler is not None:
+            with sampler:
+                pass
+        return 11.0 if sampler is not None else 10.0
+
+    monkeypatch.setattr(bench, "tpot_ms", fake_tpot)
+    c = bench.compare(built["tiny"], rounds=4, seconds=0.0, interval=0.05)
+    assert calls == [False, True, True, False, False, True, True, False]  # alternating order
+    assert c["ratio"] == pytest.approx(1.1) and c["off"] == 10.0 and c["on"] == 11.0
+
+
+def test_sampler_overhead_times_a_real_generation_with_the_sampler():
+    bench = load("sampler_overhead")
+    model = bench.models(["tiny"], structured=None)["tiny"]
+    sampler = bench.Sampler(torch.device("cpu"), 0.01)
+    assert bench.tpot_ms(model, 0.2, sampler) > 0
+    assert sampler.result(tokens=1)["n_samples"] >= 1
