@@ -22,14 +22,7 @@ from torch import Tensor, nn
 from engines.base import Engine, PrepareContext, register
 from engines.cache import cache_key, cached, file_lock, load_weights, save_weights
 from engines.llama import Transformer
-from engines.surgery import (
-    evenly_spaced,
-    ffn_importance,
-    kept_width,
-    kv_group_importance,
-    shrink,
-    top_k_sorted,
-)
+from engines.surgery import evenly_spaced, ffn_importance, kept_width, kv_group_importance, shrink, top_k_sorted
 from engines.train import PRECISIONS, TrainConfig, fit, heldout_nll, resolve_precision
 
 log = logging.getLogger(__name__)
