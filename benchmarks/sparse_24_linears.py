@@ -6,9 +6,11 @@ tensor cores, exactly as ``engine=pruned/2of4`` stores it (``engines.sparse_form
 the batch sizes given (decode rows). Timings are ``triton.testing.do_bench`` medians, which flushes the L2 cache
 before every repetition, so weights are read from HBM as in a real decode step. Prints a row per linear and
 batch (dense and 2:4 microseconds, the speedup, dense GB/s) and the whole layer's total, and with ``--json``
-writes the table too. CUDA sm_80+ only: anywhere else it prints why and exits with status 0.
+writes the table too; ``--markdown`` writes it as a Markdown section (device, driver, versions, the command and
+the table) to paste into docs/gpu-results.md. CUDA sm_80+ only: anywhere else it prints why and exits with
+status 0.
 
-    python benchmarks/sparse_24_linears.py [--batch 1 64] [--dtype bf16] [--json out.json]
+    python benchmarks/sparse_24_linears.py [--batch 1 64] [--dtype bf16] [--json out.json] [--markdown out.md]
 """
 
 from __future__ import annotations
@@ -89,11 +91,51 @@ def table(rows: list[dict], batches: list[int]) -> str:
     return "\n".join(lines)
 
 
+def environment(device: torch.device, dtype: str) -> dict[str, str]:
+    """What the numbers were measured on: device, driver, the numeric stack and the 2:4 kernel."""
+    import triton
+
+    env = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "cuda": str(torch.version.cuda),
+           "triton": triton.__version__, "dtype": dtype, "kernel": semi_structured_kernel()}  # fmt: skip
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        env["driver"] = pynvml.nvmlSystemGetDriverVersion()
+    except Exception as exc:  # NVML absent: the record says so instead of failing the run
+        env["driver"] = f"unknown ({type(exc).__name__})"
+    return env
+
+
+def markdown(env: dict[str, str], rows: list[dict], batches: list[int], command: str) -> str:
+    """A docs/gpu-results.md section: where and how it was measured, then a row per linear and batch and the
+    whole layer's total per batch."""
+    lines = [
+        f"### 2:4 semi-structured vs dense {env['dtype']}: Llama-3-8B linears", "",
+        f"- device: {env['device']}, driver {env['driver']}",
+        f"- torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}; {env['kernel']}",
+        "- `triton.testing.do_bench` medians, L2 cache flushed before every repetition", "",
+        f"    {command}", "",
+        "| linear | out x in | batch | dense us | 2:4 us | 2:4 speedup | dense GB/s |",
+        "|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['linear']} | {r['out']}x{r['in']} | {r['batch']} | {r['dense_us']:.1f} | "
+                     f"{r['sparse_us']:.1f} | x{r['speedup']:.2f} | {r['dense_gbs']:.0f} |")  # fmt: skip
+    for b in batches:
+        sel = [r for r in rows if r["batch"] == b]
+        if sel:
+            d, s = sum(r["dense_us"] for r in sel), sum(r["sparse_us"] for r in sel)
+            lines.append(f"| layer (all 7) | | {b} | {d:.1f} | {s:.1f} | x{d / s:.2f} | |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="rows of x (decode batch sizes)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--markdown", help="also write a Markdown section (device, versions, command, table)")
     args = ap.parse_args(argv)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if why := semi_structured_unavailable(device):
@@ -101,13 +143,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     dtype = DTYPES[args.dtype]
     rows = measure(args.batch, dtype, device)
-    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {args.dtype}, "
-          f"{semi_structured_kernel()}; do_bench medians, L2 flushed per repetition")  # fmt: skip
+    env = environment(device, args.dtype)
+    print(f"{env['device']}, torch {env['torch']}, {args.dtype}, {env['kernel']}; do_bench medians, "
+          "L2 flushed per repetition")
     print(table(rows, args.batch))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-                       "dtype": args.dtype, "kernel": semi_structured_kernel(), "rows": rows}, f, indent=1)  # fmt: skip
+            json.dump({**env, "rows": rows}, f, indent=1)
+    if args.markdown:
+        command = "python benchmarks/sparse_24_linears.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        with open(args.markdown, "w") as f:
+            f.write(markdown(env, rows, args.batch, command.strip()))
     return 0
 
 

@@ -40,6 +40,15 @@ def test_sparse_24_linears_table_totals_each_batch():
     assert totals == [("1", "280.0", "140.0", "2.00"), ("64", "280.0", "140.0", "2.00")]
     assert len(bench.LLAMA3_8B_LINEARS) == 7 and {o for _, o, _ in bench.LLAMA3_8B_LINEARS} == {1024, 4096, 14336}
 
+    env = {"device": "Some GPU", "driver": "1.2", "torch": "2.x", "cuda": "13.0", "triton": "3.x", "dtype": "bf16",
+           "kernel": "2:4 semi-structured sparse matmul (cutlass)"}  # fmt: skip
+    md = bench.markdown(env, rows, [1, 64], "python benchmarks/sparse_24_linears.py --batch 1 64")
+    assert "Some GPU, driver 1.2" in md and "torch 2.x (CUDA 13.0), triton 3.x" in md
+    assert "    python benchmarks/sparse_24_linears.py --batch 1 64" in md
+    body = [line.split("|")[1:-1] for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(body) == len(rows) + 2 and body[0][0].strip() == "q" and body[0][1].strip() == "4096x4096"
+    assert [c.strip() for c in body[-1][2:6]] == ["64", "280.0", "140.0", "x2.00"]
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sparse_24_linears_measures_on_a_gpu(tmp_path):
@@ -49,6 +58,9 @@ def test_sparse_24_linears_measures_on_a_gpu(tmp_path):
     rows = bench.measure([1], torch.bfloat16, torch.device("cuda"))
     assert len(rows) == 7 and all(r["dense_us"] > 0 and r["sparse_us"] > 0 for r in rows)
     assert all(r["max_abs_err_vs_masked_dense"] < 0.1 for r in rows)
+    env = bench.environment(torch.device("cuda"), "bf16")
+    assert env["device"] == torch.cuda.get_device_name() and env["cuda"] == torch.version.cuda
+    assert "| layer (all 7) | | 1 |" in bench.markdown(env, rows, [1], "python benchmarks/sparse_24_linears.py")
 
 
 def test_decode_breakdown_splits_a_step_into_its_linears_and_the_rest():
