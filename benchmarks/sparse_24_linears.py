@@ -77,17 +77,24 @@ def measure(batches: list[int], dtype: torch.dtype, device: torch.device) -> lis
     return rows
 
 
+def layer_totals(rows: list[dict], batches: list[int]) -> list[tuple[int, float, float]]:
+    """(batch, dense us, 2:4 us) of the whole layer for each batch that has rows."""
+    totals = []
+    for b in batches:
+        sel = [r for r in rows if r["batch"] == b]
+        if sel:
+            totals.append((b, sum(r["dense_us"] for r in sel), sum(r["sparse_us"] for r in sel)))
+    return totals
+
+
 def table(rows: list[dict], batches: list[int]) -> str:
     head = f"{'linear':6} {'shape':>12} {'batch':>5} {'dense us':>9} {'2:4 us':>9} {'2:4 x':>6} {'dense GB/s':>10}"
     lines = [head]
     for r in rows:
         lines.append(f"{r['linear']:6} {r['out']:>5}x{r['in']:<6} {r['batch']:>5} {r['dense_us']:9.1f} "
                      f"{r['sparse_us']:9.1f} {r['speedup']:6.2f} {r['dense_gbs']:10.0f}")  # fmt: skip
-    for b in batches:
-        sel = [r for r in rows if r["batch"] == b]
-        if sel:
-            d, s = sum(r["dense_us"] for r in sel), sum(r["sparse_us"] for r in sel)
-            lines.append(f"{'layer':6} {'(all 7)':>12} {b:>5} {d:9.1f} {s:9.1f} {d / s:6.2f}")
+    for b, d, s in layer_totals(rows, batches):
+        lines.append(f"{'layer':6} {'(all 7)':>12} {b:>5} {d:9.1f} {s:9.1f} {d / s:6.2f}")
     return "\n".join(lines)
 
 
@@ -102,6 +109,7 @@ def environment(device: torch.device, dtype: str) -> dict[str, str]:
 
         pynvml.nvmlInit()
         env["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        pynvml.nvmlShutdown()
     except Exception as exc:  # NVML absent: the record says so instead of failing the run
         env["driver"] = f"unknown ({type(exc).__name__})"
     return env
@@ -122,11 +130,8 @@ def markdown(env: dict[str, str], rows: list[dict], batches: list[int], command:
     for r in rows:
         lines.append(f"| {r['linear']} | {r['out']}x{r['in']} | {r['batch']} | {r['dense_us']:.1f} | "
                      f"{r['sparse_us']:.1f} | x{r['speedup']:.2f} | {r['dense_gbs']:.0f} |")  # fmt: skip
-    for b in batches:
-        sel = [r for r in rows if r["batch"] == b]
-        if sel:
-            d, s = sum(r["dense_us"] for r in sel), sum(r["sparse_us"] for r in sel)
-            lines.append(f"| layer (all 7) | | {b} | {d:.1f} | {s:.1f} | x{d / s:.2f} | |")
+    for b, d, s in layer_totals(rows, batches):
+        lines.append(f"| layer (all 7) | | {b} | {d:.1f} | {s:.1f} | x{d / s:.2f} | |")
     return "\n".join(lines) + "\n"
 
 
