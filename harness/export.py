@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from harness.progress import SWEEP_META, missing_points
 from harness.records import (
     NUMERIC_COLUMNS,
     STAT_COLUMNS,
@@ -115,12 +116,13 @@ def read_points(path: str | Path) -> pd.DataFrame:
         raise ExportError(f"{path}: no such file or directory")
     if path.is_dir() or path.name.endswith(".json") and _is_record(path):
         df = table_with_samples(path)
+        df.attrs["errors"] = list(df.attrs.get("errors", [])) + missing_errors(path)
         df.attrs["source"] = "records"
         return df
     suffix = path.suffix.lower()
     try:
         if suffix == ".json":
-            df = _read_json_table(path)
+            df, errors = _read_json_table(path)
         elif suffix == ".parquet":
             df = pd.read_parquet(path)
         elif suffix == ".csv":
@@ -136,8 +138,20 @@ def read_points(path: str | Path) -> pd.DataFrame:
     if df.empty or "status" not in df.columns:
         raise ExportError(f"{path}: the table has no points")
     df = _normalize(df)
-    df.attrs["errors"], df.attrs["source"] = [], suffix.lstrip(".")
+    df.attrs["errors"], df.attrs["source"] = errors if suffix == ".json" else [], suffix.lstrip(".")
     return df
+
+
+def missing_errors(path: Path) -> list[str]:
+    """The points a sweep planned (sweep.json) that have no record: a sweep killed part-way must not pass a gate
+    as "no regression" for the points it never wrote."""
+    if not path.is_dir():
+        return []
+    return [
+        f"{path}: job {m['job']} ({' '.join(m['overrides'] or []) or 'no overrides'}) planned in {SWEEP_META} "
+        "has no record (the sweep stopped before it)"
+        for m in missing_points(path)
+    ]
 
 
 def _is_record(path: Path) -> bool:
@@ -154,7 +168,8 @@ def _read_json_table(path: Path) -> pd.DataFrame:
         raise ExportError(f"{path}: not a harness table export (expected format {TABLE_FORMAT!r} with rows)")
     if data.get("version", 0) > TABLE_VERSION:
         raise ExportError(f"{path}: table version {data['version']} is newer than this harness ({TABLE_VERSION})")
-    return pd.DataFrame(data["rows"])
+    errors = data.get("errors") or []
+    return pd.DataFrame(data["rows"]), [str(e) for e in errors] if isinstance(errors, list) else [str(errors)]
 
 
 def _cell(value: Any) -> Any:

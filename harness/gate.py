@@ -331,12 +331,21 @@ def point_labels(df: pd.DataFrame) -> pd.Series:
 
 def _dedupe(df: pd.DataFrame, on: list[str], side: str, notes: list[str]) -> pd.DataFrame:
     """One row per match key: the latest record wins (a re-run point), with a note."""
-    dup = df.duplicated(on, keep=False)
+    if df.empty:
+        return df
+    key = match_keys(df, on)  # as text: a list-valued engine parameter is a key too
+    dup = key.duplicated(keep=False)
     if dup.any():
-        keys = int(df[dup].groupby(on).ngroups)
+        keys = int(key[dup].nunique())
         notes.append(f"{side}: {int(dup.sum())} records share {keys} match key(s); the latest of each is compared")
-        df = df.sort_values("started_at", na_position="first").drop_duplicates(on, keep="last")
+        order = df["started_at"].sort_values(na_position="first").index if "started_at" in df.columns else df.index
+        df = df.loc[order][~key.loc[order].duplicated(keep="last")]
     return df
+
+
+def match_keys(df: pd.DataFrame, on: list[str]) -> pd.Series:
+    """Each row's match key as one text (4.0 and 4 are one batch size)."""
+    return df[on].map(text_value).agg(" | ".join, axis=1)
 
 
 def compare(base: pd.DataFrame, cand: pd.DataFrame, settings: Settings | None = None) -> GateResult:
@@ -352,7 +361,7 @@ def compare(base: pd.DataFrame, cand: pd.DataFrame, settings: Settings | None = 
     base, cand = _dedupe(base, on, "BASE", notes), _dedupe(cand, on, "CAND", notes)
     both = pd.concat([base.assign(_side="base"), cand.assign(_side="cand")], ignore_index=True)
     both["_label"] = point_labels(both)
-    both["_key"] = both[on].map(text_value).agg(" | ".join, axis=1)  # 4.0 and 4 are one batch size
+    both["_key"] = match_keys(both, on)
     b = both[both["_side"] == "base"].set_index("_key")
     c = both[both["_side"] == "cand"].set_index("_key")
     common = [k for k in b.index if k in c.index]

@@ -19,7 +19,16 @@ from pathlib import Path
 import pandas as pd
 
 from harness.cli import UsageError
-from harness.export import DEFAULT_NAMES, FORMATS, PYTEST_METRICS, ExportError, read_points, table_with_samples, write
+from harness.export import (
+    DEFAULT_NAMES,
+    FORMATS,
+    PYTEST_METRICS,
+    ExportError,
+    missing_errors,
+    read_points,
+    table_with_samples,
+    write,
+)
 from harness.gate import compare
 from harness.gate_report import Sources, exit_code, render_markdown, render_terminal, to_json
 from harness.gate_settings import (
@@ -186,6 +195,12 @@ def compare_main(argv: Sequence[str]) -> int:
         result = compare(base, cand, settings)
     except GateInputError as exc:
         raise UsageError(str(exc)) from None
+    except UsageError:
+        raise
+    except Exception as exc:  # exit 1 means "regressed" to CI: a crash must not read as a verdict
+        logging.getLogger(__name__).debug("compare failed", exc_info=True)
+        raise UsageError(f"cannot gate these inputs ({exc.__class__.__name__}: {exc}); this is a bug, please "
+                         "report it with the two inputs") from None  # fmt: skip
     sources = Sources(
         str(opts.base),
         str(opts.cand),
@@ -250,6 +265,7 @@ def export_main(argv: Sequence[str]) -> int:
     try:
         with _quiet_records_log():
             df = table_with_samples(opts.dirs)
+        df.attrs["errors"] = list(df.attrs.get("errors", [])) + [e for d in opts.dirs for e in missing_errors(d)]
         for err in df.attrs.get("errors", []):
             sys.stderr.write(f"harness export: warning: {' '.join(str(err).split())} (skipped)\n")
         if to_stdout:

@@ -175,7 +175,10 @@ def read_record(path: Path) -> dict[str, Any]:
         raise RecordError(f"{path}: unreadable record ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(data, dict) or "schema_version" not in data or "status" not in data:
         raise RecordError(f"{path}: not a harness record (no schema_version/status)")
-    if data["schema_version"] > SCHEMA_VERSION:
+    version = data["schema_version"]
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise RecordError(f"{path}: schema_version must be an integer, got {version!r}")
+    if version > SCHEMA_VERSION:
         raise RecordError(
             f"{path}: schema_version {data['schema_version']} is newer than this harness ({SCHEMA_VERSION})"
         )

@@ -479,3 +479,49 @@ def test_compare_pairs_only_points_timed_in_the_same_rounds(tmp_path, synthetic_
                      [dict(tpot=tpot_c, ttft=ttft, variant="slowed", turns_id=turns)])  # fmt: skip
         rows = compare(base, cand, match).rows.set_index("metric")
         assert rows.loc["tpot_ms", "verdict"] == expected and rows.loc["tpot_ms", "mode"] == mode
+
+
+def test_cli_a_sweep_killed_part_way_cannot_pass(run_harness, two_sweeps, tmp_path, capsys):
+    """A point sweep.json planned but that never wrote a record (a sweep killed by CI's timeout) is an error:
+    the gate exits 2 rather than "no regression" for the points it did not see, read directly or exported."""
+    from harness.progress import write_sweep_meta
+    from harness.records import read_record
+
+    base, cand = two_sweeps
+    keys = [read_record(cand / str(i) / RECORD_NAME)["point_key"] for i in range(3)]
+    plan = {"total": 3, "points": [[f"workload.batch_size={b}"] for b in (1, 2, 4)], "point_keys": keys}
+    write_sweep_meta(cand, plan)
+    (cand / "2" / RECORD_NAME).unlink()  # the regressed point never finished
+    assert run_harness("compare", str(base), str(cand)) == 2
+    captured = capsys.readouterr()
+    assert "job 2 (workload.batch_size=4) planned in sweep.json has no record" in captured.err
+    assert captured.out.strip().splitlines()[-1].startswith("incomplete: 1 record(s) could not be read")
+
+    table = tmp_path / "cand.json"
+    assert run_harness("export", str(cand), "--format", "json", "-o", str(table)) == 0
+    assert "planned in sweep.json has no record" in capsys.readouterr().err
+    assert run_harness("compare", str(base), str(table)) == 2  # the exported table keeps its errors
+    assert "job 2 (workload.batch_size=4)" in capsys.readouterr().err
+
+
+def test_list_valued_match_columns_and_bad_schema_versions(tmp_path, synthetic_point, run_harness, capsys):
+    """Matching on a list-valued engine parameter compares its text; a record whose schema_version is not an
+    integer is named and skipped, never a traceback (exit 1 would read as a regression)."""
+    from harness.records import RecordError, read_record
+
+    base = _side(tmp_path, "base", synthetic_point, [_point(2.0), _point(2.0, batch_size=2)])
+    cand = _side(tmp_path, "cand", synthetic_point, [_point(2.0, seed_data=1), _point(2.0, batch_size=2)])
+    for df in (base, cand):
+        df["layers"] = [[0, 1], [0, 1]]
+    result = compare(base, cand, Settings(match=("layers", "batch_size")))
+    assert sorted(result.points.key) == ["[0, 1] | 1", "[0, 1] | 2"]
+    dup = pd.concat([cand, cand.assign(started_at="2099-01-01T00:00:00")], ignore_index=True)
+    result = compare(base, dup, Settings(match=("layers", "batch_size")))
+    assert len(result.points) == 2 and any("records share 2 match key(s)" in n for n in result.notes)
+
+    path = tmp_path / "cand" / "1" / RECORD_NAME
+    path.write_text(path.read_text().replace('"schema_version": 1', '"schema_version": "1"'))
+    with pytest.raises(RecordError, match="schema_version must be an integer, got '1'"):
+        read_record(path)
+    assert run_harness("compare", str(tmp_path / "base"), str(tmp_path / "cand")) == 2
+    assert "schema_version must be an integer" in capsys.readouterr().err
