@@ -241,7 +241,7 @@ class Transformer(nn.Module):
         """Allocate the static KV cache and causal mask for one workload shape."""
         if max_seq_length > self.args.max_seq_len:
             raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's {self.args.max_seq_len}")
-        w = self.output.weight
+        w = self.tok_embeddings.weight  # the head may be a quantized module without a .weight
         for layer in self.layers:
             a = layer.attention
             a.kv_cache = KVCache(max_batch_size, max_seq_length, a.n_kv_heads, a.head_dim, w.dtype, w.device)

@@ -137,6 +137,14 @@ def test_prepared_model_runs_with_its_kv_cache_and_leaves_the_reference_alone():
         ]
         assert weight_bytes(q) == info["weight_bytes"] == sum(info["weight_bytes_by_class"].values())
         assert set(info["weight_bytes_by_class"]) == {f"linear {scheme[:4]}", "embedding fp32", "norm fp32"}
+        # the head quantized too (it has no .weight then): the cache still takes the model's dtype and device
+        q_all = make_engine({"name": "quantized", "scheme": scheme, "layers": ["all"]}).prepare(ref, ctx())
+        head_kept = q_all.engine_info["layers_unquantized"]  # int4 packs 16 rows at a time: 97 do not fit
+        assert isinstance(q_all.output, nn.Linear) == bool(head_kept) == (scheme == "int4_weight_only")
+        with torch.inference_mode():
+            q_all.setup_caches(2, 20)
+            torch.testing.assert_close(q_all(x, torch.arange(12)), q_all(x), rtol=1e-3, atol=1e-3)
+        assert greedy(q_all, x, 8).shape == (2, 8)
     # the reference is what it was: same modules, same weights, no caches installed
     assert all(isinstance(ref.get_submodule(n), nn.Linear) for n in select_linears(ref, ("all",)))
     assert all(torch.equal(v, snapshot[k]) for k, v in ref.state_dict().items())
