@@ -184,7 +184,11 @@ def _coerce(key: str, value: Any, typ: Any, choices: tuple[Any, ...] | None) -> 
     if get_origin(base) is tuple:
         if not isinstance(value, list | tuple):
             raise EngineError(f"engine.{key}: expected a list, got {value!r}")
-        value = tuple(value)
+        elem = get_args(base)
+        if len(elem) == 2 and elem[1] is Ellipsis:  # tuple[int, ...]: each entry checked like a parameter
+            value = tuple(_coerce(f"{key}[{i}]", v, elem[0], None) for i, v in enumerate(value))
+        else:
+            value = tuple(value)
     if choices is not None and value not in choices:
         raise EngineError(f"engine.{key}: {value!r} is not allowed; allowed: {', '.join(map(str, choices))}")
     return value

@@ -49,8 +49,18 @@ class DistilledParams:
                 raise ValueError(f"engine.{name} must be in (0, 1], got {getattr(self, name)}")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"engine.alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature <= 0 or self.steps < 0:
-            raise ValueError("engine.temperature must be > 0 and engine.steps >= 0")
+        if not self.temperature > 0:
+            raise ValueError(f"engine.temperature must be > 0, got {self.temperature}")
+        for name in ("steps", "batch_size", "seq_len"):
+            value, low = getattr(self, name), 0 if name == "steps" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"engine.{name} must be an integer >= {low}, got {value!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"engine.lr must be a finite number > 0, got {self.lr}")
+        if self.layers_kept is not None and not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in self.layers_kept
+        ):
+            raise ValueError(f"engine.layers_kept: layer indices must be integers, got {list(self.layers_kept)}")
 
 
 def distillation_loss(teacher: nn.Module, temperature: float, alpha: float):
@@ -107,9 +117,17 @@ class DistilledEngine(Engine):
             info.update(trained=False, note=f"student derived from the teacher, not distilled ({why})")
             student.engine_info = info
             return student
+        if p.seq_len > model.args.max_seq_len:
+            raise ValueError(f"engine.seq_len: {p.seq_len} exceeds the teacher's context ({model.args.max_seq_len})")
         student = student.float()
         params = {**asdict(p), "precision": resolve_precision(p.precision, ctx.device)}
         key = cache_key({"teacher": ctx.reference_key, "params": params, "seed": ctx.seed})
+        if not ctx.reference_key:  # nothing identifies the teacher: a cache entry could be another teacher's
+            meta = {**self._distill(model, student, ctx), "key": key, "cached": False}
+            info.update(trained=True, **meta)
+            student = student.to(ctx.dtype).eval()
+            student.engine_info = info
+            return student
         path = Path(ctx.cache_dir) / "students" / f"distilled-{key}.safetensors"
         with file_lock(path.with_suffix(".lock")):
             if cached(path):

@@ -96,6 +96,43 @@ def test_invalid_params_are_refused():
         make_engine({"name": "distilled", "layers_kept": [0, 7]}).derive(teacher)
 
 
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"seq_len": 0}, "engine.seq_len must be an integer >= 1, got 0"),
+        ({"batch_size": 0}, "engine.batch_size must be an integer >= 1, got 0"),
+        ({"steps": -1}, "engine.steps must be an integer >= 0, got -1"),
+        ({"lr": -1.0}, "engine.lr must be a finite number > 0, got -1.0"),
+        ({"temperature": 0}, "engine.temperature must be > 0, got 0.0"),
+        ({"layers_kept": ["a"]}, "engine.layers_kept[0]: expected an integer, got 'a'"),
+        ({"layers_kept": [0, 0.5]}, "engine.layers_kept[1]: expected an integer, got 0.5"),
+    ],
+)
+def test_each_bad_param_is_named_with_its_value(params, message):
+    from engines.base import EngineError
+
+    with pytest.raises(EngineError) as err:
+        make_engine({"name": "distilled", **params})
+    assert message in str(err.value)
+
+
+def test_a_training_window_longer_than_the_teacher_context_is_refused(tmp_path):
+    teacher = Transformer.build(ARGS, seed=0)
+    eng = make_engine({"name": "distilled", "steps": 1, "seq_len": 200})
+    with pytest.raises(ValueError, match=r"engine.seq_len: 200 exceeds the teacher's context \(128\)"):
+        eng.prepare(teacher, ctx(tmp_path, trained=True))
+
+
+def test_teachers_without_a_reference_key_are_never_served_from_the_cache(tmp_path):
+    """Two different teachers that the context does not identify: each student is distilled from its own."""
+    eng = make_engine({"name": "distilled", "steps": 2, "batch_size": 2, "seq_len": 16})
+    students = [eng.prepare(Transformer.build(ARGS, seed=s), ctx(tmp_path, trained=True, key="")) for s in (0, 1)]
+    assert [s.engine_info["cached"] for s in students] == [False, False]
+    assert not (tmp_path / "students").exists()
+    a, b = (s.tok_embeddings.weight for s in students)
+    assert not torch.equal(a, b)
+
+
 def test_distillation_trains_toward_the_teacher_and_is_cached(tmp_path, trained_tiny):
     args = ModelArgs.from_dict(trained_tiny["args"])
     teacher = training.load_trained(args, trained_tiny["path"], torch.device("cpu"), torch.float32)
