@@ -79,8 +79,10 @@ class Engine:
     def __init__(self, params: Any | None = None) -> None:
         self.params = params if params is not None else self.Params()
 
-    def available(self, device: torch.device) -> str | None:
-        """None when this engine (with its params) can run on ``device``, else the human reason."""
+    def available(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+        """None when this engine (with its params) can run on ``device`` with weights in ``dtype`` (when given),
+        else the human reason: the point is recorded as skipped, never failed (which a gate reads as a
+        regression)."""
         return None
 
     def timing_caveat(self, device: torch.device) -> str | None:

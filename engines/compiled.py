@@ -216,7 +216,7 @@ class CompiledEngine(Engine):
     Params = CompiledParams
     description = "torch.compile (inductor) of decode and prefill; modes default, reduce-overhead, max-autotune."
 
-    def available(self, device: torch.device) -> str | None:
+    def available(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
         if self.params.mode == "reduce-overhead" and device.type != "cuda":
             return f"engine.mode=reduce-overhead is CUDA graphs: it needs CUDA (this device: {device.type})"
         return _unavailable_compiler(device)

@@ -198,12 +198,12 @@ class FusedEngine(Engine):
     Params = FusedParams
     description = "Triton kernels swapped in: residual+RMSNorm, SwiGLU, in-place RoPE, split-K decode attention."
 
-    def available(self, device: torch.device) -> str | None:
+    def available(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
         if self.params.cuda_graphs and device.type != "cuda":
             return f"engine.cuda_graphs=true needs CUDA (this device: {device.type})"
         from engines import kernels
 
-        return kernels.unavailable(device)
+        return kernels.unavailable(device) or kernels.dtype_unavailable(dtype)
 
     def timing_caveat(self, device: torch.device) -> str | None:
         from engines import kernels

@@ -125,9 +125,13 @@ class PrunedEngine(Engine):
         extra = {k: v for k, v in self.non_default_params().items() if k not in ("method", "sparsity", "score")}
         return f"{self.name}({', '.join(head + [f'{k}={v}' for k, v in sorted(extra.items())])})"
 
-    def available(self, device: torch.device) -> str | None:
-        if self.params.resolved_format() == "semi_structured":
-            return sparse_formats.semi_structured_unavailable(device)
+    def available(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+        fmt = self.params.resolved_format()
+        if fmt == "semi_structured":
+            reason = sparse_formats.semi_structured_unavailable(device)
+            return reason or (sparse_formats.semi_structured_dtype_error(dtype) if dtype is not None else None)
+        if fmt == "csr" and dtype is not None:
+            return sparse_formats.csr_unsupported(device, dtype)
         return None
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:

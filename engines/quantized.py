@@ -165,7 +165,7 @@ class QuantizedEngine(Engine):
             return self.params.backend
         return "torchao" if device.type == "cuda" else "aten"
 
-    def available(self, device: torch.device) -> str | None:
+    def available(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
         p = self.params
         if p.scheme == "fp8" and (reason := fp8_unavailable(device)):
             return reason
@@ -174,13 +174,13 @@ class QuantizedEngine(Engine):
                 return f"engine.backend=triton runs int8_weight_only only (got scheme={p.scheme})"
             from engines import kernels
 
-            return kernels.unavailable(device)
+            return kernels.unavailable(device) or kernels.dtype_unavailable(dtype)
         if self.backend(device) == "aten":
             if device.type != "cpu":
                 return (f"engine.backend=aten runs CPU kernels (fbgemm, aten int8/int4 pack); on {device.type} use "
                         "engine.backend=torchao or auto")  # fmt: skip
             return cpu.unavailable(p.scheme)
-        return torchao_backend.unavailable(p.scheme, p.group_size, device)
+        return torchao_backend.unavailable(p.scheme, p.group_size, device, dtype)
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
         p = self.params

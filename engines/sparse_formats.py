@@ -73,7 +73,7 @@ def csr_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def semi_structured_unavailable(device: torch.device) -> str | None:
     """None on a CUDA GPU of compute capability 8.0+ (sparse tensor cores), else the reason. The dtype must also
-    be fp16 or bf16 (``semi_structured_dtype_error``), which only ``prepare`` knows."""
+    be fp16 or bf16 (``semi_structured_dtype_error``, which ``PrunedEngine.available`` checks when given it)."""
     hint = "; engine.format=dense applies the 2:4 mask to dense weights (for its quality cost, without a speedup)"
     if device.type != "cuda":
         return f"2:4 semi-structured sparsity needs a CUDA GPU with compute capability 8.0+ (this device: " \

@@ -325,7 +325,7 @@ def run_point(
     try:
         with guarded(record), deadline(timeout_s):
             record["env"] = fingerprint(spec.device)
-            reason = spec.engine.available(spec.device)
+            reason = spec.engine.available(spec.device, spec.dtype)
             if reason:
                 record["status"], record["error"] = "skipped", reason
             else:

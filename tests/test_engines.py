@@ -36,7 +36,7 @@ class ToyEngine(Engine):
     name = "toy-test"
     Params = ToyParams
 
-    def available(self, device):
+    def available(self, device, dtype=None):
         return None if self.params.scheme == "a" else "scheme b needs hardware this machine lacks"
 
     def prepare(self, model, ctx):

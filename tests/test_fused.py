@@ -107,7 +107,8 @@ def test_params_availability_and_caveat():
         "engine.cuda_graphs=true needs CUDA (this device: cpu)"
     )
     if kernels.interpreted():
-        assert eng.available(cpu) is None
+        assert eng.available(cpu) is None and eng.available(cpu, torch.float16) is None
+        assert "fp32 and fp16 only" in eng.available(cpu, torch.bfloat16)
         assert "interpreter" in eng.timing_caveat(cpu) and "not representative" in eng.timing_caveat(cpu)
         with pytest.raises(ValueError, match="fp32 and fp16 only"):
             eng.prepare(Transformer.build(TINY, seed=0), PrepareContext(cpu, torch.bfloat16, 0, "t", TINY, "/x"))

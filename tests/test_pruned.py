@@ -284,6 +284,19 @@ def test_two_four_needs_sparse_tensor_cores_and_csr_needs_fp32(corpus, ref):
     bf16 = PrepareContext(CPU, torch.bfloat16, 0, "t", ARGS, "/nonexistent", train_tokens=corpus.tokens("train"))
     with pytest.raises(ValueError, match="engine.format=csr: torch's CPU CSR kernel"):
         pruned("magnitude", format="csr").prepare(Transformer.build(ARGS, dtype=torch.bfloat16), bf16)
+    # known before any work, from the point's dtype: the point is skipped with the reason, not failed
+    assert pruned("magnitude", format="csr").available(CPU, torch.bfloat16).startswith("engine.format=csr")
+    assert pruned("magnitude", format="csr").available(CPU, torch.float32) is None
+
+
+def test_a_format_the_dtype_cannot_run_is_skipped_not_failed(run_harness, tmp_path):
+    code = run_harness(
+        "run", "engine=pruned/magnitude_csr", "dtype=bf16", *SMALL_TINY, *QUICK,
+        f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    rec = load(tmp_path / "run").iloc[0]
+    assert rec.status == "skipped" and rec.error.startswith("engine.format=csr: torch's CPU CSR kernel (MKL)")
+    assert code in (0, 2)
 
 
 def test_sweep_beside_eager_records_sparsity_and_skips_two_four_on_cpu(run_harness, tmp_path):

@@ -66,9 +66,16 @@ def timing_caveat(device: torch.device) -> str | None:
 INTERPRETER_DTYPES = (torch.float32, torch.float16)  # the interpreter's numpy has no bfloat16
 
 
+def dtype_unavailable(dtype: torch.dtype | None) -> str | None:
+    """Why these kernels cannot run in ``dtype`` here (None when they can, or when the dtype is not known)."""
+    if dtype is not None and interpreted() and dtype not in INTERPRETER_DTYPES:
+        return f"dtype: Triton's interpreter runs fp32 and fp16 only (got {dtype}); use dtype=fp32 on a CPU"
+    return None
+
+
 def check_dtype(dtype: torch.dtype) -> None:
-    if interpreted() and dtype not in INTERPRETER_DTYPES:
-        raise ValueError(f"dtype: Triton's interpreter runs fp32 and fp16 only (got {dtype}); use dtype=fp32 on a CPU")
+    if reason := dtype_unavailable(dtype):
+        raise ValueError(reason)
 
 
 def tuning(gpu: list, interpreter: object) -> list:
