@@ -2,8 +2,10 @@
 
 A sweep times each point minutes apart, so on a machine whose speed drifts (a shared VM) a 10% difference can
 come out either way. Here the eager model and each compiled variant take turns, eight decode steps each, for
-``--rounds`` rounds; the ratio is taken per round (eager over variant, above 1: faster) and its median printed.
-Compilation happens before the first round and is printed separately.
+``--rounds`` rounds, the order rotating every round (each model runs first, second, ... equally often, so a
+model that slows or warms the next one's caches does not bias one variant); the ratio is taken per round
+(eager over variant, above 1: faster) and its median printed. The decoded token ids are random with a fixed
+seed (never zeros). Compilation happens before the first round and is printed separately.
 
     python benchmarks/compiled_vs_eager.py [--model small] [--batch 1 8] [--rounds 12]
 """
@@ -30,6 +32,28 @@ VARIANTS = {
 STEPS = 8
 
 
+def decode_tokens(vocab_size: int, batch: int, seed: int = 0) -> torch.Tensor:
+    """Random token ids [batch, 1] from a fixed seed: the same input for every model and every run."""
+    return torch.randint(0, vocab_size, (batch, 1), generator=torch.Generator().manual_seed(seed))
+
+
+def turn_order(names: list[str], round_index: int) -> list[str]:
+    """The models' order in one round: rotated by one each round."""
+    k = round_index % len(names)
+    return names[k:] + names[:k]
+
+
+def interleaved(
+    models: dict[str, torch.nn.Module], tokens: torch.Tensor, rounds: int, start: int
+) -> dict[str, list[float]]:
+    """Median ms a decode step of each model per round, the models taking turns in a rotating order."""
+    ms: dict[str, list[float]] = {n: [] for n in models}
+    for r in range(rounds):
+        for name in turn_order(list(models), r):
+            ms[name].append(decode_ms(models[name], tokens, start))
+    return ms
+
+
 def decode_ms(model: torch.nn.Module, tokens: torch.Tensor, start: int) -> float:
     times = []
     for i in range(STEPS):
@@ -41,7 +65,7 @@ def decode_ms(model: torch.nn.Module, tokens: torch.Tensor, start: int) -> float
 
 def run(model_name: str, batch: int, rounds: int) -> None:
     args = model_shape(model_name)
-    tokens = torch.zeros(batch, 1, dtype=torch.long)
+    tokens = decode_tokens(args.vocab_size, batch)
     models: dict[str, torch.nn.Module] = {}
     for name, params in {"eager": None, **VARIANTS}.items():
         m = Transformer.build(args).eval()
@@ -52,12 +76,9 @@ def run(model_name: str, batch: int, rounds: int) -> None:
             m(tokens, torch.tensor([i]))
         print(f"  {name}: first calls (compilation) {time.perf_counter() - t0:.1f} s", flush=True)
         models[name] = m
-    ms: dict[str, list[float]] = {n: [] for n in models}
-    for _ in range(rounds):
-        for name, m in models.items():
-            ms[name].append(decode_ms(m, tokens, 32))
+    ms = interleaved(models, tokens, rounds, 32)
     eager = np.array(ms["eager"])
-    print(f"{model_name}, batch {batch}, {rounds} interleaved rounds of {STEPS} decode steps, "
+    print(f"{model_name}, batch {batch}, {rounds} rounds in rotating turns of {STEPS} decode steps, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     for name, values in ms.items():
         v = np.array(values)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,6 +52,7 @@ def test_sparse_24_linears_table_totals_each_batch():
     assert [c.strip() for c in body[-1][2:6]] == ["64", "280.0", "140.0", "x2.00"]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sparse_24_linears_measures_on_a_gpu(tmp_path):
     bench = load("sparse_24_linears")
@@ -117,9 +120,65 @@ def test_sampler_overhead_pairs_each_round_off_and_on(monkeypatch):
     assert c["ratio"] == pytest.approx(1.1) and c["off"] == 10.0 and c["on"] == 11.0
 
 
-def test_sampler_overhead_times_a_real_generation_with_the_sampler():
+def test_sampler_overhead_times_a_real_generation_with_the_sampler(monkeypatch):
     bench = load("sampler_overhead")
     model = bench.models(["tiny"], structured=None)["tiny"]
-    sampler = bench.Sampler(torch.device("cpu"), 0.01)
-    assert bench.tpot_ms(model, 0.2, sampler) > 0
-    assert sampler.result(tokens=1)["n_samples"] >= 1
+    reps: list[tuple[float, list[float]]] = []  # (when, the generation's intervals) per repetition
+
+    class Clock(bench.HostClock):
+        def intervals_ms(self):
+            iv = super().intervals_ms()
+            reps.append((time.perf_counter(), [float(x) for x in iv]))
+            return iv
+
+    class WatchedSampler(bench.Sampler):
+        def __enter__(self):
+            self.entered = time.perf_counter()
+            return super().__enter__()
+
+    monkeypatch.setattr(bench, "HostClock", Clock)
+    interval, seconds = 0.01, 0.2
+    sampler = WatchedSampler(torch.device("cpu"), interval)
+    tpot = bench.tpot_ms(model, seconds, sampler)
+    timed = [iv for when, iv in reps if when > sampler.entered]  # the warm-up ran before the sampler's window
+    assert len(timed) >= 3 and len(reps) > len(timed)  # the policy's minimum, after a warm-up
+    assert all(len(iv) == bench.GEN_LEN and min(iv) > 0 for iv in timed)
+    # TPOT is the median over the timed generations of their mean gap after the first token
+    assert tpot == pytest.approx(float(np.median([np.mean(iv[1:]) for iv in timed])))
+    assert sum(sum(iv) for iv in timed) <= sampler.window_s * 1e3  # all of them inside the sampled window
+
+    result = sampler.result(tokens=1)
+    assert result["window_s"] >= seconds and result["interval_s"] == interval
+    n, expected = result["n_samples"], result["window_s"] / interval  # one a wake, and one at the window's end
+    assert expected / 5 <= n <= expected + 1, (n, expected)
+    t = result["timeline"]["t_s"]
+    assert len(t) == n and t == sorted(t) and t[-1] <= result["window_s"]
+    assert t[0] >= interval * 0.9 and np.diff(t[:-1]).min() >= interval * 0.9  # woke once an interval (the last
+    # sample is the window's end, whenever it came)
+
+
+def test_compiled_vs_eager_times_random_tokens_in_rotating_turns():
+    bench = load("compiled_vs_eager")
+    tokens = bench.decode_tokens(256, 8)
+    assert tokens.shape == (8, 1) and tokens.dtype == torch.long
+    assert torch.equal(tokens, bench.decode_tokens(256, 8))  # seeded: the same input every run
+    assert tokens.unique().numel() > 1 and tokens.min() >= 0 and tokens.max() < 256  # not zeros, in the vocabulary
+
+    names = ["eager", "a", "b"]
+    orders = [bench.turn_order(names, r) for r in range(6)]
+    assert orders[:3] == [["eager", "a", "b"], ["a", "b", "eager"], ["b", "eager", "a"]] and orders[3:] == orders[:3]
+    for name in names:  # every model runs first, second and last equally often
+        assert sorted(o.index(name) for o in orders) == [0, 0, 1, 1, 2, 2]
+
+    calls: list[tuple[str, torch.Tensor, int]] = []
+
+    def fake(name):
+        return lambda toks, pos: calls.append((name, toks, int(pos)))
+
+    ms = bench.interleaved({n: fake(n) for n in names}, tokens, rounds=3, start=32)
+    assert {n: len(v) for n, v in ms.items()} == {n: 3 for n in names} and all(x >= 0 for v in ms.values() for x in v)
+    steps = bench.STEPS
+    firsts = [calls[i][0] for i in range(0, len(calls), steps)]
+    assert firsts == [n for o in orders[:3] for n in o]
+    assert all(toks is tokens for _, toks, _ in calls)
+    assert [pos for _, _, pos in calls[:steps]] == list(range(32, 32 + steps))

@@ -20,12 +20,27 @@ def test_help_and_unknown_command(capsys):
     assert list(COMMANDS)[:2] == ["run", "env"] and "report" in COMMANDS
 
 
+def _env_value(out: str, key: str) -> str:
+    """The value printed for ``key`` by `harness env` (``key<padding>  value``)."""
+    rows = [line for line in out.splitlines() if line.startswith(key + " ")]
+    assert len(rows) == 1, out
+    return rows[0][len(key) :].strip()
+
+
 def test_env_prints_device_threads_versions_and_git(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     for key in ("device", "torch threads", "version.torch", "git", "fingerprint", "cpu"):
         assert any(line.startswith(key) for line in out.splitlines()), key
-    assert f"{torch.get_num_threads()}" in out
+    assert _env_value(out, "torch threads") == str(torch.get_num_threads())
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    try:  # the current count, not a number that happens to be printed elsewhere (the CPU count, a version)
+        torch.set_num_threads(other)
+        assert main(["env", "--no-peaks"]) == 0
+        assert _env_value(capsys.readouterr().out, "torch threads") == str(other)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_env_json_is_the_record_fingerprint(capsys):

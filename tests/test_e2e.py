@@ -125,10 +125,11 @@ def test_failing_points_are_recorded_and_the_sweep_goes_on(run_harness, tmp_path
     assert not sweep.exists()
     capsys.readouterr()
 
+    # failing-test fails in prepare by default (no +engine.phase); its points run first, eager's after them
     code = run_harness(
         "run",
         "-m",
-        "engine=eager",
+        "engine.name=failing-test,eager",
         "model=tiny",
         "workload.decoding=greedy,beam",
         "workload.num_beams=1",
@@ -136,9 +137,16 @@ def test_failing_points_are_recorded_and_the_sweep_goes_on(run_harness, tmp_path
         *tiny,
         f"hydra.sweep.dir={sweep}",
     )
-    assert code == 0
-    df = load(sweep)
-    assert len(df) == 2 and (df.status == "ok").all() and set(df.decoding) == {"greedy", "beam"}
+    assert code == 0  # some points failed, not all
+    df = load(sweep).sort_values("job")
+    assert len(df) == 4 and sorted(p.parent.name for p in sweep.rglob(RECORD_NAME)) == ["0", "1", "2", "3"]
+    failed, ok = df[df.engine == "failing-test"], df[df.engine == "eager"]
+    assert (failed.status == "failed").all() and set(failed.decoding) == {"greedy", "beam"}
+    assert failed.error.eq("RuntimeError: injected failure <in prepare>").all()
+    assert failed.tpot_ms_p50.isna().all()  # nothing timed for a failed point
+    assert (ok.status == "ok").all() and set(ok.decoding) == {"greedy", "beam"}
+    assert ok.job.min() > failed.job.max()  # measured after the failures: the sweep went on
+    assert np.isfinite(ok.tpot_ms_p50).all() and (ok.tpot_ms_p50 > 0).all() and ok.error.isna().all()
 
 
 def test_failure_injection_in_process(run_harness, tmp_path, tiny):
