@@ -16,8 +16,8 @@ from harness.config import validate
 from harness.isolation import run_isolated
 from harness.paths import config_dir
 from harness.point import identity, run_point
-from harness.progress import progress, progress_text
-from harness.records import measured_ok, point_key
+from harness.progress import SWEEP_META, progress, progress_text
+from harness.records import RECORD_NAME, RecordError, find_records, measured_ok, point_key, read_record
 
 log = logging.getLogger("harness")
 
@@ -56,6 +56,54 @@ def sweep_info(hc: DictConfig) -> dict[str, Any]:
     }
 
 
+RESUMED_DIR = "points"  # root/points/<point key>: a resumed point whose job folder holds another point's record
+
+
+def _record_key(path: Path) -> str | None:
+    """The point key of the record at ``path``: None when there is none, "" when it cannot be read."""
+    if not path.exists():
+        return None
+    try:
+        return str(read_record(path).get("point_key") or "")
+    except RecordError:
+        return ""
+
+
+_earlier: dict[tuple[Path, int], dict[str, Path]] = {}
+
+
+def _earlier_record(root: Path, key: str) -> Path | None:
+    """The record of point ``key`` anywhere under ``root`` (an earlier attempt that failed or went missing).
+    Indexed once per sweep (its ``sweep.json``) and process; a hit is read again before it is trusted."""
+    root = root.resolve()
+    meta = root / SWEEP_META
+    stamp = (root, meta.stat().st_mtime_ns) if meta.exists() else None
+    index = _earlier.get(stamp) if stamp else None
+    if index is None or (key in index and _record_key(index[key]) != key):
+        index = {}
+        for path in find_records(root) if root.is_dir() else []:
+            index.setdefault(_record_key(path) or "", path)
+        if stamp:
+            _earlier[stamp] = index
+    return index.get(key)
+
+
+def record_dir(root: Path, job_dir: Path, key: str) -> Path:
+    """Where a point that ``resume=true`` runs (again) writes its record: never over another point's record.
+
+    Its job folder when that holds no record or this point's earlier attempt; else the folder of this point's
+    earlier attempt elsewhere under ``root``, which it replaces (one record per point, as the report, history
+    and missing points expect); else ``root/points/<key>`` (a sweep resumed in another order: its job folder
+    holds the record of another point)."""
+    here = _record_key(job_dir / RECORD_NAME)
+    if here == key:
+        return job_dir
+    earlier = _earlier_record(root, key)
+    if earlier is not None:
+        return earlier.parent
+    return job_dir if here is None else root / RESUMED_DIR / key
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def task(cfg: DictConfig) -> dict[str, Any]:
     spec = validate(cfg)
@@ -65,14 +113,19 @@ def task(cfg: DictConfig) -> dict[str, Any]:
     job = hc.job.num if multirun else None
     sweep = sweep_info(hc)
     prefix = progress_text(progress(sweep_dir, job)) + " " if multirun else ""
-    out_dir = Path(hc.runtime.output_dir)
+    out_dir = job_dir = Path(hc.runtime.output_dir)
+    key = point_key(identity(spec))
     if spec.resume:
-        done = measured_ok(sweep_dir or out_dir, point_key(identity(spec)))
+        done = measured_ok(sweep_dir or job_dir, key)
         if done is not None:
             log.info("%s%s: already measured ok in %s, skipped (resume=true)", prefix, _describe(spec), done)
-            return {"status": "ok", "point_key": point_key(identity(spec)), "resumed": str(done)}
+            return {"status": "ok", "point_key": key, "resumed": str(done)}
     log.info("%s%s", prefix, _describe(spec))
-    measured = interleave.take(out_dir)  # the interleaved launcher timed it already, in turns with its group
+    measured = interleave.take(job_dir)  # the interleaved launcher timed it already, in turns with its group
+    if measured is None and spec.resume:
+        out_dir = record_dir(sweep_dir or job_dir, job_dir, key)
+        if out_dir != job_dir:
+            log.info("  %s holds another point's record (kept): this one's goes to %s", job_dir, out_dir)
     if measured is not None:
         record = measured
     elif spec.isolate:

@@ -53,14 +53,20 @@ def _spec(config: DictConfig, overrides: list[str]):
 def preflight(config: DictConfig, points: list[list[str]]) -> list[str]:
     """Compose and validate every point before the first one runs (the first bad one stops the sweep);
     returns their point keys."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from harness.cli import format_hydra_error
     from harness.point import identity
 
     keys = []
     for i, overrides in enumerate(points):
         try:
             keys.append(point_key(identity(_spec(config, overrides))))
-        except ConfigError as exc:
-            raise PreflightAbort(f"{exc} (sweep point {i + 1}/{len(points)}: {' '.join(overrides)})") from None
+        except (ConfigError, HydraException, OmegaConfBaseException) as exc:
+            # an unknown group option or key is Hydra's (multi-line) error: one line naming it, as for ConfigError
+            text = str(exc) if isinstance(exc, ConfigError) else format_hydra_error(exc)
+            raise PreflightAbort(f"{text} (sweep point {i + 1}/{len(points)}: {' '.join(overrides)})") from None
     return keys
 
 
@@ -72,12 +78,12 @@ def record_missing(config: DictConfig, sweep_dir: Path) -> int:
     missing = missing_points(sweep_dir)
     for point in missing:
         spec = _spec(config, point["overrides"])
-        job_dir = sweep_dir / str(point["job"])
+        job_dir = record_dir = sweep_dir / str(point["job"])  # the job's folder holds its log, if it got that far
         if (job_dir / RECORD_NAME).exists():  # another point's record (a resumed sweep in another order)
-            job_dir = sweep_dir / "missing" / point["point_key"]
+            record_dir = sweep_dir / "missing" / point["point_key"]
         log.warning("point %d has no record: %s", point["job"], " ".join(point["overrides"]))
         write_record(
-            job_dir,
+            record_dir,
             {
                 "status": "failed",
                 "error": "no record was written: the process running this point ended first (a crash, kill -9, the "

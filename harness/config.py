@@ -24,6 +24,14 @@ DEVICES = "auto, cpu, cuda, cuda:N"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DECODINGS = ("greedy", "beam")
 WEIGHTS = ("random", "trained")
+GROUPS = ("model", "engine", "workload", "measure")
+# every top-level key of configs/config.yaml besides the groups (and Hydra's own node); `note` is free text a
+# user may add (`+note=...`): kept in the record's config, not part of the point key
+SETTINGS = (
+    "device", "dtype", "seed", "threads", "isolate", "resume", "cache_dir", "corpus", "train", "monitor",
+    "roofline", "profile", "profile_steps", "quality", "note",
+)  # fmt: skip
+TOP_LEVEL = frozenset((*GROUPS, *SETTINGS, "hydra"))
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "llm-inference-harness"
 
 
@@ -227,6 +235,8 @@ def _policy(p: dict[str, Any]) -> Policy:
         _number(p["target_ci"], "measure.target_ci", 0.0, strict=True)
     if p.get("timeout_s") is not None:
         _number(p["timeout_s"], "measure.timeout_s", 0.0, strict=True)
+    if "disable_gc" in p:
+        _bool(p["disable_gc"], "measure.disable_gc")
     if "confidence" in p and not 0.5 <= _number(p["confidence"], "measure.confidence", 0.5) < 1:
         raise ConfigError(f"measure.confidence: must be in [0.5, 1), got {p['confidence']}")
     policy = Policy.from_dict(p)
@@ -265,9 +275,8 @@ def _train(t: Any, seed: int) -> TrainConfig:
     for key in ("steps", "batch_size", "seq_len"):
         if key in t:
             _int(t[key], f"train.{key}", 1)
-    for key in ("warmup_steps", "seed"):
-        if key in t:
-            _int(t[key], f"train.{key}", 0)
+    if "warmup_steps" in t:
+        _int(t["warmup_steps"], "train.warmup_steps", 0)
     if "lr" in t:
         _number(t["lr"], "train.lr", 0.0, strict=True)
     if "precision" in t and t["precision"] not in PRECISIONS:
@@ -315,7 +324,11 @@ def _monitor(m: Any) -> MonitorSpec:
 
 def _roofline(r: Any) -> RooflineSpec:
     r = _fields(r, "roofline", RooflineSpec)
-    peaks = {k: _number(r[k], f"roofline.{k}", 0.0, strict=True) for k in ("bandwidth_gbs", "tflops") if r.get(k)}
+    peaks = {
+        k: _number(r[k], f"roofline.{k}", 0.0, strict=True)
+        for k in ("bandwidth_gbs", "tflops")
+        if r.get(k) is not None  # null: measured; 0 is refused, not taken for "measure it"
+    }
     return RooflineSpec(enabled=_bool(r.get("enabled", True), "roofline.enabled"), **peaks)
 
 
@@ -333,7 +346,10 @@ def to_container(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
     """Turn a composed config into a PointSpec, or raise ConfigError naming the first bad field."""
     data = to_container(cfg)
-    for key in ("model", "engine", "workload", "measure"):
+    unknown = sorted(set(data) - TOP_LEVEL)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown field; allowed: {', '.join(sorted(TOP_LEVEL - {'hydra'}))}")
+    for key in GROUPS:
         if not isinstance(data.get(key), dict):
             raise ConfigError(f"{key}: missing config group; set {key}=<option>")
     model = _model(data["model"])

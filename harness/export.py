@@ -212,11 +212,15 @@ def write(df: pd.DataFrame, fmt: str, out: Path, metrics: Iterable[str] | None =
     if fmt == "json":
         meta = {"format": TABLE_FORMAT, "version": TABLE_VERSION, "exported_at": datetime.now(UTC).isoformat()}
         write_json_atomic(out, {**meta, "errors": df.attrs.get("errors", []), "rows": table_rows(df)})
-    elif fmt == "parquet":
-        _parquet_safe(df).to_parquet(out, index=False)
-    elif fmt == "csv":
-        flat = df[[c for c in df.columns if not c.startswith(SAMPLE_PREFIX)]]
-        flat.to_csv(out, index=False)
+    elif fmt in ("parquet", "csv"):
+        from harness.records import write_bytes_atomic
+
+        # serialized in memory, then a temp file in out's directory renamed over out: never a partial file
+        if fmt == "parquet":
+            data: bytes | str = _parquet_safe(df).to_parquet(None, index=False)
+        else:
+            data = df[[c for c in df.columns if not c.startswith(SAMPLE_PREFIX)]].to_csv(index=False)
+        write_bytes_atomic(out, data)
     else:
         raise ExportError(f"unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
     return {"points": len(df)}

@@ -177,8 +177,13 @@ def settings_from(opts: argparse.Namespace) -> Settings:
 def _write_text(path: Path, text: str, append: bool = False) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a" if append else "w") as fh:
-            fh.write(text)
+        if append:  # GITHUB_STEP_SUMMARY: other steps' summaries are in the file already
+            with path.open("a") as fh:
+                fh.write(text)
+        else:  # readers (and a concurrent writer) never see a half-written --markdown/--json file
+            from harness.records import write_bytes_atomic
+
+            write_bytes_atomic(path, text)
     except OSError as exc:
         raise UsageError(f"{path}: cannot write ({exc.strerror or exc})") from None
 

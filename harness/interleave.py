@@ -18,8 +18,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from harness.point import (
 )
 from harness.progress import format_duration
 from harness.stats import median_ci
-from harness.timing import Repetitions, repeat_in_turns, warm_up
+from harness.timing import Repetitions, RepFn, repeat_in_turns, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,10 @@ RESULTS: dict[str, dict[str, Any]] = {}
 @dataclass
 class Job:
     spec: PointSpec
-    out_dir: Path
+    out_dir: Path  # where its record is written
     sweep: dict[str, Any]
+    job_dir: Path | None = None  # its Hydra job folder, where its task looks for it (default: out_dir); resume=true
+    # writes a point elsewhere when that folder holds another point's record (harness.app.record_dir)
 
 
 @dataclass
@@ -71,6 +73,57 @@ class _Entry:
     started: float
     point: TimedPoint | None = None
     warm: Repetitions = field(default_factory=Repetitions)
+    spent_s: float = 0.0  # the point's own time so far (its phases, its repetitions): what measure.timeout_s limits
+
+
+class _Expired(Exception):
+    """A point's PointTimeout inside the rounds, as an Exception: ``repeat_in_turns`` takes that point out of
+    the rotation and the others go on (a PointTimeout, a BaseException, would end the whole group)."""
+
+    def __init__(self, timeout: PointTimeout) -> None:
+        super().__init__(str(timeout))
+        self.timeout = timeout
+
+
+@contextmanager
+def _budget(entry: _Entry) -> Iterator[None]:
+    """Run one phase of a point within what is left of its ``measure.timeout_s``, and count the phase's time.
+
+    The budget covers the point's own work: its prepare (build, quality), its warm-up and its own repetitions
+    in the rounds, not the time it waits while the other points of its group run theirs."""
+    limit = entry.job.spec.policy.timeout_s
+    t0 = time.perf_counter()
+    try:
+        if not limit:
+            yield
+            return
+        try:
+            left = limit - entry.spent_s
+            if left <= 0:
+                raise PointTimeout(f"point exceeded measure.timeout_s={limit:g} s")
+            with deadline(left):
+                yield
+        except PointTimeout:
+            raise PointTimeout(f"point exceeded measure.timeout_s={limit:g} s") from None
+    finally:
+        entry.spent_s += time.perf_counter() - t0
+
+
+def _budgeted_rep(entry: _Entry) -> RepFn:
+    """The point's repetition within its budget (the bare one when it has no limit: nothing added per rep)."""
+    assert entry.point is not None
+    rep = entry.point.rep
+    if not entry.job.spec.policy.timeout_s:
+        return rep
+
+    def within(i: int) -> dict[str, Any]:
+        try:
+            with _budget(entry):
+                return rep(i)
+        except PointTimeout as exc:
+            raise _Expired(exc) from None
+
+    return within
 
 
 def take(out_dir: Path) -> dict[str, Any] | None:
@@ -121,7 +174,7 @@ def run(jobs: Sequence[Job]) -> None:
             i + 1, len(plan), format_duration(spent), eta, len(members), names, _workload(members[0].spec),
         )  # fmt: skip
         for job, record in zip(members, run_group(members), strict=True):
-            RESULTS[str(job.out_dir.resolve())] = record
+            RESULTS[str((job.job_dir or job.out_dir).resolve())] = record
     reference.hold(set())
 
 
@@ -153,9 +206,9 @@ def _prepare(job: Job) -> _Entry:
     record = entry.record
     torch.manual_seed(spec.seed)
     apply_threads(spec)  # one count for the whole group: threads is part of the point, so of the group key
-    with guarded(record), deadline(spec.policy.timeout_s):
+    with guarded(record), _budget(entry):
         record["env"] = fingerprint(spec.device)
-        reason = spec.engine.available(spec.device)
+        reason = spec.engine.available(spec.device, spec.dtype)
         if reason:
             record["status"], record["error"] = "skipped", reason
             return entry
@@ -169,7 +222,7 @@ def _warm_up(entry: _Entry) -> None:
     """Warm up one prepared job (after every job of the group is prepared, so the caches are its own)."""
     spec, point = entry.job.spec, entry.point
     assert point is not None
-    with guarded(entry.record), deadline(spec.policy.timeout_s):
+    with guarded(entry.record), _budget(entry):
         point.setup_caches()
         warm_up(point.rep, spec.policy, entry.warm)
     if entry.record["status"] is not None:
@@ -182,13 +235,10 @@ def _time_in_turns(ready: list[_Entry]) -> None:
     peak = PeakMemory(spec.device)
     rss_before = current_rss_mb()
     sampler = Sampler(spec.device, spec.monitor.interval_s) if spec.monitor.enabled else None
-    limit = policy.timeout_s * len(ready) if policy.timeout_s else None
     peak.reset()
-    try:
-        with sampler or nullcontext(), deadline(limit):
-            results = repeat_in_turns([e.point.rep for e in ready], policy, CONVERGE_ON, [e.warm for e in ready])
-    except PointTimeout as exc:
-        results = [exc] * len(ready)
+    with sampler or nullcontext():  # each point's repetitions run within what is left of its own budget
+        turns = repeat_in_turns([_budgeted_rep(e) for e in ready], policy, CONVERGE_ON, [e.warm for e in ready])
+    results = [r.timeout if isinstance(r, _Expired) else r for r in turns]
     peak_mb, method = peak.read()
     keys = [e.record["point_key"] for e in ready]
     turns_id = uuid.uuid4().hex[:16]
@@ -210,7 +260,8 @@ def _time_in_turns(ready: list[_Entry]) -> None:
             if base is not None and base != i:
                 paired = paired_speedups(results[base], res, policy.confidence)  # type: ignore[arg-type]
                 e.record["timing"]["interleaved"]["vs_" + BASELINE] = {"point_key": keys[base], **paired}
-            finish(e.point, res, (peak_mb, f"{method}, {shared}"), rss_before, _shared_monitor(monitor, shared))
+            with _budget(e):  # the summary, roofline and profile are the point's own work, as in a basic run
+                finish(e.point, res, (peak_mb, f"{method}, {shared}"), rss_before, _shared_monitor(monitor, shared))
             e.record["status"] = "ok"
 
 

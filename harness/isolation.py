@@ -3,9 +3,10 @@
 * ``deadline(seconds)`` interrupts a point that runs too long in this process (SIGALRM; work inside one
   long C call is interrupted when it returns to Python).
 * ``run_isolated(...)`` runs the point in a fresh child process (spawned, so CUDA state is never inherited).
-  The parent waits at most the deadline, kills the child when it is exceeded, and writes the record itself
-  when the child could not: killed by a signal (kill -9, the kernel's out-of-memory killer, a segfault),
-  exited abnormally, or timed out. This works under every Hydra launcher, in-process or not.
+  The parent waits at most the deadline (counted from the child's start-up, itself limited to
+  STARTUP_LIMIT_S), kills the child when it is exceeded, and writes the record itself when the child could not:
+  killed by a signal (kill -9, the kernel's out-of-memory killer, a segfault), exited abnormally, left an
+  unreadable record, did not start, or timed out. This works under every Hydra launcher, in-process or not.
 """
 
 from __future__ import annotations
@@ -86,22 +87,34 @@ def run_isolated(spec: PointSpec, out_dir: Path, sweep: dict[str, Any], timeout_
     level = logging.getLogger().getEffectiveLevel()
     child = ctx.Process(target=_child, args=(spec.cfg, str(out_dir), sweep, level, ready), daemon=False)
     child.start()
-    while child.is_alive() and not ready.wait(1.0) and time.time() - started < STARTUP_LIMIT_S:
-        pass
-    child.join(timeout_s)
+    startup_end = started + STARTUP_LIMIT_S
+    while child.is_alive() and not ready.is_set() and time.time() < startup_end:
+        ready.wait(min(1.0, max(startup_end - time.time(), 0.0)))
+    startup_s = time.time() - started if ready.is_set() else None
+    stuck = child.is_alive() and not ready.is_set()  # still starting up: the deadline never began
+    if not stuck:
+        child.join(timeout_s)
     timed_out = child.is_alive()
     if timed_out:
         child.kill()
         child.join()
+    unreadable = None
     if not timed_out and record_path.exists():
         try:
             return read_record(record_path)
         except RecordError as exc:  # written atomically, so only something else could have left this
             log.warning("%s", exc)
-    if timed_out:
-        status, error = "timeout", f"point exceeded measure.timeout_s={timeout_s:g} s (its process was killed)"
+            unreadable = exc
+    status = "timeout" if timed_out and not stuck else "failed"
+    if stuck:
+        error = (f"the point's process did not start within {STARTUP_LIMIT_S:g} s (interpreter start-up, imports, "
+                 "config validation; its process was killed)")  # fmt: skip
+    elif timed_out:
+        error = f"point exceeded measure.timeout_s={timeout_s:g} s (its process was killed)"
+    elif unreadable is not None:
+        error = f"the point's process exited with code {child.exitcode}; its record is unreadable: {unreadable}"
     else:
-        status, error = "failed", _death(child.exitcode)
+        error = _death(child.exitcode)
     ident = identity(spec)
     record = {
         "status": status,
@@ -113,7 +126,12 @@ def run_isolated(spec: PointSpec, out_dir: Path, sweep: dict[str, Any], timeout_
         "sweep": sweep,
         "started_at": datetime.fromtimestamp(started, UTC).isoformat(),
         "duration_s": time.time() - started,
-        "isolation": {"process_exitcode": child.exitcode, "timed_out": timed_out},
+        "isolation": {
+            "process_exitcode": child.exitcode,
+            "timed_out": timed_out and not stuck,
+            "startup_hung": stuck,
+            "startup_s": startup_s,  # spawn to ready: what the deadline does not count
+        },
     }
     write_record(out_dir, record)
     return read_record(record_path)

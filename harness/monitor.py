@@ -5,8 +5,10 @@ the system's CPU use and the process's RSS. With a CUDA device and NVML (``nvidi
 ``pynvml``) the GPU series are added: ``gpu_util`` is NVML's utilization rate, which means "a kernel was running
 during the sample period", not how busy the SMs were; ``sm_active`` (GPM, Hopper and newer drivers) is the
 fraction of SM cycles with work, where the driver offers it. Energy is the difference of NVML's total-energy
-counter over the window; on CPU, of the RAPL package counter where /sys/class/powercap is readable. Every
-figure that cannot be read is listed in ``missing`` with the reason, never silently absent.
+counter over the window; on CPU, of the RAPL counter of package 0 where /sys/class/powercap is readable (the
+whole package, every process on it, not this one alone; a counter that wraps around during the window gets
+``max_energy_range_uj`` added back). Every figure that cannot be read is listed in ``missing`` with the reason,
+never silently absent.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import numpy as np
 import psutil
 import torch
 
-RAPL = Path("/sys/class/powercap/intel-rapl:0")
+RAPL = Path("/sys/class/powercap/intel-rapl:0")  # package 0
+RAPL_SOURCE = "rapl (package 0, whole system: every process on the package, not this point alone)"
 LABELS = {
     "cpu_util_process": "process CPU (% of usable cores)",
     "cpu_util_system": "system CPU (%)",
@@ -118,9 +121,10 @@ class _Nvml:
             return {}
 
 
-def _rapl_uj() -> float | None:
+def _rapl_uj(rapl: Path, name: str = "energy_uj") -> float | None:
+    """A counter of the powercap zone ``rapl`` in µJ: ``energy_uj``, or ``max_energy_range_uj`` (where it wraps)."""
     try:
-        return float((RAPL / "energy_uj").read_text())
+        return float((rapl / name).read_text())
     except (OSError, ValueError):
         return None
 
@@ -128,8 +132,9 @@ def _rapl_uj() -> float | None:
 class Sampler:
     """``with Sampler(device, interval_s) as s: ...`` then ``s.result(tokens)`` -> the record's monitor section."""
 
-    def __init__(self, device: torch.device, interval_s: float = 0.05) -> None:
+    def __init__(self, device: torch.device, interval_s: float = 0.05, rapl: Path = RAPL) -> None:
         self.device = device
+        self._rapl = Path(rapl)
         self.interval_s = interval_s
         self.samples: list[dict[str, float]] = []
         self.missing: dict[str, str] = {}
@@ -145,9 +150,10 @@ class Sampler:
                 self.backend = "nvml+psutil"
             except Exception as exc:
                 self.missing["gpu"] = f"NVML unavailable: {_reason(exc)}"
-        self._energy_source = "nvml_total_energy" if self._nvml else ("rapl" if _rapl_uj() is not None else None)
+        rapl_ok = self._nvml is None and _rapl_uj(self._rapl) is not None
+        self._energy_source = "nvml_total_energy" if self._nvml else (RAPL_SOURCE if rapl_ok else None)
         if self._energy_source is None:
-            why = "no NVML for this device" if device.type == "cuda" else f"RAPL not readable ({RAPL} absent)"
+            why = "no NVML for this device" if device.type == "cuda" else f"RAPL not readable ({self._rapl} absent)"
             self.missing["energy"] = why
         self._sample_cpu_s = 0.0
 
@@ -156,10 +162,22 @@ class Sampler:
         if self._energy_source == "nvml_total_energy":
             mj = self._nvml.energy_mj()
             return None if mj is None else mj / 1e3
-        if self._energy_source == "rapl":
-            uj = _rapl_uj()
+        if self._energy_source == RAPL_SOURCE:
+            uj = _rapl_uj(self._rapl)
             return None if uj is None else uj / 1e6
         return None
+
+    def _energy_delta(self, e0: float | None, e1: float | None) -> float | None:
+        """Joules between two readings; RAPL's counter wraps to 0 after ``max_energy_range_uj``."""
+        if e0 is None or e1 is None:
+            return None
+        if e1 >= e0 or self._energy_source != RAPL_SOURCE:
+            return e1 - e0
+        range_uj = _rapl_uj(self._rapl, "max_energy_range_uj")
+        if not range_uj:
+            self.missing["energy"] = f"RAPL counter wrapped and {self._rapl / 'max_energy_range_uj'} is not readable"
+            return None
+        return e1 + range_uj / 1e6 - e0  # one wrap: a full range takes tens of minutes at least
 
     def _sample(self, t0: float) -> None:
         c0 = time.thread_time()
@@ -193,8 +211,7 @@ class Sampler:
         if self._thread is not None:
             self._thread.join()
         self.window_s = time.perf_counter() - self._t0
-        e1 = self._energy()
-        self.energy_j = None if self._e0 is None or e1 is None else e1 - self._e0
+        self.energy_j = self._energy_delta(self._e0, self._energy())
 
     def result(self, tokens: int) -> dict[str, Any]:
         """The monitor section: timeline, per-series mean/max, energy (J and J/token), missing figures, overhead."""

@@ -142,24 +142,33 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_json_atomic(path: Path, data: Any) -> Path:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``: readers see the old
-    file or the new one, never a partial one."""
+def write_bytes_atomic(path: str | Path, data: bytes | str, encoding: str = "utf-8") -> Path:
+    """Write ``data`` (text is encoded with ``encoding``) to a fresh temporary file in ``path``'s directory,
+    fsync it, then rename it over ``path``: readers see the old file or the new one, never a partial one, and two
+    concurrent writers each rename a complete file of their own (the last rename wins). The temporary file is
+    removed on any error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_json_safe(data), indent=1, allow_nan=False)
-    # a fresh name created with the process umask (mkstemp would make the file private to its owner)
+    payload = data.encode(encoding) if isinstance(data, str) else bytes(data)
+    # a fresh name (pid + random, created exclusively) with the process umask: mkstemp would make the file
+    # private to its owner, and a report or export is meant to be read by others
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "x") as fh:
-            fh.write(text)
+        with open(tmp, "xb") as fh:
+            fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: Path, data: Any) -> Path:
+    """Write to a temporary file in the same directory, fsync, then rename over ``path``: readers see the old
+    file or the new one, never a partial one."""
+    return write_bytes_atomic(path, json.dumps(_json_safe(data), indent=1, allow_nan=False))
 
 
 def write_record(directory: Path, record: dict[str, Any]) -> Path:
@@ -212,19 +221,29 @@ def forget_ok_index() -> None:
 def measured_ok(directory: Path, key: str) -> Path | None:
     """A record under ``directory`` with status ok for point ``key`` (what resume must not measure again).
 
-    The directory is indexed once per process: the records a resumed sweep writes itself are new points."""
+    The directory is indexed once per process: the records a resumed sweep writes itself are new points. A hit
+    is read again before it is trusted, and the directory indexed afresh when that file no longer holds an ok
+    record of ``key`` (replaced or removed since, e.g. by another point of a resumed sweep in another order)."""
+
+    def holds(path: Path) -> str | None:
+        try:
+            rec = read_record(path)
+        except RecordError:
+            return None
+        return rec.get("point_key") if rec.get("status") == "ok" else None
+
+    def index() -> dict[str, Path]:
+        found = ((holds(path), path) for path in (find_records(directory) if directory.is_dir() else []))
+        return {k: path for k, path in found if k is not None}
+
     directory = Path(directory).resolve()
     if directory not in _ok_index:
-        index: dict[str, Path] = {}
-        for path in find_records(directory) if directory.is_dir() else []:
-            try:
-                rec = read_record(path)
-            except RecordError:
-                continue
-            if rec.get("status") == "ok":
-                index[rec.get("point_key")] = path
-        _ok_index[directory] = index
-    return _ok_index[directory].get(key)
+        _ok_index[directory] = index()
+    path = _ok_index[directory].get(key)
+    if path is not None and holds(path) != key:
+        _ok_index[directory] = index()
+        path = _ok_index[directory].get(key)
+    return path
 
 
 def _get(record: dict[str, Any], path: tuple[str, ...]) -> Any:
@@ -251,6 +270,16 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _flatten_file(path: Path) -> dict[str, Any]:
+    """The row of one record file; a record whose parts have the wrong shape (a list where a mapping belongs,
+    say) is a RecordError naming the file, like an unreadable one."""
+    record = read_record(path)
+    try:
+        return flatten(record)
+    except (TypeError, AttributeError, ValueError) as exc:
+        raise RecordError(f"{path}: malformed record ({exc.__class__.__name__}: {exc})") from None
+
+
 def load(paths: str | Path | Iterable[str | Path], strict: bool = False) -> pd.DataFrame:
     """Load records into a DataFrame, one row per point.
 
@@ -260,7 +289,7 @@ def load(paths: str | Path | Iterable[str | Path], strict: bool = False) -> pd.D
     rows, errors = [], []
     for path in find_records(paths):
         try:
-            rows.append(flatten(read_record(path)))
+            rows.append(_flatten_file(path))
         except RecordError as exc:
             if strict:
                 raise

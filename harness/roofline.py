@@ -104,27 +104,34 @@ def device_peaks(
     remeasure: bool = False,
 ) -> dict[str, Any]:
     """Peaks for this device and dtype: overrides from config, else cached measurements, else measured now
-    (``remeasure`` measures again and replaces the cache, e.g. after a noisy first measurement)."""
+    (``remeasure`` measures again and replaces the cache, e.g. after a noisy first measurement). A peak the
+    config overrides is neither measured nor cached: with both overridden nothing is measured."""
     dtype_name = str(dtype).removeprefix("torch.")
     path = Path(cache_dir) / "peaks" / f"{fingerprint_id}-{dtype_name}.json"
-    peaks: dict[str, Any] | None = None
+    bw_given, flops_given = bool(overrides.get("bandwidth_gbs")), bool(overrides.get("tflops"))
+    cached: dict[str, Any] = {}
     try:
-        cached = json.loads(path.read_text())
-        if cached.get("version") == CACHE_VERSION and not remeasure:
-            peaks = cached
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and data.get("version") == CACHE_VERSION:
+            cached = data
     except (OSError, ValueError):
         pass
-    if peaks is None:
-        log.info("measuring %s peaks (copy bandwidth, %s matmul FLOP/s) once for this device", device.type, dtype_name)
-        peaks = {"version": CACHE_VERSION, "device": device.type, "dtype": dtype_name, "fingerprint": fingerprint_id}
-        peaks.update(measure_bandwidth(device))
-        peaks.update(measure_flops(device, dtype))
+    measured: dict[str, Any] = {}
+    if not bw_given and (remeasure or not isinstance(cached.get("bandwidth_gbs"), int | float)):
+        log.info("measuring %s copy bandwidth once for this device", device.type)
+        measured.update(measure_bandwidth(device))
+    if not flops_given and (remeasure or not isinstance(cached.get("flops"), int | float)):
+        log.info("measuring %s %s matmul FLOP/s once for this device", device.type, dtype_name)
+        measured.update(measure_flops(device, dtype))
+    peaks = {"version": CACHE_VERSION, "device": device.type, "dtype": dtype_name, "fingerprint": fingerprint_id,
+             **cached, **measured}  # fmt: skip
+    if measured:  # what the cache held already (e.g. the other peak) is kept beside what was measured now
         peaks["measured_at"] = time.time()
         write_json_atomic(path, peaks)
-    peaks = {**peaks, "source": "measured", "cache": str(path)}
-    if overrides.get("bandwidth_gbs"):
+    peaks = {**peaks, "source": "measured", "cache": str(path) if cached or measured else None}
+    if bw_given:
         peaks.update(bandwidth_gbs=float(overrides["bandwidth_gbs"]), source="config")
-    if overrides.get("tflops"):
+    if flops_given:
         peaks.update(flops=float(overrides["tflops"]) * 1e12, source="config")
     return peaks
 

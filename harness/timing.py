@@ -109,11 +109,6 @@ def make_clock(device: torch.device) -> HostClock | CudaEventClock:
     return CudaEventClock(device) if device.type == "cuda" else HostClock()
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @dataclass(frozen=True)
 class Policy:
     """How long to warm up and how many repetitions to take (configs/measure/*.yaml)."""
@@ -129,7 +124,9 @@ class Policy:
     target_ci: float = 0.02
     confidence: float = 0.95
     disable_gc: bool = True
-    timeout_s: float | None = None  # for the whole point (build, prepare, quality, timing): recorded as timeout
+    # for the whole point (build, prepare, quality, warm-up, timing), recorded as timeout; timed in turns
+    # (harness.interleave), the point's own phases and repetitions, not its waits while the group's others run
+    timeout_s: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Policy:
@@ -180,10 +177,12 @@ def repeat(
     """Call ``fn(i)`` (one repetition, returning metric -> value or list of values) adaptively.
 
     Warm-up runs at least ``warmup_iters`` times (never fewer than two) and ``warmup_s`` seconds, and until
-    two consecutive repetitions agree within ``warmup_stable_rel`` (or ``warmup_max_s`` passes). Timed
-    repetitions stop when every metric in ``converge_on`` has a median CI half-width within ``target_ci``
-    (after ``min_reps``), at ``max_reps``, or when ``max_time_s`` is spent. ``timed_window`` (a context
-    manager factory, e.g. a utilization sampler) is entered around the timed repetitions only.
+    two consecutive repetitions agree within ``warmup_stable_rel`` (or ``warmup_max_s`` passes: it cuts the wait
+    for stability, never the minimum count). Timed repetitions stop when every metric in ``converge_on`` has a
+    median CI at the policy's ``confidence`` (achieved coverage, so never before 6 samples at 95%) whose
+    half-width is within ``target_ci`` (after ``min_reps``), at ``max_reps``, or when ``max_time_s`` is spent.
+    ``timed_window`` (a context manager factory, e.g. a utilization sampler) is entered around the timed
+    repetitions only.
     """
     res = Repetitions()
     warm_up(fn, policy, res)
@@ -202,11 +201,13 @@ def warm_up(fn: RepFn, policy: Policy, res: Repetitions) -> None:
         _, dt = _run_rep(fn, -1 - i, policy.disable_gc)
         res.warmup_times_s.append(dt)
         i += 1
+        if i < max(policy.warmup_iters, 2):
+            continue  # the minimum always runs (stability needs two warm-ups to compare); no budget cuts it
         spent = time.perf_counter() - t_start
         if spent >= policy.warmup_max_s:
-            break
-        if i < max(policy.warmup_iters, 2) or spent < policy.warmup_s:
-            continue  # stability needs two warm-ups to compare
+            break  # warmup_max_s only cuts the wait for stability
+        if spent < policy.warmup_s:
+            continue
         prev, last = res.warmup_times_s[-2:]
         if abs(last - prev) <= policy.warmup_stable_rel * prev:
             break
@@ -223,11 +224,17 @@ def _add_samples(res: Repetitions, out: dict[str, Any]) -> None:
 
 
 def _within_target(res: Repetitions, policy: Policy, converge_on: tuple[str, ...]) -> bool:
-    """Update the CI half-widths of ``converge_on`` and say whether all are within the policy's target."""
+    """Update the CI half-widths of ``converge_on`` and say whether all are within the policy's target.
+
+    An interval whose achieved coverage is below ``policy.confidence`` (too few samples: median_ci then returns
+    the whole range, or a single point with coverage 0) is never within the target, however narrow it is.
+    """
+    ok = True
     for key in converge_on:
-        lo, hi, _ = median_ci(res.samples[key], policy.confidence)
+        lo, hi, coverage = median_ci(res.samples[key], policy.confidence)
         res.ci_rel_halfwidth[key] = ci_relative_halfwidth(lo, hi, float(np.median(res.samples[key])))
-    return all(res.ci_rel_halfwidth[k] <= policy.target_ci for k in converge_on)
+        ok = ok and coverage >= policy.confidence - 1e-12 and res.ci_rel_halfwidth[key] <= policy.target_ci
+    return ok
 
 
 def _timed_loop(fn: RepFn, policy: Policy, converge_on: tuple[str, ...], res: Repetitions) -> None:

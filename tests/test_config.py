@@ -45,6 +45,11 @@ def test_default_config_is_valid(compose_cfg):
         (["threads=many"], r"^threads: 'many' is not allowed; allowed: auto, or an integer 1\.\.\d+"),
         (["threads=4096"], r"^threads: 4096 is not allowed; allowed: auto, or an integer 1\.\.\d+"),
         (["train.precision=fp8"], r"^train\.precision: 'fp8' is not allowed; allowed: auto, fp32, bf16$"),
+        (["train.warmup_steps=-1"], r"^train\.warmup_steps: must be an integer >= 0, got -1$"),
+        (["measure.disable_gc=maybe"], r"^measure\.disable_gc: expected true or false, got 'maybe'$"),
+        (["+isolat=true"], r"^isolat: unknown field; allowed: cache_dir, corpus, device, dtype, engine, isolate, "),
+        (["roofline.bandwidth_gbs=0"], r"^roofline\.bandwidth_gbs: must be > 0\.0, got 0$"),
+        (["roofline.tflops=0"], r"^roofline\.tflops: must be > 0\.0, got 0$"),
         (
             ["engine=distilled", "engine.precision=half"],
             r"^engine: invalid parameters for 'distilled': engine\.precision: 'half' is not allowed; allowed: auto, ",
@@ -55,6 +60,22 @@ def test_bad_values_name_the_field(compose_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message) as info:
         validate(compose_cfg(*overrides))
     assert "\n" not in str(info.value)
+
+
+def test_every_top_level_key_of_the_config_tree_is_known(compose_cfg):
+    """The unknown-key check refuses typos, never a key the config tree itself uses (or a user's free-text note)."""
+    import yaml
+
+    from harness.config import TOP_LEVEL
+
+    used = set(yaml.safe_load((config_dir() / "config.yaml").read_text())) - {"defaults"}
+    for path in sorted((config_dir() / "sweep").glob("*.yaml")):
+        used |= set(yaml.safe_load(path.read_text())) - {"defaults"}
+    assert used <= TOP_LEVEL, sorted(used - TOP_LEVEL)
+    assert set(compose_cfg()) <= TOP_LEVEL
+    spec = validate(compose_cfg("+note=baseline run", "measure.disable_gc=false", "roofline.bandwidth_gbs=12.5"))
+    assert spec.cfg["note"] == "baseline run" and spec.policy.disable_gc is False
+    assert spec.roofline.bandwidth_gbs == 12.5 and validate(compose_cfg()).roofline.bandwidth_gbs is None
 
 
 def test_threads_is_part_of_the_point_only_when_set(compose_cfg):
@@ -80,6 +101,7 @@ CLI_CASES = [
     (["workload.prompt_len=1020", "workload.gen_len=8"], "exceeds model.max_seq_len=1024"),
     (["workload.foo=1"], "workload.foo: unknown field; allowed: batch_size, decoding, gen_len, num_beams, prompt_len"),
     (["workload.batch_size=[1"], "cannot parse override 'workload.batch_size=[1'"),
+    (["+isolat=true"], "isolat: unknown field; allowed: cache_dir, corpus, device, dtype, engine, isolate, measure"),
     (["-m", "workload.batch_size=1,-2"], "workload.batch_size: must be an integer >= 1, got -2 (sweep point 2/2"),
 ]
 

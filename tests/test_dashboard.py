@@ -5,6 +5,7 @@ verdicts, and bad input."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 
@@ -110,6 +111,21 @@ def test_environments_are_never_joined_and_gate_verdicts_are_shown(tmp_path, syn
     gate_html = text[text.index('<section id="gate">') : text.index('<section id="trend-tpot">')]
     assert "REGRESSION: 1 of 1 points regressed" in gate_html and "<tr class=\"regression\">" in gate_html
     assert "tpot_ms" in gate_html and "ttft_ms" in gate_html
+
+
+def test_dashboard_page_is_replaced_atomically(tmp_path, synthetic_point, run_harness, capsys):
+    db = tmp_path / "h.sqlite"
+    assert run_harness("history", "add", str(_sweep(tmp_path / "s0", synthetic_point, "env-a")), "--db", str(db)) == 0
+    page = tmp_path / "site" / "one.html"
+    page.parent.mkdir()
+    page.write_text("old")
+    os.link(page, tmp_path / "before")  # a reader that opened the old page
+    other = page.parent / ".one.html.tmp"  # another writer's temp file under the old fixed name
+    other.write_text("another writer's")
+    assert run_harness("dashboard", "--db", str(db), "-o", str(page)) == 0
+    assert (tmp_path / "before").read_text() == "old" and "trend-tpot" in page.read_text()
+    assert sorted(p.name for p in page.parent.iterdir()) == [".one.html.tmp", "one.html"]
+    assert other.read_text() == "another writer's"
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, run_harness, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,60 @@ def test_export_names_a_corrupted_record_and_exports_the_rest(run_harness, synth
     assert "Exported 2 points" in captured.out
     doc = json.loads((synthetic_sweep / "table.json").read_text())
     assert len(doc["rows"]) == 2 and str(bad) in doc["errors"][0]
+
+
+def _replaced_not_rewritten(out: Path, before: Path) -> None:
+    """``out`` was renamed over (a reader holding the old file still reads it whole), the temp file is gone and
+    another writer's temp file beside it was left alone."""
+    assert before.read_text() == "old" and out.read_bytes() != b"old"
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, f".{out.name}.tmp"])
+    assert (out.parent / f".{out.name}.tmp").read_text() == "another writer's"
+
+
+def _old_file(out: Path, keep: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("old")
+    os.link(out, keep)  # the old file's inode, as a reader that opened it sees it
+    (out.parent / f".{out.name}.tmp").write_text("another writer's")  # the fixed temp name of the old code
+    return keep
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "json", "pytest-benchmark"])
+def test_every_export_format_replaces_the_file_atomically(run_harness, synthetic_sweep, tmp_path, capsys, fmt):
+    out = tmp_path / "out" / f"table.{fmt}"
+    before = _old_file(out, tmp_path / "before")
+    assert run_harness("export", str(synthetic_sweep), "--format", fmt, "-o", str(out)) == 0
+    _replaced_not_rewritten(out, before)
+    if fmt != "pytest-benchmark":
+        assert len(read_points(out)) == 3
+
+
+def test_compare_writes_markdown_and_json_atomically_and_appends_the_step_summary(
+    run_harness, synthetic_sweep, tmp_path, capsys, monkeypatch
+):
+    summary = tmp_path / "step-summary.md"
+    summary.write_text("# an earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    md, js = tmp_path / "gate" / "gate.md", tmp_path / "gate" / "gate.json"
+    md_before, js_before = _old_file(md, tmp_path / "md-before"), _old_file(js, tmp_path / "js-before")
+    args = ("compare", str(synthetic_sweep), str(synthetic_sweep), "--markdown", str(md), "--json", str(js))
+    assert run_harness(*args) == 0
+    assert sorted(p.name for p in md.parent.iterdir()) == [".gate.json.tmp", ".gate.md.tmp", "gate.json", "gate.md"]
+    assert md_before.read_text() == js_before.read_text() == "old"
+    assert json.loads(js.read_text()) and md.read_text() != "old"
+    assert summary.read_text() == "# an earlier step\n" + md.read_text() + "\n"  # appended, not replaced
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypatch):
+    from harness import records
+
+    out = tmp_path / "table.csv"
+    out.write_text("old")
+
+    def broken_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(records.os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="No space"):
+        records.write_bytes_atomic(out, b"new")
+    assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["table.csv"]

@@ -413,7 +413,8 @@ def test_the_workflow_example_runs_real_commands(compose_cfg):
 
     wf = yaml.safe_load((REPO / "examples" / "github-actions.yml").read_text())
     assert set(wf[True]) == {"push", "pull_request"}  # YAML reads the key `on` as True
-    steps = wf["jobs"]["gate"]["steps"]
+    jobs = wf["jobs"]
+    steps = [s for job in jobs.values() for s in job["steps"]]
     lines = [line.strip() for s in steps if "run" in s for line in s["run"].splitlines()]
     cmds = {line.split()[1]: shlex.split(line)[2:] for line in lines if line.startswith("harness ")}
     assert {"run", "compare", "export"} <= set(cmds)
@@ -425,6 +426,15 @@ def test_the_workflow_example_runs_real_commands(compose_cfg):
     uses = {s["uses"].split("@")[0]: s for s in steps if "uses" in s}
     assert {"actions/cache/save", "actions/cache/restore"} <= set(uses)
     assert uses["benchmark-action/github-action-benchmark"]["with"]["tool"] == "pytest"
+    # the token writes the repository only where it must: the job that pushes gh-pages, on pushes to main
+    assert wf["permissions"]["contents"] == "read"
+    pushing = [n for n, j in jobs.items() if any(s.get("with", {}).get("auto-push") for s in j["steps"])]
+    assert pushing == ["chart"] and jobs["chart"]["permissions"] == {"contents": "write"}
+    assert "github.event_name == 'push'" in jobs["chart"]["if"] and "refs/heads/main" in jobs["chart"]["if"]
+    assert all(j.get("permissions", wf["permissions"])["contents"] == "read" for n, j in jobs.items() if n != "chart")
+    upload = next(s for s in jobs["gate"]["steps"] if s.get("with", {}).get("path") == "bench.json")
+    download = next(s for s in jobs["chart"]["steps"] if s.get("uses", "").startswith("actions/download-artifact"))
+    assert download["with"]["name"] == upload["with"]["name"] and jobs["chart"]["needs"] == "gate"
 
 
 # --- points timed in turns: paired by round ------------------------------------------------------------------

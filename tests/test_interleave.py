@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import QUICK
 
+from harness.isolation import PointTimeout
 from harness.records import load
 from harness.timing import Policy, Repetitions, repeat_in_turns
 
@@ -43,7 +47,8 @@ def test_group_stops_when_every_point_converges():
     out = repeat_in_turns(
         _fns(calls, "ab"), _policy(target_ci=10.0, max_reps=50), ("t",), [Repetitions(), Repetitions()]
     )
-    assert [r.reps for r in out] == [3, 3] and all(r.converged and r.stop_reason == "converged" for r in out)
+    # min_reps=3, but below 6 samples the median's CI does not reach 95% coverage: the group goes on until it does
+    assert [r.reps for r in out] == [6, 6] and all(r.converged and r.stop_reason == "converged" for r in out)
 
 
 def test_a_failing_point_leaves_the_rotation_and_the_others_go_on():
@@ -52,6 +57,66 @@ def test_a_failing_point_leaves_the_rotation_and_the_others_go_on():
     assert isinstance(out[1], RuntimeError) and "repetition 2" in str(out[1])
     assert out[0].reps == out[2].reps == 6
     assert calls.count("b") == 2
+
+
+def _busy(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def _entry(timeout_s, spent_s=0.0, rep=None):
+    from harness.interleave import Job, _Entry
+
+    spec = SimpleNamespace(policy=_policy(timeout_s=timeout_s))
+    return _Entry(Job(spec, Path("."), {}), {}, 0.0, point=SimpleNamespace(rep=rep), spent_s=spent_s)  # type: ignore
+
+
+def test_timeout_covers_all_phases_of_a_point_together():
+    """measure.timeout_s is one budget for the point: each phase gets what the earlier ones left."""
+    from harness.interleave import _budget
+
+    entry = _entry(timeout_s=0.3)
+    with _budget(entry):
+        _busy(0.2)  # prepare: within the budget
+    done = []
+    with pytest.raises(PointTimeout, match=r"^point exceeded measure\.timeout_s=0\.3 s$"):
+        with _budget(entry):
+            _busy(5.0)  # warm-up: only what is left, not a fresh 0.3 s
+            done.append(True)
+    assert not done and entry.spent_s < 5.0
+    with pytest.raises(PointTimeout, match=r"measure\.timeout_s=0\.3"):
+        with _budget(entry):
+            done.append(True)  # nothing left: the next phase does not even start
+    assert not done
+
+
+def test_in_turns_each_point_spends_its_own_budget_not_the_groups():
+    """The rounds limit each point by what its prepare and warm-up left of its own budget; the time a point
+    waits while the others run their repetitions is not its own."""
+    from harness.interleave import _budgeted_rep, _Expired
+
+    calls: list[str] = []
+
+    def rep(name: str, seconds: float):
+        def run(i: int) -> dict[str, float]:
+            calls.append(name)
+            _busy(seconds)
+            return {"t": 1.0 + 0.01 * (i % 3)}
+
+        return run
+
+    fast = _entry(timeout_s=1.0, spent_s=0.75, rep=rep("a", 0.004))  # 0.25 s left; 20 reps take about 0.08 s
+    slow = _entry(timeout_s=1.0, spent_s=0.7, rep=rep("b", 0.1))  # 0.3 s left: about three reps
+    policy = _policy(max_reps=20)
+    t0 = time.perf_counter()
+    out = repeat_in_turns([_budgeted_rep(fast), _budgeted_rep(slow)], policy, ("t",), [Repetitions(), Repetitions()])
+    wall = time.perf_counter() - t0
+    assert isinstance(out[1], _Expired) and isinstance(out[1].timeout, PointTimeout)
+    assert "measure.timeout_s=1" in str(out[1].timeout) and calls.count("b") <= 4
+    assert isinstance(out[0], Repetitions) and out[0].reps == 20 and out[0].stop_reason == "max_reps"
+    assert wall > 1.0 - 0.75 > fast.spent_s - 0.75  # the rounds outlasted a's budget; a's own reps did not
+    assert _budgeted_rep(_entry(timeout_s=None, rep=fast.point.rep)) is fast.point.rep  # no limit: the bare rep
 
 
 def test_interleaved_launcher_times_each_workload_in_turns(run_harness, tmp_path, capsys):

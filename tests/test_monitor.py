@@ -57,6 +57,48 @@ def test_without_nvml_the_sampler_falls_back_and_says_why():
     assert "gpu_util" not in out["aggregates"] and "cpu_util_process" in out["aggregates"]
 
 
+def _fake_rapl(root, energy_uj, max_range_uj=None):
+    zone = root / "intel-rapl:0"
+    zone.mkdir(exist_ok=True)
+    (zone / "energy_uj").write_text(f"{energy_uj}\n")
+    if max_range_uj is not None:
+        (zone / "max_energy_range_uj").write_text(f"{max_range_uj}\n")
+    return zone
+
+
+def test_rapl_energy_over_the_window_is_labelled_package_0_whole_system(tmp_path):
+    zone = _fake_rapl(tmp_path, 5_000_000, max_range_uj=262_143_328_850)
+    with Sampler(torch.device("cpu"), interval_s=0.02, rapl=zone) as s:
+        (zone / "energy_uj").write_text("7500000\n")  # 2.5 J during the window
+    out = s.result(tokens=10)
+    assert out["energy_j"] == pytest.approx(2.5) and out["energy_j_per_token"] == pytest.approx(0.25)
+    assert out["energy_source"].startswith("rapl") and "package 0" in out["energy_source"]
+    assert "whole system" in out["energy_source"] and "energy" not in out["missing"]
+
+
+def test_rapl_counter_wrapping_during_the_window_adds_its_range_back(tmp_path):
+    zone = _fake_rapl(tmp_path, 999_000_000, max_range_uj=1_000_000_000)
+    with Sampler(torch.device("cpu"), interval_s=0.02, rapl=zone) as s:
+        (zone / "energy_uj").write_text("2000000\n")  # 1 J to the wrap at 1000 J, then 2 J past it
+    assert s.result(tokens=3)["energy_j"] == pytest.approx(3.0)
+
+
+def test_rapl_wrap_without_a_readable_range_is_missing_not_negative(tmp_path):
+    zone = _fake_rapl(tmp_path, 999_000_000)
+    with Sampler(torch.device("cpu"), interval_s=0.02, rapl=zone) as s:
+        (zone / "energy_uj").write_text("2000000\n")
+    out = s.result(tokens=3)
+    assert out["energy_j"] is None and out["energy_j_per_token"] is None and out["energy_source"] is None
+    assert "wrapped" in out["missing"]["energy"] and "max_energy_range_uj" in out["missing"]["energy"]
+
+
+def test_without_rapl_energy_is_missing_with_the_reason(tmp_path):
+    with Sampler(torch.device("cpu"), interval_s=0.02, rapl=tmp_path / "absent") as s:
+        pass
+    out = s.result(tokens=3)
+    assert out["energy_j"] is None and out["missing"]["energy"].startswith("RAPL not readable")
+
+
 def test_categories():
     assert categorize("aten::mm") == "matmul" and categorize("aten::_weight_int8pack_mm") == "matmul"
     assert categorize("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -132,6 +133,26 @@ def test_load_names_and_skips_corrupted_records(tmp_path, caplog):
     assert len(df.attrs["errors"]) == 2
     assert str(bad) in caplog.text and str(other) in caplog.text
     with pytest.raises(RecordError, match=str(bad)):
+        load(tmp_path, strict=True)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"summary": [1]},  # a list where the metrics' mapping belongs
+        {"summary": {"ttft_ms": [1, 2]}},
+        {"identity": {"engine_params": [["bits", 4]]}},
+        {"identity": {"engine_params": "bits=4"}},
+    ],
+)
+def test_load_skips_malformed_records_naming_the_file(tmp_path, caplog, body):
+    write_record(tmp_path / "0", fake_record())
+    bad = write_record(tmp_path / "1", {"status": "ok", **body})
+    df = load(tmp_path)
+    assert len(df) == 1 and df.iloc[0].status == "ok"
+    assert len(df.attrs["errors"]) == 1 and df.attrs["errors"][0].startswith(f"{bad}: malformed record")
+    assert str(bad) in caplog.text
+    with pytest.raises(RecordError, match=f"^{re.escape(str(bad))}: malformed record"):
         load(tmp_path, strict=True)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 
 import numpy as np
@@ -102,6 +103,54 @@ def test_speedup_needs_eager_on_the_same_workload(tmp_path):
     assert df.loc[df.variant == "eager", "speedup_tpot"].item() == 1.0
     assert math.isnan(df.loc[df.variant != "eager", "speedup_tpot"].item())
     assert set(df.scenario) == {"tiny · prompt 16", "tiny · prompt 32"}  # labels name only what varies
+
+
+def _on_machine(record, fingerprint, slower=1.0, threads=None):
+    """``record`` as measured in environment ``fingerprint``, ``slower`` times slower."""
+    from harness.stats import summarize
+
+    record["env"]["id"] = fingerprint
+    if threads is not None:
+        record["env"]["torch_threads"] = threads
+    record["samples"] = {k: [x * slower for x in v] for k, v in record["samples"].items()}
+    record["summary"] = {k: summarize(v) for k, v in record["samples"].items()}
+    return record
+
+
+def test_speedups_never_pool_eager_across_environments(tmp_path):
+    """Two machines in one report: each variant is compared with eager of its own environment fingerprint."""
+    write_record(tmp_path / "a" / "0", _on_machine(make_record("eager", "tiny", 1, 0), "aaaaaaaa1111"))
+    write_record(tmp_path / "b" / "0", _on_machine(make_record("eager", "tiny", 1, 0), "bbbbbbbb2222", slower=3))
+    quant = make_record("quantized(scheme=int8)", "tiny", 1, 0)
+    write_record(tmp_path / "b" / "1", _on_machine(quant, "bbbbbbbb2222", slower=3))
+    df = prepare(load([tmp_path / "a", tmp_path / "b"]), env_labels=True)  # as the report prepares its table
+    eager = df[df.variant == "eager"].set_index("fingerprint")
+    assert 1.9 < eager.tpot_ms_p50["aaaaaaaa1111"] < 2.1 and 5.8 < eager.tpot_ms_p50["bbbbbbbb2222"] < 6.2
+    assert (eager.speedup_tpot == 1.0).all()
+    q = df[df.variant == "quantized(scheme=int8)"].iloc[0]
+    assert math.isclose(q.speedup_tpot, eager.tpot_ms_p50["bbbbbbbb2222"] / q.tpot_ms_p50)  # 2.0, not 4/3
+    assert math.isclose(q.speedup_tpot, 2.0, rel_tol=1e-9)
+    # the environments are told apart in scenarios, labels and the heatmap's panels
+    assert set(df.scenario) == {"tiny · env aaaaaaaa", "tiny · env bbbbbbbb"}
+    assert df.label.nunique() == 3 and q.label == "quantized(scheme=int8) · tiny · env bbbbbbbb · b1"
+    fig = figures.speedup_heatmap(df)
+    assert [a.text for a in fig.layout.annotations] == ["tiny · env aaaaaaaa", "tiny · env bbbbbbbb"]
+    assert [list(t.y) for t in fig.data] == [["eager"], ["eager", "quantized(scheme=int8)"]]
+    assert len(best_per_batch(df)) == 2  # one best per environment
+    plain = prepare(load([tmp_path / "a", tmp_path / "b"]))  # the dashboard's: its series labels name the env
+    assert set(plain.scenario) == {"tiny"} and plain.speedup_tpot.tolist() == df.speedup_tpot.tolist()
+    page = write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "r.html").read_text()
+    assert "tiny · env bbbbbbbb" in page and "2.00×" in page
+
+
+def test_a_fingerprint_that_follows_the_thread_count_adds_no_env_tag(tmp_path):
+    for job, threads in enumerate((1, 2)):
+        for variant in ("eager", "quantized(scheme=int8)"):
+            record = _on_machine(make_record(variant, "tiny", 1, 0), f"fp-threads-{threads}", threads=threads)
+            write_record(tmp_path / f"{job}-{variant[:5]}", record)
+    df = prepare(load(tmp_path), env_labels=True)
+    assert set(df.scenario) == {"tiny · 1 thread", "tiny · 2 threads"}
+    assert np.allclose(df[df.variant != "eager"].speedup_tpot, 2.0)
 
 
 def test_pareto_front():
@@ -227,6 +276,19 @@ def test_report_is_self_contained_escaped_and_lists_failures(sweep):
     # figure JSON cannot close its script element
     for block in re.findall(r'class="figure-data"[^>]*>(.*?)</script>', text, flags=re.S):
         assert "<" not in block
+
+
+def test_report_replaces_the_file_atomically(sweep, tmp_path):
+    out = tmp_path / "r" / "report.html"
+    out.parent.mkdir()
+    out.write_text("old")
+    os.link(out, tmp_path / "before")  # a reader that opened the old report
+    other = out.parent / ".report.html.tmp"  # another writer's temp file under the old fixed name
+    other.write_text("another writer's")
+    assert write_report([sweep], out) == out
+    assert (tmp_path / "before").read_text() == "old" and out.read_text().startswith("<!DOCTYPE html")
+    assert sorted(p.name for p in out.parent.iterdir()) == [".report.html.tmp", "report.html"]
+    assert other.read_text() == "another writer's"
 
 
 def test_cli_writes_the_report_and_names_bad_input(sweep, tmp_path, capsys, caplog):

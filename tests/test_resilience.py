@@ -34,41 +34,129 @@ def harness(args: list[str], env: dict[str, str], cwd: Path, timeout: int = 600)
 def test_timeout_oom_and_exceptions_in_process(run_harness, tmp_path, monkeypatch):
     import fault_engines  # noqa: F401  (registers fault-test in this process)
 
-    for fault in ("hang", "oom", "raise"):
+    elapsed = {}
+    for fault in ("raise", "oom", "hang"):  # raise first: an ordinary point's cost, to compare the hang with
+        # only the hang under a deadline: the first point of a process pays one-off costs a 1.5 s limit would cut
+        limit = ["measure.timeout_s=1.5"] if fault == "hang" else []
         t0 = time.perf_counter()
-        code = run_harness("run", "engine.name=fault-test", f"+engine.fault={fault}", "measure.timeout_s=1.5", *QUICK,
+        code = run_harness("run", "engine.name=fault-test", f"+engine.fault={fault}", *limit, *QUICK,
                            f"hydra.run.dir={tmp_path / fault}")  # fmt: skip
+        elapsed[fault] = time.perf_counter() - t0
         assert code == 1  # the only point failed
         rec = json.loads((tmp_path / fault / RECORD_NAME).read_text())
         expected = {"hang": "timeout", "oom": "oom", "raise": "failed"}[fault]
         assert rec["status"] == expected, rec["error"]
-        if fault == "hang":
-            assert "measure.timeout_s=1.5" in rec["error"] and time.perf_counter() - t0 < 30
+        if fault == "hang":  # waited for the deadline, then went on: about a failing point plus 1.5 s, not forever
+            assert "measure.timeout_s=1.5" in rec["error"]
+            assert 1.5 <= elapsed["hang"] < 2 * (elapsed["raise"] + 1.5), elapsed
         if fault == "oom":
             assert "can't allocate memory" in rec["error"]
+
+
+def test_isolated_hang_is_killed_at_its_timeout(run_harness, fault_env, tmp_path, monkeypatch):
+    """isolate=true: the parent kills a child that hangs past measure.timeout_s, counted from its start-up."""
+    import fault_engines  # noqa: F401  (registers fault-test in this process)
+
+    for name in ("HARNESS_ENGINES", "PYTHONPATH"):  # the spawned child imports the fault engine too
+        monkeypatch.setenv(name, fault_env[name])
+    code = run_harness("run", "isolate=true", "measure.timeout_s=5", "engine.name=fault-test", "+engine.fault=hang",
+                       *QUICK, f"hydra.run.dir={tmp_path}")  # fmt: skip
+    assert code == 1
+    rec = json.loads((tmp_path / RECORD_NAME).read_text())
+    assert rec["status"] == "timeout" and "measure.timeout_s=5" in rec["error"] and "killed" in rec["error"]
+    iso = rec["isolation"]
+    assert iso["timed_out"] and not iso["startup_hung"] and iso["process_exitcode"] == -9
+    waited = rec["duration_s"] - iso["startup_s"]  # from the child's start-up to its kill
+    assert 5 <= waited < 2 * 5, rec["duration_s"]
+
+
+@pytest.mark.parametrize("timeout_s", [None, 30.0])
+def test_isolated_child_stuck_at_start_up_is_killed(compose_cfg, tmp_path, monkeypatch, timeout_s):
+    """A child not ready when the start-up limit ends is killed and recorded as such, with or without a
+    measure.timeout_s (whose deadline never began)."""
+    from harness import isolation
+    from harness.config import validate
+
+    spec = validate(compose_cfg(*QUICK))
+    monkeypatch.setattr(isolation, "STARTUP_LIMIT_S", 0.2)  # shorter than a spawned interpreter's imports
+    rec = isolation.run_isolated(spec, tmp_path, {}, timeout_s)
+    assert rec["status"] == "failed", rec["error"]
+    assert "did not start within 0.2 s" in rec["error"] and "timeout_s" not in rec["error"]
+    assert rec["isolation"]["startup_hung"] and not rec["isolation"]["timed_out"]
+    assert rec["isolation"]["process_exitcode"] == -9
+
+
+def test_isolated_child_with_an_unreadable_record(compose_cfg, fault_env, tmp_path, monkeypatch):
+    import fault_engines  # noqa: F401  (registers fault-test in this process)
+
+    from harness import isolation
+    from harness.config import validate
+    from harness.records import RecordError
+
+    for name in ("HARNESS_ENGINES", "PYTHONPATH"):
+        monkeypatch.setenv(name, fault_env[name])
+    spec = validate(compose_cfg("engine.name=fault-test", "+engine.fault=raise", *QUICK))
+    real, calls = isolation.read_record, []
+
+    def unreadable_once(path):  # the child's record, as if something had garbled it; the parent's own reads fine
+        calls.append(path)
+        if len(calls) == 1:
+            raise RecordError(f"{path}: unreadable record (JSONDecodeError: Expecting value)")
+        return real(path)
+
+    monkeypatch.setattr(isolation, "read_record", unreadable_once)
+    rec = isolation.run_isolated(spec, tmp_path, {}, None)
+    assert rec["status"] == "failed" and rec["isolation"]["process_exitcode"] == 0
+    assert f"its record is unreadable: {tmp_path / RECORD_NAME}: unreadable record" in rec["error"]
+    assert "without writing its record" not in rec["error"]
+
+
+@pytest.mark.parametrize(
+    ("sweep_arg", "expected", "point"),
+    [
+        ("engine=eager,nonexistent", "engine: unknown option 'nonexistent'; allowed: compiled, distilled, eager",
+         "2/2: engine=nonexistent"),
+        ("workload.bogus=1,2", "workload.bogus: unknown field; allowed: batch_size", "1/2: workload.bogus=1"),
+    ],
+)  # fmt: skip
+def test_preflight_refuses_a_bad_sweep_point_in_one_line(run_harness, tmp_path, capsys, sweep_arg, expected, point):
+    import warnings
+
+    sweep = tmp_path / "sweep"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = run_harness("run", "-m", sweep_arg, *QUICK, f"hydra.sweep.dir={sweep}")
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("harness run: error: "), err
+    assert expected in lines[0] and f"(sweep point {point} " in lines[0], lines[0]
+    assert not [w for w in caught if "on_multirun_start" in str(w.message)]  # not Hydra's multi-line warning
+    assert not list(sweep.rglob(RECORD_NAME))  # refused before any work
 
 
 def test_fault_injection_sweep_under_submitit_local(fault_env, tmp_path, capsys):
     """Every point in its own process (isolate=true), under a launcher that runs them as separate jobs: the
     healthy points are ok, each faulty one has a record saying what happened, and nothing else is lost."""
     sweep = tmp_path / "sweep"
+    # hang has its own test with a short timeout (test_isolated_hang_is_killed_at_its_timeout): here it would
+    # cost the whole timeout_s, which must stay well above what a healthy point takes when all run at once
     proc = harness(["-m", "hydra/launcher=submitit_local", "isolate=true", "measure.timeout_s=60",
-                    "engine.name=fault-test", "+engine.fault=none,raise,oom,hang,kill", "workload.batch_size=1,2",
+                    "engine.name=fault-test", "+engine.fault=none,raise,oom,kill", "workload.batch_size=1,2",
                     *QUICK, f"hydra.sweep.dir={sweep}"], fault_env, tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = load(sweep)
-    assert len(df) == 10 and df.point_key.nunique() == 10
+    assert len(df) == 8 and df.point_key.nunique() == 8
     status = {(r["engine.fault"], r.batch_size): (r.status, r.error) for _, r in df.iterrows()}
     for batch in (1, 2):
         assert status[("none", batch)][0] == "ok"
         assert status[("raise", batch)] == ("failed", "RuntimeError: injected failure")
         assert status[("oom", batch)][0] == "oom"
-        assert status[("hang", batch)][0] == "timeout"
         assert status[("kill", batch)][0] == "failed" and "killed by signal SIGKILL" in status[("kill", batch)][1]
     counts = df.status.value_counts().to_dict()
     with capsys.disabled():
-        print(f"\nsubmitit_local fault injection, 10 points: {counts}")
-    assert counts == {"failed": 4, "ok": 2, "oom": 2, "timeout": 2}
+        print(f"\nsubmitit_local fault injection, 8 points: {counts}")
+    assert counts == {"failed": 4, "ok": 2, "oom": 2}
     assert "timings interfere" in proc.stdout + proc.stderr  # the launcher runs points at once: warned
 
 

@@ -91,6 +91,35 @@ def test_peaks_are_measured_once_cached_and_overridable(tmp_path, monkeypatch):
     assert calls == ["bw", "fl"] * 3
 
 
+def test_overridden_peaks_are_neither_measured_nor_cached(tmp_path, monkeypatch):
+    import harness.roofline as roof
+
+    calls = []
+    monkeypatch.setattr(
+        roof,
+        "measure_bandwidth",
+        lambda d: calls.append("bw") or {"bandwidth_gbs": 20.0, "buffer_bytes": 1, "llc_bytes": 1},
+    )
+    monkeypatch.setattr(roof, "measure_flops", lambda d, t: calls.append("fl") or {"flops": 1e11, "matmul_n": 8})
+    cpu, cache = torch.device("cpu"), tmp_path / "peaks" / "fp1-float32.json"
+    both = device_peaks(cpu, torch.float32, "fp1", tmp_path, {"bandwidth_gbs": 50.0, "tflops": 2.0})
+    assert calls == [] and not cache.exists()  # an empty cache and both overrides: no >= 1 GiB copy, no matmul
+    assert both["bandwidth_gbs"] == 50.0 and both["flops"] == 2e12 and both["source"] == "config"
+    device_peaks(cpu, torch.float32, "fp1", tmp_path, {"bandwidth_gbs": 50.0, "tflops": 2.0}, remeasure=True)
+    assert calls == [] and not cache.exists()
+    # one override: only the other peak is measured and cached
+    bw_only = device_peaks(cpu, torch.float32, "fp1", tmp_path, {"bandwidth_gbs": 50.0, "tflops": None})
+    assert calls == ["fl"] and bw_only["bandwidth_gbs"] == 50.0 and bw_only["flops"] == 1e11
+    assert "bandwidth_gbs" not in json.loads(cache.read_text())
+    # without overrides the missing peak is measured, the cached one kept
+    plain = device_peaks(cpu, torch.float32, "fp1", tmp_path, {})
+    assert calls == ["fl", "bw"] and plain["source"] == "measured"
+    assert json.loads(cache.read_text())["flops"] == 1e11 and json.loads(cache.read_text())["bandwidth_gbs"] == 20.0
+    # remeasure with one override: the other is measured again, the overridden one stays as cached
+    device_peaks(cpu, torch.float32, "fp1", tmp_path, {"tflops": 2.0}, remeasure=True)
+    assert calls == ["fl", "bw", "bw"] and json.loads(cache.read_text())["flops"] == 1e11
+
+
 def test_real_bandwidth_measurement_is_plausible():
     from harness.roofline import measure_bandwidth
 

@@ -34,6 +34,14 @@ def test_median_ci_with_too_few_samples_is_the_range_with_its_real_coverage():
     assert median_ci([])[2] == 0.0
 
 
+@pytest.mark.parametrize(("n", "coverage"), [(1, 0.0), (2, 0.5), (5, 1 - 2 / 32), (6, 1 - 2 / 64)])
+def test_median_ci_coverage_below_six_samples_misses_95_percent(n, coverage):
+    # what adaptive repetition relies on to never call a sub-95% interval converged: 6 is the first n that reaches it
+    lo, hi, got = median_ci(np.arange(n, dtype=float), 0.95)
+    assert got == pytest.approx(coverage) and (got >= 0.95) == (n >= 6)
+    assert (lo, hi) == (0.0, float(n - 1))
+
+
 def test_summarize_matches_numpy():
     x = np.random.default_rng(0).gamma(2.0, 3.0, size=257)
     s = summarize(x)

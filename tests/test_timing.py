@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from harness.stats import median_ci
 from harness.timing import HostClock, Policy, measure_callable, repeat
 
 FAST = Policy(
@@ -23,7 +24,13 @@ def busy(seconds: float) -> None:
 
 def test_host_clock_overhead_is_measured_and_subtracted():
     clock = HostClock()
-    assert 0 < clock.overhead_ns < 20_000  # a perf_counter_ns call: tens of ns, never zero
+    assert clock.overhead_ns > 0  # a perf_counter_ns call is never free
+    work = []
+    for _ in range(7):  # a trivial but real workload, timed raw in this run: the timer cost is a small part of it
+        t0 = time.perf_counter_ns()
+        busy(0.0005)
+        work.append(time.perf_counter_ns() - t0)
+    assert clock.overhead_ns < 0.1 * float(np.median(work))
     clock.start()
     for _ in range(100):
         clock.mark()
@@ -47,9 +54,42 @@ def test_host_clock_intervals_follow_the_work():
 
 
 def test_repeat_stops_when_ci_target_is_met():
-    res = repeat(lambda i: {"t": 1.0 + 1e-4 * (i % 3)}, FAST, ("t",))
-    assert res.converged and res.stop_reason == "converged" and res.reps == FAST.min_reps
-    assert res.ci_rel_halfwidth["t"] <= FAST.target_ci
+    policy = Policy(**{**FAST.__dict__, "min_reps": 8})
+    res = repeat(lambda i: {"t": 1.0 + 1e-4 * (i % 3)}, policy, ("t",))
+    assert res.converged and res.stop_reason == "converged" and res.reps == policy.min_reps
+    assert res.ci_rel_halfwidth["t"] <= policy.target_ci
+
+
+@pytest.mark.parametrize("min_reps", [1, 2, 5])
+def test_repeat_never_converges_on_an_interval_below_the_confidence(min_reps):
+    # below 6 samples the median's CI is the whole range with coverage < 95% (one sample: (x, x), coverage 0):
+    # however narrow, it is not a 95% interval, so the loop goes on to the first n that reaches the coverage
+    policy = Policy(**{**FAST.__dict__, "min_reps": min_reps})
+    res = repeat(lambda i: {"t": 1.0}, policy, ("t",))
+    assert res.converged and res.stop_reason == "converged"
+    assert res.reps == 6 and len(res.samples["t"]) == 6
+    assert median_ci(res.samples["t"], policy.confidence)[2] >= policy.confidence
+
+
+def test_repeat_with_max_reps_below_the_coverage_is_not_converged():
+    policy = Policy(**{**FAST.__dict__, "min_reps": 1, "max_reps": 4})
+    res = repeat(lambda i: {"t": 1.0}, policy, ("t",))
+    assert res.stop_reason == "max_reps" and res.reps == 4 and not res.converged
+
+
+@pytest.mark.parametrize(("warmup_iters", "expected"), [(0, 2), (1, 2), (2, 2), (4, 4)])
+def test_warmup_runs_its_minimum_even_when_the_budget_is_spent(warmup_iters, expected):
+    # warmup_max_s only cuts the wait for stability: never fewer than max(warmup_iters, 2) warm-ups
+    policy = Policy(**{**FAST.__dict__, "warmup_iters": warmup_iters, "warmup_max_s": 0.0})
+    times = iter([0.02, 0.001, 0.01, 0.001, 0.01, 0.001])
+
+    def rep(i):
+        if i < 0:
+            busy(next(times))  # unstable warm-ups: only the minimum count may end them
+        return {"t": 1.0}
+
+    res = repeat(rep, policy, ("t",))
+    assert len(res.warmup_times_s) == expected
 
 
 def test_repeat_stops_at_max_reps_on_noise():
@@ -95,6 +135,7 @@ def test_measure_callable_ratio_tracks_work():
     assert overhead > 0
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_event_clock_times_device_work():
     from harness.timing import CudaEventClock

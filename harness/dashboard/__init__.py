@@ -21,6 +21,7 @@ import pandas as pd
 from harness import history
 from harness.dashboard import figures, page
 from harness.dashboard.data import TRENDS, find_steps, history_frame
+from harness.records import write_bytes_atomic
 from harness.report import figures as report_figures
 from harness.report.data import prepare
 from harness.report.page import Section, render
@@ -136,7 +137,5 @@ def write_dashboard(
     out_file.parent.mkdir(parents=True, exist_ok=True)
     urls = report_urls(sweeps, out_file, folder, with_reports)
     text, steps = build_html(sweeps, points, doc, urls, str(db))
-    tmp = out_file.with_name(f".{out_file.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out_file)
+    write_bytes_atomic(out_file, text)
     return out_file, steps

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from harness.progress import missing_points, read_sweep_meta
-from harness.records import RecordError, find_records, load, read_record
+from harness.records import RecordError, find_records, load, read_record, write_bytes_atomic
 from harness.report import figures, tables
 from harness.report.data import TIMELINE_MAX_POINTS, prepare, timeline_frame, with_sections
 from harness.report.page import Section, render
@@ -69,7 +69,7 @@ def build_html(
     title: str = "LLM inference benchmark report",
 ) -> str:
     """The report page for a table of points and its records."""
-    data = with_sections(prepare(df), list(records))
+    data = with_sections(prepare(df, env_labels=True), list(records))  # several machines: told apart
     tl, monitored = timeline_frame(data, list(records))
     profiled = int(
         data[[c for c in data.columns if c.startswith("profile_") and c.endswith("_ms")]].notna().any(axis=1).sum()
@@ -200,8 +200,4 @@ def write_report(paths: str | Path | Iterable[str | Path], out: Path | None = No
     out = Path(out) if out is not None else default_output(paths)
     names = ", ".join(p.resolve().name for p in paths)
     text = build_html(df, records, metas, df.attrs.get("errors", []), title=f"LLM inference benchmark report: {names}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_bytes_atomic(out, text)

@@ -13,8 +13,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-# A speedup compares a variant with eager on exactly the same workload, device and dtype.
-SCENARIO_KEYS = ["model", "prompt_len", "gen_len", "decoding", "num_beams", "device", "dtype", "threads"]
+# A speedup compares a variant with eager on exactly the same workload, device and dtype, measured in the same
+# environment (fingerprint: machine and software stack): a report over several machines never pools their eagers.
+ENV_KEY = "fingerprint"
+SCENARIO_KEYS = ["model", "prompt_len", "gen_len", "decoding", "num_beams", "device", "dtype", "threads", ENV_KEY]
+ENV_TAG_LEN = 8  # "env 3fa2c91b": the fingerprint's first characters name an environment in labels
 SPEEDUP_KEYS = [*SCENARIO_KEYS, "batch_size"]
 BASELINE = "eager"
 PROFILE_CATEGORIES = ("matmul", "attention", "norm", "elementwise", "copy", "other")
@@ -43,6 +46,8 @@ def _scenario_label(row: pd.Series, varying: list[str]) -> str:
         elif key == "threads":
             n = _int(value)
             parts.append(f"{n} thread" if n == "1" else f"{n} threads")
+        elif key == ENV_KEY:
+            parts.append(env_tag(value))
         else:
             parts.append(str(value))
     return " · ".join(parts)
@@ -52,22 +57,37 @@ def _int(value: Any) -> str:
     return str(int(value)) if isinstance(value, int | float) and math.isfinite(value) else str(value)
 
 
+def env_tag(fingerprint: Any) -> str:
+    """Short name of an environment fingerprint for labels (``env 3fa2c91b``; ``env unknown`` without one)."""
+    if fingerprint is None or (isinstance(fingerprint, float) and math.isnan(fingerprint)):
+        return "env unknown"
+    return f"env {str(fingerprint)[:ENV_TAG_LEN]}"
+
+
 def varying_keys(df: pd.DataFrame) -> list[str]:
-    """Scenario keys (other than the model) that take more than one value: only those go into labels."""
-    keys = [k for k in SCENARIO_KEYS[1:] if df[k].nunique(dropna=False) > 1]
+    """Scenario keys (other than the model) that take more than one value: only those go into labels. The
+    fingerprint counts only where two environments share a workload (several machines or stacks in one report),
+    not where it follows from another key (a thread count is part of the fingerprint)."""
+    others = [k for k in SCENARIO_KEYS if k != ENV_KEY]
+    keys = [k for k in others[1:] if df[k].nunique(dropna=False) > 1]
     if "num_beams" in keys and "decoding" not in keys:
         keys.insert(keys.index("num_beams"), "decoding")
+    if len(df) and df.groupby(others, dropna=False)[ENV_KEY].nunique(dropna=False).gt(1).any():
+        keys.append(ENV_KEY)
     return keys
 
 
-def prepare(df: pd.DataFrame) -> pd.DataFrame:
+def prepare(df: pd.DataFrame, env_labels: bool = False) -> pd.DataFrame:
     """The table plus the columns every figure uses.
 
-    ``representative``; ``scenario`` (model and whatever workload fields vary); ``label`` (one point);
-    ``speedup_tpot`` / ``speedup_ttft`` (eager's p50 over the variant's, same scenario and batch; NaN without an
-    ok, representative eager point there; for a point timed in turns with eager, the median of the per-round
-    ratios instead, which drift of the machine does not bias); ``speedup_tpot_ci_low/high`` (the paired CI where
-    timed in turns, else the conservative ratio of the two medians' CIs); ``verdict`` (``speed_verdict``);
+    ``representative``; ``scenario`` (model and whatever workload fields vary; with ``env_labels``, as the report
+    asks, also an ``env …`` tag where environments share a workload, so that figures and rankings keep them apart;
+    the dashboard names environments in its own series labels); ``label`` (one point);
+    ``speedup_tpot`` / ``speedup_ttft`` (eager's p50 over the variant's, same scenario, environment fingerprint
+    and batch; NaN without an ok, representative eager point there; for a point timed in turns with eager, the
+    median of the per-round ratios instead, which drift of the machine does not bias); ``speedup_tpot_ci_low/high``
+    (the paired CI where timed in turns, else the conservative ratio of the two medians' CIs); ``verdict``
+    (``speed_verdict``);
     ``bytes_speedup`` (eager's decode bytes per step over the variant's: the TPOT speedup a decode bound by memory
     traffic alone would reach, so ``speedup_tpot`` below it is what per-step overhead and kernel efficiency keep);
     decode tokens/s CI bounds mapped from the TPOT median's CI.
@@ -82,7 +102,7 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
             out[col] = pd.Series(dtype=object if col in ("scenario", "label", "verdict") else float)
         return out
     out["representative"] = representative(out)
-    varying = varying_keys(out)
+    varying = [k for k in varying_keys(out) if env_labels or k != ENV_KEY]
     out["scenario"] = out.apply(_scenario_label, axis=1, varying=varying)
     out["label"] = out["variant"].astype(str) + " · " + out["scenario"] + " · b" + out["batch_size"].map(_int)
 

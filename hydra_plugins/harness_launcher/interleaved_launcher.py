@@ -8,7 +8,6 @@ a machine whose speed drifts. The jobs then run as usual, each reporting the rec
 # No `from __future__ import annotations`: Hydra's plugin scan executes this module before it is in sys.modules,
 # where a dataclass with string annotations cannot resolve them.
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,7 @@ class InterleavedLauncher(Launcher):
 
     def launch(self, job_overrides: Any, initial_job_idx: int) -> list[JobReturn]:
         from harness import interleave
-        from harness.app import sweep_info
+        from harness.app import record_dir, sweep_info
         from harness.config import validate
         from harness.records import measured_ok, point_key
 
@@ -69,10 +68,14 @@ class InterleavedLauncher(Launcher):
         for cfg in configs:
             HydraConfig.instance().set_config(cfg)
             spec = validate(cfg)
-            out_dir = Path(os.path.join(str(cfg.hydra.sweep.dir), str(OmegaConf.select(cfg, "hydra.sweep.subdir"))))
-            if spec.resume and measured_ok(Path(str(cfg.hydra.sweep.dir)), point_key(interleave.identity(spec))):
-                continue  # its task reports the earlier record (resume=true)
-            jobs.append(interleave.Job(spec, out_dir, sweep_info(cfg.hydra)))
+            sweep_dir = Path(str(cfg.hydra.sweep.dir))
+            job_dir = sweep_dir / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
+            out_dir, key = job_dir, point_key(interleave.identity(spec))
+            if spec.resume:
+                if measured_ok(sweep_dir, key):
+                    continue  # its task reports the earlier record (resume=true)
+                out_dir = record_dir(sweep_dir, job_dir, key)  # never over another point's record
+            jobs.append(interleave.Job(spec, out_dir, sweep_info(cfg.hydra), job_dir=job_dir))
         interleave.run(jobs)
         runs = []
         for cfg, overrides in zip(configs, job_overrides, strict=True):

@@ -1,0 +1,89 @@
+"""resume=true: never overwrite a good record, whatever order the resumed sweep runs its points in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.records import RECORD_NAME, forget_ok_index, load, measured_ok, write_record
+
+QUICK = ["measure=quick", "workload.prompt_len=16", "workload.gen_len=4", "model.weights=random",
+         "quality.enabled=false", "roofline.enabled=false"]  # fmt: skip
+FAILING_POINT = ["engine.name=failing-test", *QUICK]  # fails in prepare: a point costs a tiny model build, no timing
+
+
+def _mark_ok(path: Path) -> None:
+    """Turn a failed record into a good one (same point key), as if the point had been measured."""
+    rec = json.loads(path.read_text())
+    rec.update(status="ok", error=None, traceback=None)
+    write_record(path.parent, rec)
+
+
+@pytest.mark.parametrize("launcher", ["basic", "interleaved"])
+def test_resume_in_another_order_keeps_every_good_record(run_harness, tmp_path, capsys, launcher):
+    sweep, FAILING = tmp_path / "sweep", [*FAILING_POINT, f"hydra/launcher={launcher}"]
+    assert run_harness("run", "-m", "workload.batch_size=1,2,4", *FAILING, f"hydra.sweep.dir={sweep}") == 1
+    for job in (0, 1):  # batch 1 and 2 are good records; batch 4's failed attempt stays in 2/
+        _mark_ok(sweep / str(job) / RECORD_NAME)
+    good = {p: p.read_bytes() for p in (sweep / "0" / RECORD_NAME, sweep / "1" / RECORD_NAME)}
+    capsys.readouterr()
+    # job 0 (batch 8) finds batch 1's record in its folder, job 1 (batch 4) finds batch 2's
+    code = run_harness("run", "-m", "workload.batch_size=8,4,1,2", "resume=true", *FAILING, f"hydra.sweep.dir={sweep}")
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert code == 0, text[-3000:]
+    assert all(p.read_bytes() == data for p, data in good.items())  # never overwritten
+    df = load(sweep)
+    assert len(df) == 4 and df.point_key.nunique() == 4, df[["batch_size", "status", "record_path"]]
+    status = dict(zip(df.batch_size, df.status, strict=True))
+    assert status == {1: "ok", 2: "ok", 4: "failed", 8: "failed"}
+    assert not df.error.fillna("").str.contains("no record was written").any()  # nothing taken for a crash
+    rel = [Path(p).relative_to(sweep.resolve()).parent.as_posix() for p in df.record_path]
+    where = dict(zip(df.batch_size, rel, strict=True))
+    assert where[1] == "0" and where[2] == "1"
+    assert where[4] == "2"  # its earlier attempt replaced: one record per point
+    assert where[8] == f"points/{df.set_index('batch_size').point_key[8]}"
+    for job in (0, 1):
+        assert f"already measured ok in {(sweep / str(job) / RECORD_NAME).resolve()}, skipped" in text
+
+
+def test_measured_ok_rechecks_the_record_it_indexed(tmp_path, synthetic_point):
+    forget_ok_index()
+    one = synthetic_point(tmp_path / "0", ttft=[5.0] * 3, tpot=[1.0] * 3, batch_size=1)
+    assert measured_ok(tmp_path, one["point_key"]) == (tmp_path / "0" / RECORD_NAME).resolve()
+    # another point's record replaces the indexed file; batch 1's now lies elsewhere
+    synthetic_point(tmp_path / "0", ttft=[5.0] * 3, tpot=[1.0] * 3, batch_size=4)
+    synthetic_point(tmp_path / "elsewhere", ttft=[5.0] * 3, tpot=[1.0] * 3, batch_size=1)
+    assert measured_ok(tmp_path, one["point_key"]) == (tmp_path / "elsewhere" / RECORD_NAME).resolve()
+    synthetic_point(tmp_path / "elsewhere", batch_size=1, status="failed", error="boom")
+    assert measured_ok(tmp_path, one["point_key"]) is None  # not ok any more: measure it again
+    forget_ok_index()
+
+
+def test_a_missing_point_names_the_log_of_its_own_job(tmp_path, synthetic_point):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from harness.callbacks import record_missing
+    from harness.config import validate
+    from harness.paths import config_dir
+    from harness.point import identity
+    from harness.progress import missing_points, write_sweep_meta
+    from harness.records import point_key
+
+    sweep, overrides = tmp_path / "sweep", ["workload.batch_size=8", *QUICK]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        key = point_key(identity(validate(compose(config_name="config", overrides=overrides))))
+        write_sweep_meta(sweep, {"points": [overrides], "point_keys": [key]})
+        other = synthetic_point(sweep / "0", ttft=[5.0] * 3, tpot=[1.0] * 3)  # a resumed sweep's other point
+        assert record_missing(OmegaConf.create({"hydra": {"job": {"config_name": "config"}}}), sweep) == 1
+    GlobalHydra.instance().clear()
+    assert json.loads((sweep / "0" / RECORD_NAME).read_text())["point_key"] == other["point_key"]  # kept
+    rec = json.loads((sweep / "missing" / key / RECORD_NAME).read_text())
+    assert rec["missing"] and rec["point_key"] == key
+    assert rec["error"].endswith(f"its log, if any: {sweep / '0'}/harness.log")
+    assert missing_points(sweep) == []
