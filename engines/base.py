@@ -13,7 +13,9 @@ one with ``@register``), or, without packaging, through modules named in the HAR
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import inspect
 import logging
 import os
 from dataclasses import dataclass, field
@@ -78,6 +80,26 @@ class Engine:
 
     def __init__(self, params: Any | None = None) -> None:
         self.params = params if params is not None else self.Params()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """An engine written against ``available(self, device)`` (before the dtype was passed) keeps working:
+        its method is wrapped to take and ignore the dtype."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("available")
+        if own is None:
+            return
+        try:
+            params = list(inspect.signature(own).parameters.values())
+        except (TypeError, ValueError):
+            return
+        takes_dtype = len(params) >= 3 or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+        if not takes_dtype:
+
+            @functools.wraps(own)
+            def available(self: Engine, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+                return own(self, device)
+
+            cls.available = available  # type: ignore[method-assign]
 
     def available(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
         """None when this engine (with its params) can run on ``device`` with weights in ``dtype`` (when given),

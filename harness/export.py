@@ -143,14 +143,16 @@ def read_points(path: str | Path) -> pd.DataFrame:
 
 
 def missing_errors(path: Path) -> list[str]:
-    """The points a sweep planned (sweep.json) that have no record: a sweep killed part-way must not pass a gate
-    as "no regression" for the points it never wrote."""
+    """The points a sweep planned (sweep.json) that have no record, for every sweep under ``path``: a sweep killed
+    part-way must not pass a gate as "no regression" for the points it never wrote."""
+    path = Path(path)
     if not path.is_dir():
         return []
     return [
-        f"{path}: job {m['job']} ({' '.join(m['overrides'] or []) or 'no overrides'}) planned in {SWEEP_META} "
+        f"{sweep}: job {m['job']} ({' '.join(m['overrides'] or []) or 'no overrides'}) planned in {SWEEP_META} "
         "has no record (the sweep stopped before it)"
-        for m in missing_points(path)
+        for sweep in sorted({meta.parent for meta in path.rglob(SWEEP_META)})
+        for m in missing_points(sweep)
     ]
 
 

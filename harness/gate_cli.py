@@ -194,10 +194,7 @@ def compare_main(argv: Sequence[str]) -> int:
     if isinstance(opts, int):
         return opts
     try:
-        settings = settings_from(opts)
-        base, base_errors = _read(opts.base, "BASE")
-        cand, cand_errors = _read(opts.cand, "CAND")
-        result = compare(base, cand, settings)
+        return _compare(opts)
     except GateInputError as exc:
         raise UsageError(str(exc)) from None
     except UsageError:
@@ -206,6 +203,13 @@ def compare_main(argv: Sequence[str]) -> int:
         logging.getLogger(__name__).debug("compare failed", exc_info=True)
         raise UsageError(f"cannot gate these inputs ({exc.__class__.__name__}: {exc}); this is a bug, please "
                          "report it with the two inputs") from None  # fmt: skip
+
+
+def _compare(opts: argparse.Namespace) -> int:
+    settings = settings_from(opts)
+    base, base_errors = _read(opts.base, "BASE")
+    cand, cand_errors = _read(opts.cand, "CAND")
+    result = compare(base, cand, settings)
     sources = Sources(
         str(opts.base),
         str(opts.cand),

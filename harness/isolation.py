@@ -43,13 +43,19 @@ def deadline(seconds: float | None) -> Iterator[None]:
     def expire(signum: int, frame: Any) -> None:
         raise PointTimeout(f"point exceeded measure.timeout_s={seconds:g} s")
 
+    outer_left, _ = signal.getitimer(signal.ITIMER_REAL)  # a deadline around this one (0: none)
+    started = time.monotonic()
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, min(seconds, outer_left) if outer_left else seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:
+            signal.signal(signal.SIGALRM, previous)
+            if outer_left:  # re-arm the outer deadline with what is left of it (at least a moment: it is due)
+                signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - started), 1e-3))
 
 
 STARTUP_LIMIT_S = 600.0  # a child that has not even imported its modules by then is counted as hung

@@ -148,19 +148,27 @@ def write_bytes_atomic(path: str | Path, data: bytes | str, encoding: str = "utf
     concurrent writers each rename a complete file of their own (the last rename wins). The temporary file is
     removed on any error."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode(encoding) if isinstance(data, str) else bytes(data)
+    target = Path(os.path.realpath(path))  # a symlink's target is what gets replaced, the link stays
+    if target.exists() and not target.is_file():  # /dev/stdout, a FIFO: nothing to rename over, write through
+        with open(target, "wb") as fh:
+            fh.write(payload)
+        return path
+    target.parent.mkdir(parents=True, exist_ok=True)
     # a fresh name (pid + random, created exclusively) with the process umask: mkstemp would make the file
     # private to its owner, and a report or export is meant to be read by others
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    created = False
     try:
         with open(tmp, "xb") as fh:
+            created = True
             fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if created:
+            tmp.unlink(missing_ok=True)
         raise
     return path
 

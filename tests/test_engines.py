@@ -36,7 +36,7 @@ class ToyEngine(Engine):
     name = "toy-test"
     Params = ToyParams
 
-    def available(self, device, dtype=None):
+    def available(self, device):  # the one-argument form engines written before the dtype was passed use
         return None if self.params.scheme == "a" else "scheme b needs hardware this machine lacks"
 
     def prepare(self, model, ctx):
@@ -77,6 +77,8 @@ def test_variant_names_non_default_params_only():
     eng = make_engine({"name": "toy-test", "scheme": "b", "bits": 4})
     assert eng.variant() == "toy-test(bits=4, scheme=b)"
     assert eng.available(torch.device("cpu")) == "scheme b needs hardware this machine lacks"
+    # the harness passes the point's dtype: a one-argument available() is wrapped to take and ignore it
+    assert eng.available(torch.device("cpu"), torch.float32) == "scheme b needs hardware this machine lacks"
 
 
 def test_duplicate_names_are_refused():

@@ -513,6 +513,12 @@ def test_cli_a_sweep_killed_part_way_cannot_pass(run_harness, two_sweeps, tmp_pa
     assert run_harness("compare", str(base), str(table)) == 2  # the exported table keeps its errors
     assert "job 2 (workload.batch_size=4)" in capsys.readouterr().err
 
+    import shutil
+
+    shutil.copytree(cand, tmp_path / "results" / "sweeps" / "cand")  # a results root holding the sweep
+    assert run_harness("compare", str(base), str(tmp_path / "results")) == 2
+    assert f"{tmp_path / 'results' / 'sweeps' / 'cand'}: job 2" in capsys.readouterr().err
+
 
 def test_list_valued_match_columns_and_bad_schema_versions(tmp_path, synthetic_point, run_harness, capsys):
     """Matching on a list-valued engine parameter compares its text; a record whose schema_version is not an
@@ -525,9 +531,12 @@ def test_list_valued_match_columns_and_bad_schema_versions(tmp_path, synthetic_p
         df["layers"] = [[0, 1], [0, 1]]
     result = compare(base, cand, Settings(match=("layers", "batch_size")))
     assert sorted(result.points.key) == ["[0, 1] | 1", "[0, 1] | 2"]
-    dup = pd.concat([cand, cand.assign(started_at="2099-01-01T00:00:00")], ignore_index=True)
+    rerun = _side(tmp_path, "rerun", synthetic_point, [_point(3.0, seed_data=2), _point(3.0, batch_size=2)])
+    rerun["layers"] = [[0, 1], [0, 1]]
+    dup = pd.concat([rerun.assign(started_at="2099-01-01T00:00:00"), cand], ignore_index=True)
     result = compare(base, dup, Settings(match=("layers", "batch_size")))
     assert len(result.points) == 2 and any("records share 2 match key(s)" in n for n in result.notes)
+    assert set(result.points.verdict) == {REGRESSION}  # the latest records (the slower re-run) are compared
 
     path = tmp_path / "cand" / "1" / RECORD_NAME
     path.write_text(path.read_text().replace('"schema_version": 1', '"schema_version": "1"'))

@@ -250,3 +250,21 @@ def test_report_of_a_stopped_sweep_lists_its_missing_points(run_harness, tmp_pat
     assert run_harness("report", str(sweep), "-o", str(tmp_path / "r.html")) == 0
     html = (tmp_path / "r.html").read_text()
     assert "missing" in html and "workload.batch_size=3" in html and "job 2" in html
+
+
+def test_nested_deadlines_keep_the_outer_one():
+    """A deadline inside another (a point's budget around one repetition) must not disarm the outer one."""
+    import signal
+
+    from harness.isolation import PointTimeout, deadline
+
+    before = signal.getsignal(signal.SIGALRM)
+    t0 = time.perf_counter()
+    with pytest.raises(PointTimeout):
+        with deadline(0.3):
+            with deadline(5.0):
+                time.sleep(0.05)
+            time.sleep(2.0)  # the outer deadline ends this long before it finishes
+    assert time.perf_counter() - t0 < 1.5
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) == before
