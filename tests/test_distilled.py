@@ -145,3 +145,13 @@ def test_distillation_trains_toward_the_teacher_and_is_cached(tmp_path, trained_
     assert again["cached"] is True and again["distilled_bits_per_byte"] == info["distilled_bits_per_byte"]
     other = eng.prepare(teacher, ctx(tmp_path, trained=True, key="another-teacher", args=args)).engine_info
     assert other["cached"] is False  # a different teacher is a different student
+
+
+def test_depth_options_sit_beside_eager_in_one_sweep(compose_cfg):
+    """README's distillation sweep: `-m engine=eager,distilled/depth50,distilled/depth75` (engine.depth=... would
+    be refused on eager, which has no depth)."""
+    from harness.config import validate
+
+    for option, depth in (("depth50", 0.5), ("depth75", 0.75)):
+        spec = validate(compose_cfg(f"engine=distilled/{option}"))
+        assert spec.engine.name == "distilled" and spec.engine.params.depth == depth
