@@ -109,6 +109,8 @@ def cmd_run(args: Sequence[str]) -> int:
     except (MissingConfigException, OverrideParseException, HydraException, OmegaConfBaseException) as exc:
         raise UsageError(format_hydra_error(exc)) from None
     except Exception as exc:  # a launcher gave up mid-sweep: keep what was measured, say what is missing
+        if _hydra_flag_error(exc):
+            raise UsageError(format_flag_error(args, exc)) from None
         if not callbacks.finish_aborted():
             raise
         sys.stderr.write(
@@ -119,6 +121,53 @@ def cmd_run(args: Sequence[str]) -> int:
     finally:
         sys.argv = saved
     return EXIT_FAILED if callbacks.LAST_RESULT.get("all_failed") else EXIT_OK
+
+
+def _hydra_flag_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is Hydra refusing its own command-line flags (``-m`` with ``--cfg``, ``--resolve`` alone):
+    a ValueError raised by Hydra's argument handling itself, before any job ran."""
+    if not isinstance(exc, ValueError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    code = tb.tb_frame.f_code
+    return Path(code.co_filename).parent.name == "_internal" and code.co_name == "_run_hydra"
+
+
+def format_flag_error(args: Sequence[str], exc: BaseException) -> str:
+    """Hydra's refusal of a combination of its flags as one line naming the flags given and what is allowed."""
+    text = _one_line(str(exc))
+    if text.startswith("Only one of"):
+        given = _hydra_commands(args)
+        named = " and ".join(given) if len(given) > 1 else "these flags"
+        return (
+            f"{named}: only one of --run, -m/--multirun, --cfg, --info and --shell-completion can be given "
+            "(to print a point's config: `harness run --cfg job [overrides]`, without -m)"
+        )
+    if "--resolve" in text:
+        return "--resolve: only allowed with --cfg or --help (e.g. `harness run --cfg job --resolve`)"
+    return text
+
+
+def _hydra_commands(args: Sequence[str]) -> list[str]:
+    """The mutually exclusive Hydra flags among ``args``, as the user spelled them."""
+    try:
+        from hydra._internal.utils import get_args_parser
+
+        parsed = get_args_parser().parse_known_args(list(args))[0]
+    except (Exception, SystemExit):
+        return []
+    flags = [
+        ("--run", parsed.run),
+        ("-m/--multirun", parsed.multirun),
+        (f"--cfg {parsed.cfg}", parsed.cfg is not None),
+        (f"--info {parsed.info}".rstrip(), parsed.info is not None),
+        ("--shell-completion", parsed.shell_completion),
+    ]
+    return [name for name, on in flags if on]
 
 
 def cmd_env(args: Sequence[str]) -> int:
@@ -214,12 +263,13 @@ def cmd_train(args: Sequence[str]) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from harness.config import ConfigError, validate
+    from harness.config import ConfigError, check_train_fits, validate
     from harness.corpus import CorpusError, load_corpus
     from harness.training import ensure_trained
 
     try:
         spec = validate(compose(opts.overrides))
+        check_train_fits(spec.model, spec.train)  # `harness train` trains whatever model.weights says
         corpus = load_corpus(spec.corpus.path, spec.corpus.heldout_every)
     except (ConfigError, CorpusError) as exc:
         raise UsageError(str(exc)) from None

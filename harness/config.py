@@ -245,8 +245,9 @@ def _policy(p: dict[str, Any]) -> Policy:
     return policy
 
 
-def _fields(node: Any, name: str, cls: type) -> dict[str, Any]:
-    """Check a node's keys against a dataclass and return it as a dict."""
+def _fields(node: Any, name: str, cls: type, hidden: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Check a node's keys against a dataclass and return it as a dict. ``hidden`` fields pass this check but are
+    not listed as allowed (the caller refuses them with a message of its own)."""
     if node is None:
         return {}
     if not isinstance(node, dict):
@@ -254,7 +255,8 @@ def _fields(node: Any, name: str, cls: type) -> dict[str, Any]:
     known = set(cls.__dataclass_fields__)
     extra = sorted(set(node) - known)
     if extra:
-        raise ConfigError(f"{name}.{extra[0]}: unknown field; allowed: {', '.join(sorted(known))}")
+        allowed = sorted(known - set(hidden))
+        raise ConfigError(f"{name}.{extra[0]}: unknown field; allowed: {', '.join(allowed)}")
     return node
 
 
@@ -269,7 +271,7 @@ def _corpus(c: Any) -> CorpusSpec:
 
 
 def _train(t: Any, seed: int) -> TrainConfig:
-    t = _fields(t, "train", TrainConfig)
+    t = _fields(t, "train", TrainConfig, hidden=("seed",))  # set by the top-level seed, refused below
     if "seed" in t:
         raise ConfigError("train.seed: training uses the top-level seed; set seed=<int> instead")
     for key in ("steps", "batch_size", "seq_len"):
@@ -332,6 +334,19 @@ def _roofline(r: Any) -> RooflineSpec:
     return RooflineSpec(enabled=_bool(r.get("enabled", True), "roofline.enabled"), **peaks)
 
 
+def check_train_fits(model: ModelSpec, train: TrainConfig) -> None:
+    """Training windows of ``train.seq_len`` tokens must fit the model's context (its rotary table and mask).
+
+    validate() calls this when the weights are trained; `harness train` trains whatever model.weights says, so a
+    caller that trains regardless of the weights calls it directly."""
+    limit = model.args.max_seq_len
+    if train.seq_len > limit:
+        raise ConfigError(
+            f"train.seq_len: {train.seq_len} exceeds model.max_seq_len={limit} of model {model.name!r}; "
+            f"allowed: 1..{limit}"
+        )
+
+
 def to_container(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Plain dict of the job config (Hydra's own node excluded), interpolations resolved."""
     data: dict[str, Any] = {}
@@ -367,6 +382,8 @@ def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
         raise ConfigError(
             f"model.weights: 'trained' needs a byte vocabulary (vocab_size >= 256), got {model.args.vocab_size}"
         )
+    if model.weights == "trained":
+        check_train_fits(model, train)
     if quality.enabled:
         longest = max(quality.seq_len, quality.greedy_prompt_len + quality.greedy_len)
         if longest > model.args.max_seq_len:
@@ -376,6 +393,16 @@ def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
             )
     profile_steps = _int(data.get("profile_steps", 8), "profile_steps", 1)
     profile = ProfileSpec(enabled=_bool(data.get("profile", False), "profile"), steps=profile_steps)
+    if profile.enabled:
+        # harness/profiling.py sizes its caches to prompt_len + steps + 1 (it generates steps + 1 tokens)
+        size, limit = workload.prompt_len + profile.steps + 1, model.args.max_seq_len
+        if size > limit:
+            # prompt_len + gen_len <= limit and gen_len >= 2 (checked above) leave room for at least one step
+            raise ConfigError(
+                f"profile_steps: workload.prompt_len + profile_steps + 1 = {workload.prompt_len} + {profile.steps} "
+                f"+ 1 = {size} exceeds model.max_seq_len={limit} of model {model.name!r}; "
+                f"allowed: 1..{limit - workload.prompt_len - 1} with workload.prompt_len={workload.prompt_len}"
+            )
     return PointSpec(
         model, engine, workload, policy, device, dtype, seed, data, corpus, train, quality,
         _monitor(data.get("monitor")), _roofline(data.get("roofline")), profile,

@@ -2,7 +2,13 @@
 
 Each sweep is stored under an id that hashes the content of its records (so adding the same sweep twice, from
 wherever it was copied, changes nothing), with the git SHA of the measured code, its start time and its
-environment fingerprint. Every record is kept whole (compressed), raw samples included, beside its table row
+environment fingerprint. Each record is stored once: a later state of a stored sweep (resumed with
+``resume=true``, which rewrites its failed records and its ``sweep.json``) supersedes it, where the two share a
+record (the same measurement, from wherever it was copied) or the resumed one is added from the same directory;
+the points of the stored one that the new one holds again are replaced, its others are kept. A folder holding
+sweeps (``sweep.json`` below it, none of its own) is refused, naming the sweeps to add one by one.
+
+Every record is kept whole (compressed), raw samples included, beside its table row
 (``harness.records.flatten``). One transaction per sweep: a sweep is stored completely or not at all, and a
 missing, empty, corrupted or partial sweep directory is refused with a message naming it.
 """
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sqlite3
 import zlib
 from collections import Counter
@@ -23,6 +30,8 @@ import pandas as pd
 
 from harness.progress import SWEEP_META, missing_points, read_sweep_meta
 from harness.records import RecordError, find_records, flatten, read_record, table
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 DEFAULT_DB = Path("results") / "history.sqlite"
@@ -86,6 +95,8 @@ class Sweep:
     command: str | None
     report: Path | None
     records: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (path inside the sweep, record)
+    resumed: bool = False  # some record was measured with resume=true (in this directory's earlier sweep)
+    superseded: list[str] = field(default_factory=list)  # what `add` replaced, one line each
 
     @property
     def n_ok(self) -> int:
@@ -121,6 +132,15 @@ def read_sweep(directory: str | Path) -> Sweep:
         raise HistoryError(f"{d}: no such directory")
     if not d.is_dir():
         raise HistoryError(f"{d}: not a directory (give a sweep or run directory)")
+    if not (d / SWEEP_META).is_file():
+        nested = sorted(p.parent for p in d.rglob(SWEEP_META))
+        if nested:
+            more = f" (and {len(nested) - 10} more)" if len(nested) > 10 else ""
+            names = " ".join(str(p) for p in nested[:10]) + more
+            raise HistoryError(
+                f"{d}: holds {len(nested)} sweep(s) ({SWEEP_META} below it, none of its own), nothing stored: "
+                f"add each sweep directory on its own: harness history add {names}"
+            )
     paths = find_records(d)
     if not paths:
         raise HistoryError(f"{d}: empty: no record.json found (is this a sweep or run directory?)")
@@ -166,6 +186,7 @@ def read_sweep(directory: str | Path) -> Sweep:
         command=" ".join(map(str, command)) if isinstance(command, list) else command,
         report=report.resolve() if report.is_file() else None,
         records=records,
+        resumed=any((r.get("config") or {}).get("resume") is True for _, r in records),
     )
 
 
@@ -210,11 +231,73 @@ def _unpack(blob: bytes | None) -> Any:
     return json.loads(zlib.decompress(blob)) if blob else None
 
 
+def _later(a: str, b: str) -> bool:
+    """Whether ISO-8601 time ``a`` is strictly after ``b``."""
+    try:
+        return datetime.fromisoformat(a) > datetime.fromisoformat(b)
+    except (TypeError, ValueError):
+        return False
+
+
+def _superseded(conn: sqlite3.Connection, sweep: Sweep) -> tuple[dict[str, list[str]], str | None]:
+    """The stored points that ``sweep`` holds again, per stored sweep: those of the stored sweeps it is a later
+    state of (they share a record, or it was resumed in the directory they were added from) whose point it
+    holds. Second: the id of a stored sweep that ``sweep`` is an older state of (started later, holds all its
+    points), when there is one: then nothing is to be stored."""
+    keys = {r["point_key"] for _, r in sweep.records if r.get("point_key")}
+    hashes = {_content_hash(r) for _, r in sweep.records}
+    starts = {str(r.get("started_at")) for _, r in sweep.records}
+    related: set[str] = set()
+    if keys:  # a record in common: the same point key and start first (cheap), then the same content
+        marks = ",".join("?" * len(keys))
+        query = f"SELECT rowid, sweep_id, row FROM points WHERE point_key IN ({marks})"
+        candidates = [(i, sid) for i, sid, row in conn.execute(query, [*keys])
+                      if str(json.loads(row).get("started_at")) in starts]  # fmt: skip
+        for rowid, sid in candidates:
+            if sid not in related:
+                blob = conn.execute("SELECT record FROM points WHERE rowid = ?", (rowid,)).fetchone()[0]
+                if _content_hash(_unpack(blob)) in hashes:
+                    related.add(sid)
+    if sweep.resumed:
+        related |= {r[0] for r in conn.execute("SELECT id FROM sweeps WHERE source = ?", (str(sweep.source),))}
+    drop: dict[str, list[str]] = {}
+    for sid in sorted(related):
+        started = conn.execute("SELECT started_at FROM sweeps WHERE id = ?", (sid,)).fetchone()[0]
+        stored = conn.execute("SELECT path, point_key FROM points WHERE sweep_id = ?", (sid,)).fetchall()
+        if keys and _later(started, sweep.started_at) and keys <= {k for _, k in stored}:
+            return {}, sid
+        paths = [path for path, key in stored if key in keys]
+        if paths:
+            drop[sid] = paths
+    return drop, None
+
+
 def add(conn: sqlite3.Connection, sweep: Sweep) -> bool:
-    """Store ``sweep`` in one transaction; False when a sweep with its id is already stored (nothing changes)."""
+    """Store ``sweep`` in one transaction; False when a sweep with its id is already stored, or a later state of
+    it (nothing changes). Where it is a later state of stored sweeps, their points that it holds again are
+    replaced (a stored sweep left without points goes); ``sweep.superseded`` and the log say what went."""
     if conn.execute("SELECT 1 FROM sweeps WHERE id = ?", (sweep.id,)).fetchone():
         return False
+    drop, newer = _superseded(conn, sweep)
+    if newer is not None:
+        log.info("unchanged: sweep %s from %s is an earlier state of stored sweep %s", sweep.id, sweep.source, newer)
+        return False
+    notes = []
     with conn:
+        for sid, paths in drop.items():
+            n_points, source = conn.execute("SELECT n_points, source FROM sweeps WHERE id = ?", (sid,)).fetchone()
+            conn.executemany("DELETE FROM points WHERE sweep_id = ? AND path = ?", [(sid, p) for p in paths])
+            left = conn.execute("SELECT count(*), sum(status = 'ok') FROM points WHERE sweep_id = ?", (sid,)).fetchone()
+            if left[0]:
+                conn.execute("UPDATE sweeps SET n_points = ?, n_ok = ? WHERE id = ?", (left[0], left[1] or 0, sid))
+                notes.append(
+                    f"replaced: {len(paths)} of the {n_points} points of sweep {sid} (from {source}) "
+                    f"by sweep {sweep.id}, a later state of the same sweep; it keeps its other {left[0]}"
+                )
+            else:
+                conn.execute("DELETE FROM sweeps WHERE id = ?", (sid,))
+                notes.append(f"replaced: sweep {sid} (from {source}) by sweep {sweep.id}, a later state of the same "
+                             "sweep (resumed or re-measured): each record is stored once")  # fmt: skip
         conn.execute(
             "INSERT INTO sweeps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (sweep.id, sweep.git_sha, None if sweep.git_dirty is None else int(sweep.git_dirty), sweep.started_at,
@@ -230,6 +313,9 @@ def add(conn: sqlite3.Connection, sweep: Sweep) -> bool:
                 for rel, rec in sweep.records
             ],
         )  # fmt: skip
+    sweep.superseded = notes
+    for note in notes:
+        log.info("%s", note)
     return True
 
 

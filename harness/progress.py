@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.records import RECORD_NAME, RecordError, find_records, read_record, write_json_atomic
+from harness.records import RecordError, find_records, read_record, write_json_atomic
 
 SWEEP_META = "sweep.json"
 
@@ -37,24 +37,60 @@ def format_duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def progress(sweep_dir: Path | None, job: int | None) -> dict[str, Any]:
-    """Position of ``job`` in the sweep, records done, elapsed seconds and a linear ETA."""
+def _resumed(meta: dict[str, Any]) -> bool:
+    """Whether the sweep's command line (``sweep.json``) asked for ``resume=true``."""
+    words = [str(w).lstrip("+").lower() for w in meta.get("command") or []]
+    return any(w.startswith("resume=") and w.split("=", 1)[1] in ("true", "yes", "on", "1") for w in words)
+
+
+def progress(sweep_dir: Path | None, job: int | None, resume: bool | None = None) -> dict[str, Any]:
+    """Position of ``job`` in the sweep, records done, elapsed seconds and a linear ETA.
+
+    Only the records this run wrote (since the start time in ``sweep.json``) give the rate: a sweep resumed in
+    its directory (``resume``; None: read ``resume=true`` off its command line) finds the records of earlier
+    runs there, which took none of this run's time. Its earlier good records are points it will not run again;
+    its earlier failed ones (and good ones of points it no longer plans) it runs again. ``eta_s`` is None until
+    this run has measured a point."""
     if sweep_dir is None:
         return {"position": 1, "total": 1, "done": 0, "elapsed_s": 0.0, "eta_s": None}
     meta = read_sweep_meta(sweep_dir)
     total = meta.get("total")
-    done = sum(1 for _ in Path(sweep_dir).rglob(RECORD_NAME))
-    elapsed = time.time() - meta["started_unix"] if "started_unix" in meta else None
+    started = meta.get("started_unix")
+    resume = _resumed(meta) if resume is None else resume
+    planned = set(meta.get("point_keys") or [])
+    fresh = kept = 0
+    for path in find_records(sweep_dir) if Path(sweep_dir).is_dir() else []:
+        try:
+            new = started is None or path.stat().st_mtime >= started
+        except OSError:
+            continue
+        if new:
+            fresh += 1
+        elif resume:
+            key = _ok_key(path)
+            kept += key is not None and (not planned or key in planned)
+    done = fresh + kept
+    elapsed = time.time() - started if started is not None else None
     eta = None
-    if total and done and elapsed is not None:
-        eta = elapsed / done * max(total - done, 0)
+    if total and fresh and elapsed is not None:
+        eta = elapsed / fresh * max(total - done, 0)
     return {
         "position": (job or 0) + 1,
         "total": total,
         "done": done,
+        "measured": fresh,
         "elapsed_s": elapsed,
         "eta_s": eta,
     }
+
+
+def _ok_key(path: Path) -> str | None:
+    """The point key of a good record at ``path`` (a point resume will not run again), else None."""
+    try:
+        rec = read_record(path)
+    except RecordError:
+        return None
+    return str(rec.get("point_key") or "") if rec.get("status") == "ok" else None
 
 
 def progress_text(p: dict[str, Any]) -> str:

@@ -1,12 +1,15 @@
-"""The console script's commands other than run: help, env, unknown commands."""
+"""The console script: help, env, unknown commands; `run`'s Hydra flags and its sweep progress line."""
 
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import torch
 
 from harness.cli import COMMANDS, main
+from harness.progress import progress, progress_text, write_sweep_meta
 
 
 def test_help_and_unknown_command(capsys):
@@ -52,3 +55,38 @@ def test_env_json_is_the_record_fingerprint(capsys):
 def test_env_bad_device(capsys):
     assert main(["env", "--device", "gpu7"]) == 2
     assert "device: 'gpu7' is not a device" in capsys.readouterr().err
+
+
+def test_run_hydra_flags_that_exclude_each_other_are_one_line_exit_2(run_harness, capsys):
+    assert run_harness("run", "-m", "engine=eager", "--cfg", "job") == 2
+    io = capsys.readouterr()
+    assert io.err.count("\n") == 1 and "Traceback" not in io.err and not io.out, io.err
+    assert io.err.startswith("harness run: error: -m/--multirun and --cfg job: only one of --run, -m/--multirun, --cfg")
+    assert run_harness("run", "--resolve") == 2
+    assert capsys.readouterr().err.strip() == (
+        "harness run: error: --resolve: only allowed with --cfg or --help (e.g. `harness run --cfg job --resolve`)"
+    )
+    assert run_harness("run", "--cfg", "job", "workload.batch_size=3") == 0  # every Hydra flag still works
+    assert "batch_size: 3" in capsys.readouterr().out
+
+
+def test_progress_of_a_resumed_sweep_rates_only_what_this_run_measured(tmp_path, synthetic_point):
+    """Resumed (resume=true): job 0's good record and the failed ones of jobs 1 and 2 are from an earlier run;
+    this run, started a minute ago, has measured job 1 again."""
+    recs = [synthetic_point(tmp_path / "0", ttft=[5.0] * 3, tpot=[1.0] * 3, batch_size=1)]
+    recs += [synthetic_point(tmp_path / str(j), batch_size=j + 1, status="failed", error="boom") for j in (1, 2)]
+    now = time.time()
+    for j in range(3):
+        os.utime(tmp_path / str(j) / "record.json", (now - 3600, now - 3600))
+    meta = {"total": 3, "started_unix": now - 60, "point_keys": [r["point_key"] for r in recs]}
+    write_sweep_meta(tmp_path, {**meta, "command": ["harness", "run", "-m", "resume=true"]})
+    first = progress(tmp_path, 0)
+    text = progress_text(first)
+    assert first["eta_s"] is None and text.startswith("[1/3] elapsed 1:0") and text.endswith(", ETA ?")  # none yet
+
+    synthetic_point(tmp_path / "1", ttft=[5.0] * 3, tpot=[1.0] * 3, batch_size=2)  # written by this run
+    p = progress(tmp_path, 2)
+    assert p["measured"] == 1 and p["done"] == 2  # job 0 is not run again, job 2 is
+    assert 55 < p["eta_s"] < 70 and progress_text(p).startswith("[3/3] elapsed 1:00, ETA 1:0")  # 1 point at 60 s
+    write_sweep_meta(tmp_path, {**meta, "command": ["harness", "run", "-m"]})  # not resumed: all 3 run again
+    assert 110 < progress(tmp_path, 2)["eta_s"] < 130

@@ -146,3 +146,47 @@ def test_every_point_of_every_sweep_preset_is_valid(compose_cfg, preset):
         point = [f"{k}={v}" for k, v in zip(params, values, strict=True)]
         spec = validate(compose_cfg(f"+sweep={preset}", *cpu, *point))
         assert spec.engine.name in {v.split("/")[0] for v in params.get("engine", [spec.engine.name])}
+
+
+def test_train_seq_len_must_fit_the_trained_models_context(compose_cfg):
+    with pytest.raises(
+        ConfigError,
+        match=r"^train\.seq_len: 2000 exceeds model\.max_seq_len=1024 of model 'tiny'; "
+        r"allowed: 1\.\.1024$",
+    ) as info:
+        validate(compose_cfg("train.seq_len=2000"))
+    assert "\n" not in str(info.value)
+    assert validate(compose_cfg("train.seq_len=1024")).train.seq_len == 1024
+    # random weights never train: train.seq_len does not matter there
+    assert validate(compose_cfg("model.weights=random", "train.seq_len=2000")).train.seq_len == 2000
+
+
+def test_harness_train_refuses_a_seq_len_beyond_the_context_before_any_work(run_harness, capsys, tmp_path):
+    code = run_harness("train", "model=tiny", "train.seq_len=2000", f"cache_dir={tmp_path}/cache")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("harness train: error: train.seq_len: 2000 exceeds"), err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_profile_cache_must_fit_the_context(compose_cfg):
+    small = ["model.weights=random", "quality.enabled=false", "model.max_seq_len=32", "workload.prompt_len=28",
+             "workload.gen_len=2"]  # fmt: skip
+    message = (
+        r"^profile_steps: workload\.prompt_len \+ profile_steps \+ 1 = 28 \+ 8 \+ 1 = 37 exceeds "
+        r"model\.max_seq_len=32 of model 'tiny'; allowed: 1\.\.3 with workload\.prompt_len=28$"
+    )
+    with pytest.raises(ConfigError, match=message) as info:
+        validate(compose_cfg(*small, "profile=true"))
+    assert "\n" not in str(info.value)
+    assert validate(compose_cfg(*small, "profile=true", "profile_steps=3")).profile.steps == 3
+    assert not validate(compose_cfg(*small)).profile.enabled  # without profiling the workload alone must fit
+
+
+def test_unknown_train_field_does_not_list_seed(compose_cfg):
+    with pytest.raises(ConfigError, match=r"^train\.foo: unknown field; allowed: ") as info:
+        validate(compose_cfg("+train.foo=1"))
+    allowed = str(info.value).split("allowed: ", 1)[1].split(", ")
+    assert "seed" not in allowed and "seq_len" in allowed and "steps" in allowed
+    with pytest.raises(ConfigError, match=r"^train\.seed: training uses the top-level seed; set seed=<int> instead$"):
+        validate(compose_cfg("+train.seed=1"))

@@ -203,3 +203,88 @@ def test_gate_verdicts_are_stored(tmp_path, synthetic_point, run_harness, capsys
     bad.write_text("[1, 2]")
     assert run_harness("history", "add", "--gate", str(bad), "--db", str(db)) == 2
     assert "not the JSON of `harness compare --json`" in capsys.readouterr().err
+
+
+def _resumable(d, synthetic_point, started="2026-11-23T12:00:00+00:00"):
+    """A sweep of two points, batch 1 measured ok and batch 2 failed, with its sweep.json (plan and start)."""
+    ok = synthetic_point(d / "0", ttft=[5.0, 5.1, 5.2], tpot=[1.0, 1.1, 1.2], batch_size=1)
+    failed = synthetic_point(d / "1", batch_size=2, status="failed", error="boom")
+    keys = [ok["point_key"], failed["point_key"]]
+    write_sweep_meta(d, {"started_at": started, "points": [["b=1"], ["b=2"]], "point_keys": keys, "total": 2})
+    return keys
+
+
+def _resume(d, synthetic_point, started="2026-11-24T08:00:00+00:00"):
+    """What `resume=true` does to it: the failed record rewritten as measured, sweep.json's start rewritten."""
+    synthetic_point(d / "1", ttft=[6.0, 6.1, 6.2], tpot=[2.0, 2.1, 2.2], batch_size=2)
+    meta = json.loads((d / "sweep.json").read_text())
+    write_sweep_meta(d, {**meta, "started_at": started})
+
+
+def test_a_resumed_sweep_replaces_its_earlier_state_each_record_stored_once(
+    tmp_path, synthetic_point, run_harness, capsys
+):
+    sweep, db = tmp_path / "sweep", tmp_path / "h.sqlite"
+    keys = _resumable(sweep, synthetic_point)
+    before = shutil.copytree(sweep, tmp_path / "before-resume")
+    assert run_harness("history", "add", str(sweep), "--db", str(db)) == 0
+    old_id = _read(db)[0].id[0]
+    capsys.readouterr()
+
+    _resume(sweep, synthetic_point)
+    assert run_harness("history", "add", str(sweep), "--db", str(db)) == 0
+    out = capsys.readouterr().out
+    assert f"replaced: sweep {old_id} (from {sweep.resolve()})" in out and "each record is stored once" in out, out
+    assert "added: sweep " in out and "2/2 ok points" in out
+    assert _counts(db) == (1, 2, 0)
+    sweeps, points = _read(db)
+    assert sweeps.id[0] != old_id and sweeps.started_at[0] == "2026-11-24T08:00:00+00:00"
+    assert sorted(points.point_key) == sorted(keys) and points.status.eq("ok").all()
+    data = history_frame(points)
+    assert len(data) == 2 and data.groupby("series").size().eq(1).all()  # the unchanged ok record shown once
+
+    # the resumed sweep again, and a copy of its earlier state (added after it): nothing changes
+    assert run_harness("history", "add", str(sweep), str(before), "--db", str(db)) == 0
+    assert capsys.readouterr().out.count("unchanged (already stored)") == 2
+    assert _counts(db) == (1, 2, 0)
+
+
+def test_a_later_state_replaces_only_the_points_it_holds_again(tmp_path, synthetic_point, run_harness, capsys):
+    sweep, db = tmp_path / "sweep", tmp_path / "h.sqlite"
+    _resumable(sweep, synthetic_point)
+    synthetic_point(sweep / "2", ttft=[7.0] * 3, tpot=[3.0] * 3, batch_size=4)  # stored, then gone from the copy
+    assert run_harness("history", "add", str(sweep), "--db", str(db)) == 0
+    later = shutil.copytree(sweep, tmp_path / "later", ignore=shutil.ignore_patterns("2"))
+    _resume(later, synthetic_point)
+    capsys.readouterr()
+    assert run_harness("history", "add", str(later), "--db", str(db)) == 0
+    assert "replaced: 2 of the 3 points of sweep" in capsys.readouterr().out
+    sweeps, points = _read(db)
+    assert points.point_key.nunique() == len(points) == 3  # nothing dropped, nothing twice
+    assert sorted(sweeps.n_points) == [1, 2] and points.status.eq("ok").all()
+
+
+def test_a_directory_measured_again_from_scratch_is_a_new_sweep(tmp_path, synthetic_point, run_harness, capsys):
+    """A reused hydra.sweep.dir without resume: the same path, no record in common, both kept (nothing dropped)."""
+    sweep, db = tmp_path / "sweep", tmp_path / "h.sqlite"
+    _sweep(sweep, synthetic_point, seed=0)
+    assert run_harness("history", "add", str(sweep), "--db", str(db)) == 0
+    shutil.rmtree(sweep)
+    _sweep(sweep, synthetic_point, seed=0, scale=1.5)
+    assert run_harness("history", "add", str(sweep), "--db", str(db)) == 0
+    assert "replaced" not in capsys.readouterr().out
+    assert _counts(db) == (2, 4, 0)
+
+
+def test_a_folder_of_sweeps_is_refused_naming_them(tmp_path, synthetic_point, run_harness, capsys):
+    parent, db = tmp_path / "sweeps", tmp_path / "h.sqlite"
+    for i, name in enumerate(("a", "b")):
+        _sweep(parent / name, synthetic_point, seed=i)
+        write_sweep_meta(parent / name, {"started_at": f"2026-11-2{i + 3}T12:00:00+00:00"})
+    assert run_harness("history", "add", str(parent), "--db", str(db)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"harness history add: error: {parent}: holds 2 sweep(s)"), err
+    assert err.rstrip().endswith(f"on its own: harness history add {parent / 'a'} {parent / 'b'}")
+    assert not db.exists()
+    assert run_harness("history", "add", str(parent / "a"), str(parent / "b"), "--db", str(db)) == 0
+    assert _counts(db) == (2, 4, 0)

@@ -76,6 +76,8 @@ def _add(opts: argparse.Namespace) -> int:
         for s in ready:
             added = history.add(conn, s)
             what = "added" if added else "unchanged (already stored)"
+            for note in s.superseded:  # a later state of a stored sweep replaces it: each record stored once
+                print(note)
             print(f"{what}: sweep {s.id}, commit {(s.git_sha or 'none')[:10]}, {s.started_at[:19]}, "
                   f"{s.n_ok}/{len(s.records)} ok points, from {s.source}")  # fmt: skip
         for g in gates:
