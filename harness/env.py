@@ -1,8 +1,10 @@
 """Environment fingerprint: what hardware and software produced a measurement.
 
-The fingerprint ``id`` hashes only what changes performance (device, CPU model, thread count, whether weights sit
-on huge pages, driver and the numeric stack's versions), so two sweeps on the same machine and stack share it and
-the gate can tell comparable runs from incomparable ones; hostname, time and git SHA are recorded beside it.
+The fingerprint ``id`` hashes only what changes performance (device, CPU model and its identity beyond the model
+name: family, model, stepping, the vector/matrix ISA extensions, cache sizes and the kernels torch dispatches to;
+thread count, whether weights sit on huge pages, driver and the numeric stack's versions), so two sweeps on the same
+machine and stack share it and the gate can tell comparable runs from incomparable ones; hostname, time, git SHA and
+the CPU clock (it varies from reading to reading) are recorded beside it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,20 @@ from typing import Any
 import psutil
 import torch
 
+CPUINFO = Path("/proc/cpuinfo")
+CPU_CACHE_SYSFS = Path("/sys/devices/system/cpu/cpu0/cache")  # where lscpu reads cache sizes
+# ISA extensions that decide which kernels run (x86 `flags`, Arm `Features`): a VM's generic model name hides them
+CPU_FLAGS = (
+    "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+    "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "asimd", "asimdhp", "asimddp", "sve", "sve2",
+    "bf16", "i8mm", "sme",
+)  # fmt: skip
+# /proc/cpuinfo fields that name the core (x86; Arm) beyond its marketing name
+CPU_ID_FIELDS = {
+    "vendor_id": "vendor", "cpu family": "family", "model": "model", "stepping": "stepping",
+    "CPU implementer": "implementer", "CPU architecture": "architecture", "CPU variant": "variant",
+    "CPU part": "part", "CPU revision": "revision",
+}  # fmt: skip
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
 THP_SYSFS = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 PACKAGES = ("torch", "triton", "numpy", "hydra-core", "omegaconf", "pandas", "scipy", "torchao", "nvidia-ml-py")
@@ -46,6 +62,89 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _first_processor(cpuinfo: Path) -> dict[str, str]:
+    """The fields of the first processor block of ``cpuinfo`` (empty where the file is missing or unreadable)."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields.get("processor") is not None and len(fields) > 1:
+                break  # the first block is complete (Arm lists shared fields after the blocks: keep reading there)
+            continue
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _size_kb(text: str) -> int | None:
+    """``48K``, ``2048K``, ``32M``, ``307200 KB`` as KiB; None when unreadable."""
+    text = text.strip().upper().removesuffix("B").strip()
+    scale = {"K": 1, "M": 1024, "G": 1024 * 1024}.get(text[-1:], None)
+    number = text[:-1] if scale else text
+    try:
+        return int(float(number) * (scale or 1 / 1024))
+    except ValueError:
+        return None
+
+
+def _cache_kb(cache_dir: Path, cpuinfo_size: str | None) -> dict[str, int]:
+    """Cache sizes of the first core in KiB (``l1d``, ``l1i``, ``l2``, ``l3``), from sysfs as lscpu reads them;
+    without sysfs, /proc/cpuinfo's ``cache size`` (the last level on Intel, L2 on AMD: kept under its own name)."""
+    out: dict[str, int] = {}
+    try:
+        indexes = sorted(cache_dir.glob("index*"))
+    except OSError:
+        indexes = []
+    for index in indexes:
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = _size_kb((index / "size").read_text())
+        except OSError:
+            continue
+        suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
+        if size is not None:
+            out[f"l{level}{suffix}"] = size
+    if not out and cpuinfo_size:
+        size = _size_kb(cpuinfo_size)
+        if size is not None:
+            out["cpuinfo_cache_size"] = size
+    return out
+
+
+@functools.cache
+def cpu_info(cpuinfo: Path = CPUINFO, cache_dir: Path = CPU_CACHE_SYSFS) -> dict[str, Any]:
+    """What tells two CPUs with one model name apart (``Intel(R) Xeon(R) Processor`` on most VMs): vendor, family,
+    model and stepping (Arm: implementer, part, variant, revision), the speed-relevant ISA extensions it reports,
+    its cache sizes, and the kernel level torch dispatches to. Fields that cannot be read are left out."""
+    fields = _first_processor(cpuinfo)
+    info: dict[str, Any] = {name: fields[key] for key, name in CPU_ID_FIELDS.items() if key in fields}
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    info["isa"] = [f for f in CPU_FLAGS if f in flags]
+    info["cache_kb"] = _cache_kb(cache_dir, fields.get("cache size"))
+    try:
+        info["torch_capability"] = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        pass
+    return info
+
+
+def cpu_freq_mhz() -> dict[str, float | None] | None:
+    """The CPU clock as psutil reads it (current, min, max; 0 becomes None, as VMs report), None where unreadable.
+    Recorded, never hashed into the id: it changes from one reading to the next."""
+    try:
+        freq = psutil.cpu_freq()
+    except (OSError, RuntimeError, NotImplementedError, AttributeError):
+        return None
+    if freq is None:
+        return None
+    return {k: (float(v) if v else None) for k, v in (("current", freq.current), ("min", freq.min), ("max", freq.max))}
 
 
 def enable_huge_pages() -> None:
@@ -141,6 +240,8 @@ def fingerprint(device: torch.device) -> dict[str, Any]:
         "device_type": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "cpu_model": cpu_model(),
+        "cpu": cpu_info(),
+        "cpu_freq_mhz": cpu_freq_mhz(),
         "cpu_count_logical": psutil.cpu_count(logical=True),
         "cpu_count_physical": psutil.cpu_count(logical=False),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -161,7 +262,7 @@ def fingerprint(device: torch.device) -> dict[str, Any]:
 
 
 def fingerprint_id(fp: dict[str, Any]) -> str:
-    """Hash of what makes timings comparable (not hostname, time or git SHA)."""
+    """Hash of what makes timings comparable (not hostname, time, git SHA or the CPU clock)."""
     v = fp.get("versions", {})
     key = {
         "device": [fp.get("device_type"), fp.get("device_name")],
@@ -169,6 +270,8 @@ def fingerprint_id(fp: dict[str, Any]) -> str:
         "stack": [v.get("torch"), v.get("triton"), v.get("torchao"), fp.get("torch_config", {}).get("cuda")],
         "driver": fp.get("cuda", {}).get("driver"),
     }
+    if fp.get("cpu"):  # family, model, stepping, ISA, caches: absent from records before it, whose ids hold
+        key["cpu_id"] = fp["cpu"]
     if (fp.get("huge_pages") or {}).get("in_use"):  # only when on: ids of records from before this field hold
         key["huge_pages"] = True
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]

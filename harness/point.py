@@ -14,7 +14,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,10 @@ from torch import nn
 
 from engines.base import PrepareContext, engine_info, weight_bytes
 from engines.generate import cache_rows, generate, setup_caches
+from engines.train import resolve_precision
 from harness import fidelity, reference
 from harness.config import PointSpec
-from harness.corpus import Corpus, load_corpus, windows
+from harness.corpus import Corpus, CorpusError, load_corpus, windows
 from harness.env import fingerprint
 from harness.isolation import PointTimeout, deadline
 from harness.memory import PeakMemory, current_rss_mb
@@ -37,14 +38,19 @@ from harness.records import point_key, write_record
 from harness.roofline import device_peaks, roofline
 from harness.stats import summarize
 from harness.timing import Repetitions, make_clock, repeat
+from harness.training import checkpoint_key
 
 log = logging.getLogger(__name__)
 
 
 def identity(spec: PointSpec) -> dict[str, Any]:
-    """What the point measures; its hash is the point key that matches points across sweeps."""
+    """What the point measures; its hash is the point key that matches points across sweeps.
+
+    Trained weights add ``training`` (what made them: ``training_identity``); random-weight points have none, so
+    their keys are those of older records. How the point is measured (``measure`` policy, monitor, profiling) and
+    ``note`` stay out: the same point measured differently keeps its key."""
     w = spec.workload
-    return {
+    ident = {
         "engine": spec.engine.name,
         "variant": spec.engine.variant(),
         "engine_params": spec.engine.param_dict(),
@@ -61,6 +67,25 @@ def identity(spec: PointSpec) -> dict[str, Any]:
         "dtype": spec.dtype_name,
         "seed": spec.seed,
         **({"threads": spec.threads} if spec.threads else {}),  # absent for auto: keys of older points hold
+    }
+    if spec.model.weights == "trained":
+        ident["training"] = training_identity(spec)
+    return ident
+
+
+def training_identity(spec: PointSpec) -> dict[str, Any]:
+    """What trained weights are made of: the corpus (its sha256), the training config as resolved on this device
+    (``precision=auto`` becomes fp32 or bf16), and the checkpoint cache's key over them
+    (``harness.training.checkpoint_key``): two points share it exactly when they load the same checkpoint."""
+    train = replace(spec.train, precision=resolve_precision(spec.train.precision, spec.device))
+    try:
+        corpus = load_corpus(spec.corpus.path, spec.corpus.heldout_every)
+    except CorpusError as exc:  # the point fails on it when it loads the corpus; its key still names the inputs
+        return {"corpus": {"path": spec.corpus.path, "error": str(exc)}, "train": asdict(train)}
+    return {
+        "corpus_sha256": corpus.sha256,
+        "train": asdict(train),
+        "checkpoint_key": checkpoint_key(spec.model.args, corpus, train, spec.seed, spec.device.type),
     }
 
 
@@ -251,10 +276,23 @@ def finish(
         )  # fmt: skip
         metrics["mbu"], metrics["mfu"] = roof["decode"]["mbu"], roof["prefill"]["mfu"]
     if spec.profile.enabled:
-        record["profile"] = profile_decode(
-            prepared, _prompt(spec, 10**6, point.heldout), w.decoding, w.num_beams, point.rows, spec.profile.steps,
-            point.out_dir, spec.device,
+        record["profile"] = _profile(point)
+
+
+def _profile(point: TimedPoint) -> dict[str, Any]:
+    """The record's profile section. Profiling runs after the timed window, so a failure there (a cache too large
+    for the model's context, the profiler itself) is the section's ``error`` and the point's timings stand."""
+    spec, w = point.spec, point.spec.workload
+    try:
+        return profile_decode(
+            point.prepared, _prompt(spec, 10**6, point.heldout), w.decoding, w.num_beams, point.rows,
+            spec.profile.steps, point.out_dir, spec.device,
         )  # fmt: skip
+    except Exception as exc:  # not PointTimeout (a BaseException): the point's deadline still ends it
+        if torch.autograd._profiler_enabled():  # failed between the profiler's start and stop: never leave it on
+            torch.autograd._disable_profiler()
+        log.warning("profiling failed, the timings stand: %s", _one_line(exc))
+        return {"error": _one_line(exc), "steps": spec.profile.steps, "traceback": traceback.format_exc()}
 
 
 OOM_MESSAGES = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")

@@ -10,7 +10,7 @@ from harness.report.data import BASELINE, NO_GAIN_BAND, prepare
 
 COLUMNS = {
     "variant": "variant",
-    "scenario": "model",  # the model, plus any workload field or thread count that varies in the sweep
+    "scenario": "model",  # the model, plus its weights, seed or shape, any workload field or thread count that varies
     "batch_size": "batch",
     "ttft_ms_p50": "TTFT p50 ms",
     "tpot_ms_p50": "TPOT p50 ms",
@@ -41,8 +41,10 @@ def _fmt(value: object) -> str:
 def summary_table(df: pd.DataFrame) -> str:
     """One line per point, sorted by model, variant and batch; failed points show their error.
 
-    ``TPOT x eager`` is eager's TPOT p50 over the point's on the same workload, device and dtype (above 1:
-    faster), measured in the same sweep; it is left blank where the timing is not representative. ``vs eager``
+    ``TPOT x eager`` is eager's TPOT p50 over the point's on the same model weights (kind, seed, shape), workload,
+    device and dtype (above 1: faster), measured in the same environment; it is left blank where the timing is not
+    representative. Points that differ in what their label would not name otherwise (weights, seed, shape of one
+    model) get it in the ``scenario`` column. ``vs eager``
     is its verdict: faster, slower, no gain (within 5%) or uncertain (the CI contains 1). ``bytes x eager`` is
     eager's decode bytes per step over the point's: the speedup a decode bound by memory traffic alone would
     reach (shown when a sweep has a point beside eager).

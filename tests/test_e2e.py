@@ -178,3 +178,27 @@ def test_peak_memory_is_the_engines_own(run_harness, tmp_path):
     assert dropped_mb > 100
     saved_mb = df.loc["eager", "peak_memory_mb"] - df.loc["distilled", "peak_memory_mb"]
     assert 0.85 * dropped_mb < saved_mb < 1.15 * dropped_mb
+
+
+def test_a_profiling_failure_keeps_the_points_timings(run_harness, tmp_path, monkeypatch):
+    """Profiling runs after the timed window: when it fails (here inside the profiled steps, the profiler
+    running), the point stays ok with its timings, the profile section says why, and the profiler is off again."""
+    import torch
+
+    import harness.profiling
+
+    def failing_generate(model, prompt, n, decoding, num_beams, clock):
+        clock.start()
+        clock.mark()  # prefill done: the profiler starts
+        raise RuntimeError("cache too small for profiling")
+
+    monkeypatch.setattr(harness.profiling, "generate", failing_generate)
+    args = ("model=tiny", "model.weights=random", "quality.enabled=false", "profile=true", "profile_steps=2", *QUICK)
+    assert run_harness("run", *args, f"hydra.run.dir={tmp_path}") == 0
+    rec = json.loads((tmp_path / RECORD_NAME).read_text())
+    assert rec["status"] == "ok" and rec["error"] is None
+    assert rec["profile"]["error"] == "RuntimeError: cache too small for profiling" and rec["profile"]["steps"] == 2
+    assert "breakdown_ms" not in rec["profile"] and len(rec["samples"]["tpot_ms"]) == rec["timing"]["reps"] > 0
+    assert rec["metrics"]["decode_tokens_per_s"] > 0 and not torch.autograd._profiler_enabled()
+    row = load(tmp_path).iloc[0]
+    assert row.status == "ok" and np.isfinite(row.tpot_ms_p50)

@@ -110,3 +110,78 @@ def test_git_state_is_the_measured_checkouts_and_falls_back_to_the_harness_check
     # and where neither the cwd nor the harness is a checkout, every field is None (no crash, no guess)
     monkeypatch.setattr(harness.env, "__file__", str(outside / "env.py"))
     assert git_state() == {"sha": None, "dirty": None, "repo": None}
+
+
+SPR_FLAGS = "avx512f avx512_bf16 amx_bf16 amx_tile"
+XEON = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: {model}
+model name\t: Intel(R) Xeon(R) Processor
+stepping\t: {stepping}
+cache size\t: 307200 KB
+flags\t\t: fpu sse sse2 avx avx2 fma {extra}
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+model\t\t: 1
+"""
+
+
+def _cpu(tmp_path: Path, name: str, cache: dict[str, tuple[str, str, str]] | None = None, **fields) -> dict:
+    """``cpu_info`` of a machine whose /proc/cpuinfo reads ``XEON`` with ``fields`` and whose sysfs cache folder
+    holds ``cache`` (index: level, type, size)."""
+    root = tmp_path / name
+    (root / "cache").mkdir(parents=True)
+    (root / "cpuinfo").write_text(XEON.format(**{"model": 143, "stepping": 8, "extra": "", **fields}))
+    for index, (level, kind, size) in (cache or {}).items():
+        (root / "cache" / index).mkdir()
+        for file, value in (("level", level), ("type", kind), ("size", size)):
+            (root / "cache" / index / file).write_text(value + "\n")
+    return harness.env.cpu_info(root / "cpuinfo", root / "cache")
+
+
+def test_two_vms_with_one_cpu_model_name_get_different_fingerprints(tmp_path):
+    """`Intel(R) Xeon(R) Processor` names a Sapphire Rapids and an Ice Lake VM alike: family, model, stepping, the
+    ISA extensions and the cache sizes tell them apart, in the record and in its id; the clock is recorded only."""
+    l3 = {"index0": ("1", "Data", "48K"), "index2": ("2", "Unified", "2048K"), "index3": ("3", "Unified", "105M")}
+    spr = _cpu(tmp_path, "spr", l3, model=143, stepping=8, extra=SPR_FLAGS)
+    assert {k: spr[k] for k in ("vendor", "family", "model", "stepping")} == {
+        "vendor": "GenuineIntel", "family": "6", "model": "143", "stepping": "8",
+    }  # fmt: skip
+    assert spr["isa"] == ["avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]
+    assert spr["cache_kb"] == {"l1d": 48, "l2": 2048, "l3": 105 * 1024}
+    icx = _cpu(tmp_path, "icx", {**l3, "index3": ("3", "Unified", "48M")}, model=106, stepping=6, extra="avx512f")
+    same_isa = _cpu(tmp_path, "spr-l3", {**l3, "index3": ("3", "Unified", "60M")}, extra=SPR_FLAGS)
+    assert same_isa["isa"] == spr["isa"]
+
+    fp = fingerprint(torch.device("cpu"))
+    assert fp["cpu"] == harness.env.cpu_info() and "isa" in fp["cpu"] and "cache_kb" in fp["cpu"]
+    assert fp["cpu_model"] == harness.env.cpu_model()  # the name stays beside the details
+    ids = {fingerprint_id({**fp, "cpu": cpu}) for cpu in (spr, icx, same_isa)}
+    assert len(ids) == 3  # model/stepping/ISA, or the last-level cache alone, make another environment
+    assert fingerprint_id({**fp, "cpu": dict(spr)}) == fingerprint_id({**fp, "cpu": spr})
+    # the clock is recorded where psutil reads it, and never changes the id
+    freq = fp["cpu_freq_mhz"]
+    assert freq is None or set(freq) == {"current", "min", "max"}
+    assert fingerprint_id({**fp, "cpu_freq_mhz": {"current": 1.0, "min": None, "max": None}}) == fp["id"]
+    older = {k: v for k, v in fp.items() if k != "cpu"}  # a record from before the field: its id holds
+    assert fingerprint_id(older) != fp["id"] and fingerprint_id(older) == fingerprint_id({**older, "cpu": {}})
+
+
+def test_cpu_details_without_proc_cpuinfo_or_sysfs(tmp_path, monkeypatch):
+    """No /proc/cpuinfo (macOS, some containers), no sysfs, no readable clock: the fingerprint still forms."""
+    bare = harness.env.cpu_info(tmp_path / "no-cpuinfo", tmp_path / "no-cache")
+    assert bare["isa"] == [] and bare["cache_kb"] == {} and "model" not in bare
+    (tmp_path / "cpuinfo").write_text(XEON.format(model=85, stepping=7, extra=""))
+    only_cpuinfo = harness.env.cpu_info(tmp_path / "cpuinfo", tmp_path / "no-cache")
+    assert only_cpuinfo["cache_kb"] == {"cpuinfo_cache_size": 307200} and only_cpuinfo["model"] == "85"
+
+    def unreadable():
+        raise OSError("no clock here")
+
+    monkeypatch.setattr(harness.env.psutil, "cpu_freq", unreadable)
+    assert harness.env.cpu_freq_mhz() is None
+    monkeypatch.setattr(harness.env, "cpu_info", lambda: bare)
+    fp = fingerprint(torch.device("cpu"))
+    assert fp["cpu"] == bare and fp["cpu_freq_mhz"] is None and len(fp["id"]) == 12

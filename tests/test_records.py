@@ -167,3 +167,68 @@ def test_load_accepts_files_lists_and_rejects_missing_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     empty = load(tmp_path / "empty")
     assert len(empty) == 0 and "tpot_ms_p50" in empty.columns and "status" in empty.columns
+
+
+def test_atomic_write_goes_through_symlinks_and_into_non_regular_files(tmp_path):
+    """A symlinked output keeps its link (its target is replaced); a FIFO or /dev/stdout is written through,
+    never renamed over."""
+    import os
+    import threading
+
+    from harness.records import write_bytes_atomic
+
+    target = tmp_path / "real.md"
+    target.write_text("old")
+    link = tmp_path / "link.md"
+    link.symlink_to(target)
+    write_bytes_atomic(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    write_bytes_atomic(fifo, "through")
+    reader.join(10)
+    assert got == [b"through"] and fifo.is_fifo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.md", "pipe", "real.md"]  # no temp files left
+
+
+def test_point_key_of_trained_weights_follows_what_made_them(compose_cfg, tmp_path):
+    """Trained weights from other training steps or another corpus are other points (their checkpoints and ppl
+    differ); the measure policy and a note are not; random-weight points keep the keys they had."""
+    from dataclasses import replace
+
+    from engines.train import resolve_precision
+    from harness.config import validate
+    from harness.corpus import load_corpus
+    from harness.point import identity
+    from harness.training import checkpoint_key
+
+    def key(*overrides):
+        spec = validate(compose_cfg("model=tiny", *overrides))
+        return point_key(identity(spec)), identity(spec), spec
+
+    one, ident, spec = key("model.weights=trained", "train.steps=1")
+    three, _, _ = key("model.weights=trained", "train.steps=3")
+    assert one != three
+    assert key("model.weights=trained", "train.steps=1", "measure=quick", "+note=again")[0] == one
+    text = tmp_path / "corpus.txt"
+    text.write_bytes(b"another corpus, other weights. " * 4000)
+    assert key("model.weights=trained", "train.steps=1", f"corpus.path={text}")[0] != one
+    # the checkpoint's own cache key, over the training config as resolved on this device
+    train = replace(spec.train, precision=resolve_precision(spec.train.precision, spec.device))
+    corpus = load_corpus()
+    assert ident["training"] == {
+        "corpus_sha256": corpus.sha256,
+        "train": {**spec.train.__dict__, "precision": train.precision},
+        "checkpoint_key": checkpoint_key(spec.model.args, corpus, train, spec.seed, "cpu"),
+    }
+    assert train.precision in ("fp32", "bf16")
+    # random weights: no training in the identity, whatever train.* says (their keys are those of older records)
+    rand, rand_ident, _ = key("model.weights=random", "train.steps=1")
+    assert "training" not in rand_ident and key("model.weights=random", "train.steps=3")[0] == rand
+    assert set(rand_ident) == {"engine", "variant", "engine_params", "model", "weights", "model_args", "n_params",
+                               "batch_size", "prompt_len", "gen_len", "decoding", "num_beams", "device", "dtype",
+                               "seed"}  # fmt: skip

@@ -153,6 +153,57 @@ def test_a_fingerprint_that_follows_the_thread_count_adds_no_env_tag(tmp_path):
     assert np.allclose(df[df.variant != "eager"].speedup_tpot, 2.0)
 
 
+def _as(record, slower=1.0, **identity):
+    """``record`` with other identity fields (weights, seed, shape), ``slower`` times slower."""
+    from harness.records import point_key
+
+    record["identity"].update(identity)
+    record["point_key"] = point_key(record["identity"])
+    return _on_machine(record, record["env"]["id"], slower=slower)
+
+
+@pytest.mark.parametrize(
+    ("field", "values", "tags"),
+    [
+        ("weights", ("random", "trained"), ("random weights", "trained weights")),
+        ("seed", (0, 1), ("seed 0", "seed 1")),
+        ("n_params", (3_016_960, 12_000_000), ("3.02M params", "12M params")),
+    ],
+)
+def test_speedups_and_labels_tell_weights_seeds_and_shapes_of_one_model_apart(tmp_path, field, values, tags):
+    """`model=tiny model.weights=random,trained` (or two seeds, two shapes of tiny): each variant is compared with
+    the eager of its own weights, not with a median of both eagers, and the labels say which is which."""
+    from harness.summary import summary_table as terminal_summary
+
+    for job, (value, slower) in enumerate(zip(values, (1.0, 3.0), strict=True)):
+        for variant in ("eager", "quantized(scheme=int8)"):
+            record = _as(make_record(variant, "tiny", 1, job), slower, **{field: value})
+            write_record(tmp_path / f"{job}-{variant[:5]}", record)
+    df = prepare(load(tmp_path))
+    assert set(df.scenario) == {f"tiny · {tag}" for tag in tags} and df.label.nunique() == 4
+    eager = df[df.variant == "eager"]
+    assert (eager.speedup_tpot == 1.0).all() and eager.tpot_ms_p50.max() > 2.5 * eager.tpot_ms_p50.min()
+    assert np.allclose(df[df.variant != "eager"].speedup_tpot, 2.0)  # 2x its own eager (pooled: ~1 and ~4)
+    lines = terminal_summary(load(tmp_path)).splitlines()
+    assert lines[0].split()[:3] == ["variant", "scenario", "batch"]
+    for tag in tags:  # after the scenario: batch, TTFT, TPOT, tok/s, then TPOT x eager and TTFT x eager
+        eager = next(x for x in lines if x.split()[0] == "eager" and f" {tag} " in x).split(tag)[1].split()
+        quant = next(x for x in lines if x.split()[0] == "quantized(scheme=int8)" and f" {tag} " in x)
+        assert eager[4:6] == ["1", "1"] and quant.split(tag)[1].split()[4:6] == ["2", "2"]
+
+
+def test_models_with_their_own_weights_and_shapes_add_no_tags(tmp_path):
+    """The demo's trained tiny beside a random larger shape: the model names them, labels stay as they were."""
+    from harness.summary import summary_table as terminal_summary
+
+    write_record(tmp_path / "0", _as(make_record("eager", "tiny", 1, 0), weights="trained", seed=0))
+    write_record(tmp_path / "1", _as(make_record("eager", "small", 1, 1), weights="random", seed=0))
+    write_record(tmp_path / "2", _as(make_record("quantized(scheme=int8)", "small", 1, 2), weights="random", seed=0))
+    df = prepare(load(tmp_path))
+    assert set(df.scenario) == {"tiny", "small"} and (df[df.variant == "eager"].speedup_tpot == 1.0).all()
+    assert terminal_summary(load(tmp_path)).splitlines()[0].split()[:3] == ["variant", "model", "batch"]
+
+
 def test_pareto_front():
     quality = np.array([1.0, 0.97, 0.90, 0.99, 0.97])
     speed = np.array([1.0, 2.0, 1.25, 1.5, 1.9])

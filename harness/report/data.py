@@ -13,10 +13,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-# A speedup compares a variant with eager on exactly the same workload, device and dtype, measured in the same
-# environment (fingerprint: machine and software stack): a report over several machines never pools their eagers.
+# A speedup compares a variant with eager on exactly the same model weights (kind, seed, shape), workload, device
+# and dtype, measured in the same environment (fingerprint: machine and software stack): a report over several
+# machines, seeds or weights never pools their eagers.
 ENV_KEY = "fingerprint"
-SCENARIO_KEYS = ["model", "prompt_len", "gen_len", "decoding", "num_beams", "device", "dtype", "threads", ENV_KEY]
+# what the model's weights are beyond its name; labels name them only where they vary within one model (a sweep
+# over models, each with its own shape and weights, names just the models)
+MODEL_KEYS = ["weights", "seed", "n_params"]
+WORKLOAD_KEYS = ["prompt_len", "gen_len", "decoding", "num_beams", "device", "dtype", "threads"]
+SCENARIO_KEYS = ["model", *MODEL_KEYS, *WORKLOAD_KEYS, ENV_KEY]
 ENV_TAG_LEN = 8  # "env 3fa2c91b": the fingerprint's first characters name an environment in labels
 SPEEDUP_KEYS = [*SCENARIO_KEYS, "batch_size"]
 BASELINE = "eager"
@@ -48,6 +53,12 @@ def _scenario_label(row: pd.Series, varying: list[str]) -> str:
             parts.append(f"{n} thread" if n == "1" else f"{n} threads")
         elif key == ENV_KEY:
             parts.append(env_tag(value))
+        elif key == "weights":
+            parts.append(f"{value} weights")
+        elif key == "seed":
+            parts.append(f"seed {_int(value)}")
+        elif key == "n_params":
+            parts.append(_params(value))
         else:
             parts.append(str(value))
     return " · ".join(parts)
@@ -55,6 +66,16 @@ def _scenario_label(row: pd.Series, varying: list[str]) -> str:
 
 def _int(value: Any) -> str:
     return str(int(value)) if isinstance(value, int | float) and math.isfinite(value) else str(value)
+
+
+def _params(n: Any) -> str:
+    """``3.02M params``: the model's shape in a label (two shapes of one model differ in their parameter count)."""
+    if not isinstance(n, int | float) or not math.isfinite(n):
+        return "? params"
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit} params"
+    return f"{int(n)} params"
 
 
 def env_tag(fingerprint: Any) -> str:
@@ -65,11 +86,19 @@ def env_tag(fingerprint: Any) -> str:
 
 
 def varying_keys(df: pd.DataFrame) -> list[str]:
-    """Scenario keys (other than the model) that take more than one value: only those go into labels. The
-    fingerprint counts only where two environments share a workload (several machines or stacks in one report),
-    not where it follows from another key (a thread count is part of the fingerprint)."""
+    """Scenario keys (other than the model) that take more than one value: only those go into labels. The model's
+    weights, seed and shape count only where they vary within one model (the demo's trained ``tiny`` beside a
+    random larger shape needs no tag). The fingerprint counts only where two environments share a workload
+    (several machines or stacks in one report), not where it follows from another key (a thread count is part of
+    the fingerprint)."""
     others = [k for k in SCENARIO_KEYS if k != ENV_KEY]
-    keys = [k for k in others[1:] if df[k].nunique(dropna=False) > 1]
+
+    def varies(key: str) -> bool:
+        if key in MODEL_KEYS:
+            return bool(len(df)) and df.groupby("model", dropna=False)[key].nunique(dropna=False).gt(1).any()
+        return df[key].nunique(dropna=False) > 1
+
+    keys = [k for k in others[1:] if varies(k)]
     if "num_beams" in keys and "decoding" not in keys:
         keys.insert(keys.index("num_beams"), "decoding")
     if len(df) and df.groupby(others, dropna=False)[ENV_KEY].nunique(dropna=False).gt(1).any():
@@ -80,12 +109,13 @@ def varying_keys(df: pd.DataFrame) -> list[str]:
 def prepare(df: pd.DataFrame, env_labels: bool = False) -> pd.DataFrame:
     """The table plus the columns every figure uses.
 
-    ``representative``; ``scenario`` (model and whatever workload fields vary; with ``env_labels``, as the report
-    asks, also an ``env …`` tag where environments share a workload, so that figures and rankings keep them apart;
-    the dashboard names environments in its own series labels); ``label`` (one point);
-    ``speedup_tpot`` / ``speedup_ttft`` (eager's p50 over the variant's, same scenario, environment fingerprint
-    and batch; NaN without an ok, representative eager point there; for a point timed in turns with eager, the
-    median of the per-round ratios instead, which drift of the machine does not bias); ``speedup_tpot_ci_low/high``
+    ``representative``; ``scenario`` (model and whatever of its weights, seed, shape or the workload fields vary;
+    with ``env_labels``, as the report asks, also an ``env …`` tag where environments share a workload, so that
+    figures and rankings keep them apart; the dashboard names environments in its own series labels); ``label``
+    (one point); ``speedup_tpot`` / ``speedup_ttft`` (eager's p50 over the variant's, same scenario keys (named in
+    the label or not), environment fingerprint and batch; NaN without an ok, representative eager point there; for
+    a point timed in turns with eager, the median of the per-round ratios instead, which drift of the machine does
+    not bias); ``speedup_tpot_ci_low/high``
     (the paired CI where timed in turns, else the conservative ratio of the two medians' CIs); ``verdict``
     (``speed_verdict``);
     ``bytes_speedup`` (eager's decode bytes per step over the variant's: the TPOT speedup a decode bound by memory
