@@ -464,3 +464,25 @@ def test_no_gain_and_slower_are_said_in_the_report_and_the_summary(tmp_path, mon
     assert "no gain" in next(x for x in lines if x.lstrip().startswith("pruned(method=magnitude)"))
     assert "slower" in next(x for x in lines if x.lstrip().startswith("pruned(format=csr)"))
     assert any("no gain within ±5%" in x for x in lines)
+
+
+def test_records_without_a_fingerprint_and_early_failures_keep_one_scenario(tmp_path):
+    """Hand-made or foreign records without env.id still get speedups (no merge on mismatched key types), and a
+    point that failed before its environment was read does not tag every label with an environment."""
+    no_id = tmp_path / "no_id"
+    for i, variant in enumerate(("eager", "quantized(scheme=int8)")):
+        rec = make_record(variant, "tiny", 1, i)
+        rec["env"].pop("id")
+        write_record(no_id / str(i), rec)
+    out = prepare(load(no_id), env_labels=True)
+    assert out.speedup_tpot.notna().all() and set(out.scenario) == {"tiny"}
+
+    early = tmp_path / "early"
+    write_record(early / "0", make_record("eager", "tiny", 1, 0))
+    write_record(early / "1", make_record("quantized(scheme=int8)", "tiny", 1, 1))
+    failed = make_record("quantized(scheme=int8)", "tiny", 2, 2, status="failed", error="boom")
+    failed["env"] = {}
+    write_record(early / "2", failed)
+    out = prepare(load(early), env_labels=True)
+    assert set(out.scenario) == {"tiny"} and not out.label.str.contains("env").any()
+    assert (out[out.variant.ne("eager") & out.status.eq("ok")].speedup_tpot > 1).all()

@@ -101,9 +101,22 @@ def varying_keys(df: pd.DataFrame) -> list[str]:
     keys = [k for k in others[1:] if varies(k)]
     if "num_beams" in keys and "decoding" not in keys:
         keys.insert(keys.index("num_beams"), "decoding")
-    if len(df) and df.groupby(others, dropna=False)[ENV_KEY].nunique(dropna=False).gt(1).any():
+    measured = df[df["status"].eq("ok")] if "status" in df else df  # a point that failed early has no fingerprint
+    if len(measured) and measured.groupby(others, dropna=False)[ENV_KEY].nunique(dropna=False).gt(1).any():
         keys.append(ENV_KEY)
     return keys
+
+
+def _key_text(df: pd.DataFrame) -> pd.Series:
+    """The speedup keys of each row as one text: a merge on it cannot fail on a key column whose type differs
+    between the table and eager's medians (an all-missing fingerprint is float NaN in one, None in the other)."""
+    if df.empty:
+        return pd.Series("", index=df.index, dtype=object)
+
+    def text(v: Any) -> str:
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+    return df[SPEEDUP_KEYS].map(text).agg(" | ".join, axis=1)
 
 
 def prepare(df: pd.DataFrame, env_labels: bool = False) -> pd.DataFrame:
@@ -142,11 +155,10 @@ def prepare(df: pd.DataFrame, env_labels: bool = False) -> pd.DataFrame:
         eager = eager[eager["variant"].eq(BASELINE)]
     cols = [c for c in ("tpot_ms_p50", "ttft_ms_p50", "tpot_ms_ci_low", "tpot_ms_ci_high", "decode_bytes_per_step")
             if c in out]  # fmt: skip
-    base = eager.groupby(SPEEDUP_KEYS, dropna=False)[cols].median()
+    base = eager[cols].assign(_key=_key_text(eager)).groupby("_key")[cols].median()
     base = base.rename(columns={c: f"{BASELINE}_{c}" for c in cols})
-    out = out.drop(columns=[c for c in base.columns if c in out.columns]).merge(
-        base.reset_index(), on=SPEEDUP_KEYS, how="left"
-    )
+    out = out.drop(columns=[c for c in base.columns if c in out.columns]).assign(_key=_key_text(out))
+    out = out.merge(base.reset_index(), on="_key", how="left").drop(columns="_key")
     out["speedup_tpot"] = out["eager_tpot_ms_p50"] / out["tpot_ms_p50"].where(ok)
     out["speedup_ttft"] = out["eager_ttft_ms_p50"] / out["ttft_ms_p50"].where(ok)
     if "decode_bytes_per_step" in out:
