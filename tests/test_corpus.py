@@ -41,6 +41,24 @@ def test_user_corpus_and_its_errors(tmp_path):
         load_corpus(str(small))
     with pytest.raises(CorpusError, match=r"corpus.path: cannot read"):
         load_corpus(str(tmp_path / "missing.txt"))
+    mid = tmp_path / "mid.txt"  # 75 KB: 19 chunks, and every 20th would be held out: none
+    mid.write_bytes(text[:75_000])
+    with pytest.raises(CorpusError, match=r"corpus.heldout_every: 20 .* has 19; use at most 19 or a larger file"):
+        load_corpus(str(mid))
+    assert load_corpus(str(mid), heldout_every=19).identity()["heldout_bytes"] == 75_000 - 18 * 4096  # the last
+
+
+def test_held_out_text_is_not_repeated_in_the_training_split():
+    """pydoc's topics nest (``compound`` holds ``if``, ``while``...): those inside another are dropped, so no
+    256-byte stretch of held-out text also appears in the training split."""
+    from harness.corpus import distinct_topics
+
+    inner, outer, other = "x" * 400, "y" + "x" * 400 + "y", "z" * 400
+    assert distinct_topics({"a": inner, "b": outer, "c": other}) == [outer, other]
+    assert distinct_topics({"if": "same text", "else": "same text"}) == ["same text"]  # one copy of identical topics
+    c = load_corpus()
+    windows_held = [c.heldout[i : i + 256] for i in range(0, len(c.heldout) - 256, 64)]
+    assert len(windows_held) > 200 and not any(w in c.train for w in windows_held)
 
 
 def test_unigram_baseline_and_windows():
