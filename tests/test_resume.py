@@ -63,6 +63,7 @@ def test_measured_ok_rechecks_the_record_it_indexed(tmp_path, synthetic_point):
 
 
 def test_a_missing_point_names_the_log_of_its_own_job(tmp_path, synthetic_point):
+    import torch
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
@@ -74,7 +75,8 @@ def test_a_missing_point_names_the_log_of_its_own_job(tmp_path, synthetic_point)
     from harness.progress import missing_points, write_sweep_meta
     from harness.records import point_key
 
-    sweep, overrides = tmp_path / "sweep", ["workload.batch_size=8", *QUICK]
+    threads = torch.get_num_threads()
+    sweep, overrides = tmp_path / "sweep", ["workload.batch_size=8", "threads=1", *QUICK]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         key = point_key(identity(validate(compose(config_name="config", overrides=overrides))))
@@ -85,5 +87,7 @@ def test_a_missing_point_names_the_log_of_its_own_job(tmp_path, synthetic_point)
     assert json.loads((sweep / "0" / RECORD_NAME).read_text())["point_key"] == other["point_key"]  # kept
     rec = json.loads((sweep / "missing" / key / RECORD_NAME).read_text())
     assert rec["missing"] and rec["point_key"] == key
+    assert rec["env"]["torch_threads"] == 1  # the point's thread count, so its fingerprint is the point's own
+    torch.set_num_threads(threads)
     assert rec["error"].endswith(f"its log, if any: {sweep / '0'}/harness.log")
     assert missing_points(sweep) == []
