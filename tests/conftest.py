@@ -223,6 +223,13 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_step_summary(monkeypatch):
+    """Tests that run in GitHub Actions must not append to the real job summary (`harness compare` writes to
+    $GITHUB_STEP_SUMMARY wherever it is set); a test that checks it sets its own."""
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+
+
 @pytest.fixture()
 def subprocess_env() -> dict[str, str]:
     """Environment for subprocess runs of the console script, as a user's shell would have it."""
