@@ -69,16 +69,23 @@ def test_roofline_section_rates_and_utilizations():
     assert r["prefill"]["mfu"] == pytest.approx(pre.flops / 1e-5 / 1e11)
 
 
-def test_peaks_are_measured_once_cached_and_overridable(tmp_path, monkeypatch):
+@pytest.fixture()
+def peak_calls(monkeypatch) -> list[str]:
+    """Peak measurements faked (20 GB/s, 0.1 TFLOP/s): the list records each one taken, "bw" or "fl"."""
     import harness.roofline as roof
 
-    calls = []
+    calls: list[str] = []
     monkeypatch.setattr(
         roof,
         "measure_bandwidth",
         lambda d: calls.append("bw") or {"bandwidth_gbs": 20.0, "buffer_bytes": 1, "llc_bytes": 1},
     )
     monkeypatch.setattr(roof, "measure_flops", lambda d, t: calls.append("fl") or {"flops": 1e11, "matmul_n": 8})
+    return calls
+
+
+def test_peaks_are_measured_once_cached_and_overridable(tmp_path, peak_calls):
+    calls = peak_calls
     cpu = torch.device("cpu")
     first = device_peaks(cpu, torch.float32, "fp1", tmp_path, {})
     again = device_peaks(cpu, torch.float32, "fp1", tmp_path, {})
@@ -91,16 +98,8 @@ def test_peaks_are_measured_once_cached_and_overridable(tmp_path, monkeypatch):
     assert calls == ["bw", "fl"] * 3
 
 
-def test_overridden_peaks_are_neither_measured_nor_cached(tmp_path, monkeypatch):
-    import harness.roofline as roof
-
-    calls = []
-    monkeypatch.setattr(
-        roof,
-        "measure_bandwidth",
-        lambda d: calls.append("bw") or {"bandwidth_gbs": 20.0, "buffer_bytes": 1, "llc_bytes": 1},
-    )
-    monkeypatch.setattr(roof, "measure_flops", lambda d, t: calls.append("fl") or {"flops": 1e11, "matmul_n": 8})
+def test_overridden_peaks_are_neither_measured_nor_cached(tmp_path, peak_calls):
+    calls = peak_calls
     cpu, cache = torch.device("cpu"), tmp_path / "peaks" / "fp1-float32.json"
     both = device_peaks(cpu, torch.float32, "fp1", tmp_path, {"bandwidth_gbs": 50.0, "tflops": 2.0})
     assert calls == [] and not cache.exists()  # an empty cache and both overrides: no >= 1 GiB copy, no matmul
