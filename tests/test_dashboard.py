@@ -5,12 +5,12 @@ verdicts, and bad input."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import sqlite3
 
 import numpy as np
 import pytest
+from atomic_files import old_file, replaced_not_rewritten
 from history_sweeps import BATCHES, SYNTHETIC_STEP, real_history, synthetic_history  # noqa: F401  (fixture)
 
 from harness import history
@@ -117,15 +117,10 @@ def test_dashboard_page_is_replaced_atomically(tmp_path, synthetic_point, run_ha
     db = tmp_path / "h.sqlite"
     assert run_harness("history", "add", str(_sweep(tmp_path / "s0", synthetic_point, "env-a")), "--db", str(db)) == 0
     page = tmp_path / "site" / "one.html"
-    page.parent.mkdir()
-    page.write_text("old")
-    os.link(page, tmp_path / "before")  # a reader that opened the old page
-    other = page.parent / ".one.html.tmp"  # another writer's temp file under the old fixed name
-    other.write_text("another writer's")
+    before = old_file(page, tmp_path / "before")
     assert run_harness("dashboard", "--db", str(db), "-o", str(page)) == 0
-    assert (tmp_path / "before").read_text() == "old" and "trend-tpot" in page.read_text()
-    assert sorted(p.name for p in page.parent.iterdir()) == [".one.html.tmp", "one.html"]
-    assert other.read_text() == "another writer's"
+    replaced_not_rewritten(page, before)
+    assert "trend-tpot" in page.read_text()
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, run_harness, capsys):

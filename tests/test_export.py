@@ -6,13 +6,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from atomic_files import old_file, replaced_not_rewritten
 from pytest_benchmark.stats import Stats
 
 from harness.export import PYTEST_METRICS, pytest_stats, read_points, table_with_samples
@@ -197,28 +197,12 @@ def test_export_names_a_corrupted_record_and_exports_the_rest(run_harness, synth
     assert len(doc["rows"]) == 2 and str(bad) in doc["errors"][0]
 
 
-def _replaced_not_rewritten(out: Path, before: Path) -> None:
-    """``out`` was renamed over (a reader holding the old file still reads it whole), the temp file is gone and
-    another writer's temp file beside it was left alone."""
-    assert before.read_text() == "old" and out.read_bytes() != b"old"
-    assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, f".{out.name}.tmp"])
-    assert (out.parent / f".{out.name}.tmp").read_text() == "another writer's"
-
-
-def _old_file(out: Path, keep: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("old")
-    os.link(out, keep)  # the old file's inode, as a reader that opened it sees it
-    (out.parent / f".{out.name}.tmp").write_text("another writer's")  # the fixed temp name of the old code
-    return keep
-
-
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "json", "pytest-benchmark"])
 def test_every_export_format_replaces_the_file_atomically(run_harness, synthetic_sweep, tmp_path, capsys, fmt):
     out = tmp_path / "out" / f"table.{fmt}"
-    before = _old_file(out, tmp_path / "before")
+    before = old_file(out, tmp_path / "before")
     assert run_harness("export", str(synthetic_sweep), "--format", fmt, "-o", str(out)) == 0
-    _replaced_not_rewritten(out, before)
+    replaced_not_rewritten(out, before)
     if fmt != "pytest-benchmark":
         assert len(read_points(out)) == 3
 
@@ -230,7 +214,7 @@ def test_compare_writes_markdown_and_json_atomically_and_appends_the_step_summar
     summary.write_text("# an earlier step\n")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     md, js = tmp_path / "gate" / "gate.md", tmp_path / "gate" / "gate.json"
-    md_before, js_before = _old_file(md, tmp_path / "md-before"), _old_file(js, tmp_path / "js-before")
+    md_before, js_before = old_file(md, tmp_path / "md-before"), old_file(js, tmp_path / "js-before")
     args = ("compare", str(synthetic_sweep), str(synthetic_sweep), "--markdown", str(md), "--json", str(js))
     assert run_harness(*args) == 0
     assert sorted(p.name for p in md.parent.iterdir()) == [".gate.json.tmp", ".gate.md.tmp", "gate.json", "gate.md"]

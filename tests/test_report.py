@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 
 import numpy as np
 import pytest
+from atomic_files import old_file, replaced_not_rewritten
 from plotly.offline import get_plotlyjs
 from report_records import EVIL, PEAK_FLOPS, PEAK_GBS, TIMELINE_LEN, make_record, synthetic_sweep
 
@@ -331,15 +331,10 @@ def test_report_is_self_contained_escaped_and_lists_failures(sweep):
 
 def test_report_replaces_the_file_atomically(sweep, tmp_path):
     out = tmp_path / "r" / "report.html"
-    out.parent.mkdir()
-    out.write_text("old")
-    os.link(out, tmp_path / "before")  # a reader that opened the old report
-    other = out.parent / ".report.html.tmp"  # another writer's temp file under the old fixed name
-    other.write_text("another writer's")
+    before = old_file(out, tmp_path / "before")
     assert write_report([sweep], out) == out
-    assert (tmp_path / "before").read_text() == "old" and out.read_text().startswith("<!DOCTYPE html")
-    assert sorted(p.name for p in out.parent.iterdir()) == [".report.html.tmp", "report.html"]
-    assert other.read_text() == "another writer's"
+    replaced_not_rewritten(out, before)
+    assert out.read_text().startswith("<!DOCTYPE html")
 
 
 def test_cli_writes_the_report_and_names_bad_input(sweep, tmp_path, capsys, caplog):

@@ -1,0 +1,24 @@
+"""Checks that a command replaced its output file atomically (renamed over it) rather than rewriting it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def old_file(out: Path, keep: Path) -> Path:
+    """An old ``out`` (text "old"), hard-linked at ``keep`` as a reader that opened it sees it, and another
+    writer's temp file beside it under the fixed name older code used."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("old")
+    os.link(out, keep)
+    (out.parent / f".{out.name}.tmp").write_text("another writer's")
+    return keep
+
+
+def replaced_not_rewritten(out: Path, before: Path) -> None:
+    """``out`` was renamed over (a reader holding the old file still reads it whole), the temp file is gone and
+    another writer's temp file beside it was left alone."""
+    assert before.read_text() == "old" and out.read_bytes() != b"old"
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, f".{out.name}.tmp"])
+    assert (out.parent / f".{out.name}.tmp").read_text() == "another writer's"
