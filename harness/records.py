@@ -129,6 +129,15 @@ def point_key(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def model_id(identity: dict[str, Any]) -> str | None:
+    """Short hash of what the model's weights are (shape, weight kind, seed, and for trained weights what trained
+    them): two points compare as the same model exactly when it matches. None for a record without a shape."""
+    if not isinstance(identity, dict) or not isinstance(identity.get("model_args"), dict):
+        return None
+    body = {k: identity.get(k) for k in ("model", "model_args", "weights", "seed", "training")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def _json_safe(obj: Any) -> Any:
     """NaN and infinities become null (JSON has no NaN); numpy scalars become Python numbers."""
     if isinstance(obj, dict):
@@ -273,6 +282,9 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
             row[f"{metric}_{stat}"] = stats.get(stat)
     for key, value in (_get(record, ("identity", "engine_params")) or {}).items():
         row[f"engine.{key}"] = value
+    for key, value in (_get(record, ("identity", "model_args")) or {}).items():
+        row[f"model.{key}"] = value
+    row["model_id"] = model_id(record.get("identity"))
     row["noisy"] = any(bool((summary.get(m) or {}).get("noisy")) for m in ("ttft_ms", "tpot_ms"))
     row["record_path"] = record.get("_path")
     return row
@@ -310,7 +322,7 @@ def table(rows: list[dict[str, Any]], errors: Iterable[str] = ()) -> pd.DataFram
     """The table from rows made by ``flatten`` (also rows stored elsewhere, e.g. the history database): every
     scalar column present, numeric columns numeric, ``errors`` kept in ``df.attrs["errors"]``."""
     df = pd.DataFrame(rows)
-    for col in SCALAR_COLUMNS:
+    for col in (*SCALAR_COLUMNS, "model_id"):
         if col not in df.columns:
             df[col] = None
     for col in NUMERIC_COLUMNS | {f"{m}_{s}" for m in TIMED_METRICS for s in STAT_COLUMNS if s != "noisy"}:

@@ -8,6 +8,7 @@ import math
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 from atomic_files import old_file, replaced_not_rewritten
 from plotly.offline import get_plotlyjs
@@ -168,6 +169,8 @@ def _as(record, slower=1.0, **identity):
         ("weights", ("random", "trained"), ("random weights", "trained weights")),
         ("seed", (0, 1), ("seed 0", "seed 1")),
         ("n_params", (3_016_960, 12_000_000), ("3.02M params", "12M params")),
+        # two shapes with one parameter count: the fields that differ name them
+        ("model_args", ({"dim": 64, "n_heads": 4}, {"dim": 64, "n_heads": 8}), ("n_heads 4", "n_heads 8")),
     ],
 )
 def test_speedups_and_labels_tell_weights_seeds_and_shapes_of_one_model_apart(tmp_path, field, values, tags):
@@ -190,6 +193,37 @@ def test_speedups_and_labels_tell_weights_seeds_and_shapes_of_one_model_apart(tm
         eager = next(x for x in lines if x.split()[0] == "eager" and f" {tag} " in x).split(tag)[1].split()
         quant = next(x for x in lines if x.split()[0] == "quantized(scheme=int8)" and f" {tag} " in x)
         assert eager[4:6] == ["1", "1"] and quant.split(tag)[1].split()[4:6] == ["2", "2"]
+
+
+def test_weights_trained_differently_are_told_apart(tmp_path):
+    """`model.weights=trained train.steps=100,2000`: one shape, two checkpoints. Each variant is compared with the
+    eager of its own checkpoint, and the labels tag the weights by their id."""
+    from harness.records import model_id
+
+    tags = []
+    for job, (steps, slower) in enumerate(((100, 1.0), (2000, 3.0))):
+        training = {"train": {"steps": steps}, "checkpoint_key": f"key{steps}"}
+        for variant in ("eager", "quantized(scheme=int8)"):
+            record = _as(make_record(variant, "tiny", 1, job), slower, weights="trained", training=training)
+            write_record(tmp_path / f"{job}-{variant[:5]}", record)
+        tags.append(f"tiny · weights {model_id(record['identity'])[:8]}")
+    df = prepare(load(tmp_path))
+    assert set(df.scenario) == set(tags) and len(set(tags)) == 2
+    assert np.allclose(df[df.variant != "eager"].speedup_tpot, 2.0)
+
+
+def test_rows_without_a_model_id_read_as_before(tmp_path):
+    """Rows an older version stored in the history database have no model_id (nor model.* columns): they pair
+    with their eager as before, and beside new rows of the same model they add no tag."""
+    for job, variant in enumerate(("eager", "quantized(scheme=int8)")):
+        write_record(tmp_path / str(job), make_record(variant, "tiny", 1, job))
+    new = load(tmp_path)
+    old = new.drop(columns=[c for c in new if c.startswith("model.")]).assign(model_id=None)
+    df = prepare(old)
+    assert set(df.scenario) == {"tiny"}
+    assert df[df.variant != "eager"].speedup_tpot.tolist() == [pytest.approx(2.0, rel=0.05)]
+    both = prepare(pd.concat([old.assign(job=old.job.astype(str) + "-old"), new], ignore_index=True))
+    assert set(both.scenario) == {"tiny"}
 
 
 def test_models_with_their_own_weights_and_shapes_add_no_tags(tmp_path):

@@ -19,7 +19,11 @@ import pandas as pd
 ENV_KEY = "fingerprint"
 # what the model's weights are beyond its name; labels name them only where they vary within one model (a sweep
 # over models, each with its own shape and weights, names just the models)
-MODEL_KEYS = ["weights", "seed", "n_params"]
+MODEL_KEYS = ["weights", "seed", "n_params", "model_id"]
+# ``model_id`` (records.model_id) tells apart what the others do not: two shapes with the same parameter count
+# (``model.n_heads=4,8``), or weights trained on another corpus or for more steps; labels name the ``model.*``
+# fields that differ, or ``weights <id>`` where only the training does
+SHAPE_KEYS = ["model", "weights", "seed", "n_params"]
 WORKLOAD_KEYS = ["prompt_len", "gen_len", "decoding", "num_beams", "device", "dtype", "threads"]
 SCENARIO_KEYS = ["model", *MODEL_KEYS, *WORKLOAD_KEYS, ENV_KEY]
 ENV_TAG_LEN = 8  # "env 3fa2c91b": the fingerprint's first characters name an environment in labels
@@ -59,6 +63,9 @@ def _scenario_label(row: pd.Series, varying: list[str]) -> str:
             parts.append(f"seed {_int(value)}")
         elif key == "n_params":
             parts.append(_params(value))
+        elif key == "model_id":
+            if row.get("_model_tag"):
+                parts.append(row["_model_tag"])
         else:
             parts.append(str(value))
     return " · ".join(parts)
@@ -94,6 +101,9 @@ def varying_keys(df: pd.DataFrame) -> list[str]:
     others = [k for k in SCENARIO_KEYS if k != ENV_KEY]
 
     def varies(key: str) -> bool:
+        if key == "model_id":
+            # a row stored by an older version has none: it names no shape, so it is not one more
+            return bool(len(df)) and df.groupby(SHAPE_KEYS, dropna=False)[key].nunique().gt(1).any()
         if key in MODEL_KEYS:
             return bool(len(df)) and df.groupby("model", dropna=False)[key].nunique(dropna=False).gt(1).any()
         return df[key].nunique(dropna=False) > 1
@@ -107,16 +117,33 @@ def varying_keys(df: pd.DataFrame) -> list[str]:
     return keys
 
 
+def _model_tags(df: pd.DataFrame) -> pd.Series:
+    """Where one model name, weight kind, seed and parameter count hold several ``model_id``s: the ``model.*``
+    fields that differ among them (``n_heads 4``), or ``weights <id>`` where the shapes agree (the training
+    differs). Empty elsewhere, and for rows without a ``model_id`` (stored by an older version)."""
+    tags = pd.Series("", index=df.index, dtype=object)
+    fields = [c for c in df.columns if c.startswith("model.")]
+    for _, group in df[df["model_id"].notna()].groupby(SHAPE_KEYS, dropna=False):
+        if group["model_id"].nunique() < 2:
+            continue
+        differ = [c for c in fields if group[c].map(_text).nunique() > 1]
+        for i, row in group.iterrows():
+            named = [f"{c.removeprefix('model.')} {_text(row[c]) or '-'}" for c in differ]
+            tags[i] = " · ".join(named) if named else f"weights {_text(row['model_id'])[:ENV_TAG_LEN] or '?'}"
+    return tags
+
+
+def _text(v: Any) -> str:
+    """A cell as text, missing as empty (a type-blind key: NaN in one frame is None in another)."""
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+
 def _key_text(df: pd.DataFrame) -> pd.Series:
     """The speedup keys of each row as one text: a merge on it cannot fail on a key column whose type differs
     between the table and eager's medians (an all-missing fingerprint is float NaN in one, None in the other)."""
     if df.empty:
         return pd.Series("", index=df.index, dtype=object)
-
-    def text(v: Any) -> str:
-        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
-
-    return df[SPEEDUP_KEYS].map(text).agg(" | ".join, axis=1)
+    return df[SPEEDUP_KEYS].map(_text).agg(" | ".join, axis=1)
 
 
 def prepare(df: pd.DataFrame, env_labels: bool = False) -> pd.DataFrame:
@@ -146,7 +173,9 @@ def prepare(df: pd.DataFrame, env_labels: bool = False) -> pd.DataFrame:
         return out
     out["representative"] = representative(out)
     varying = [k for k in varying_keys(out) if env_labels or k != ENV_KEY]
+    out["_model_tag"] = _model_tags(out)
     out["scenario"] = out.apply(_scenario_label, axis=1, varying=varying)
+    out = out.drop(columns="_model_tag")
     out["label"] = out["variant"].astype(str) + " · " + out["scenario"] + " · b" + out["batch_size"].map(_int)
 
     ok = out["status"].eq("ok")
