@@ -15,8 +15,9 @@ from history_sweeps import BATCHES, SYNTHETIC_STEP, real_history, synthetic_hist
 
 from harness import history
 
-FIGURE = re.compile(r'<script type="application/json" class="figure-data" data-target="(plot-\d+)">(.*?)</script>',
-                    re.S)
+FIGURE = re.compile(
+    r'<script type="application/json" class="figure-data" data-target="(plot-\d+)">(.*?)</script>', re.S
+)
 
 
 def figures(text: str) -> dict[str, dict]:
@@ -109,7 +110,7 @@ def test_environments_are_never_joined_and_gate_verdicts_are_shown(tmp_path, syn
     assert run_harness("dashboard", "--db", str(db), "-o", str(page), "--gate", str(gate)) == 0
     text = page.read_text()
     gate_html = text[text.index('<section id="gate">') : text.index('<section id="trend-tpot">')]
-    assert "REGRESSION: 1 of 1 points regressed" in gate_html and "<tr class=\"regression\">" in gate_html
+    assert "REGRESSION: 1 of 1 points regressed" in gate_html and '<tr class="regression">' in gate_html
     assert "tpot_ms" in gate_html and "ttft_ms" in gate_html
 
 

@@ -367,4 +367,3 @@ def test_list_valued_match_columns_and_the_latest_of_re_run_points(tmp_path, syn
     result = compare(base, dup, Settings(match=("layers", "batch_size")))
     assert len(result.points) == 2 and any("records share 2 match key(s)" in n for n in result.notes)
     assert set(result.points.verdict) == {REGRESSION}  # the latest records (the slower re-run) are compared
-
