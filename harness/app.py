@@ -16,8 +16,8 @@ from harness.config import validate
 from harness.isolation import run_isolated
 from harness.paths import config_dir
 from harness.point import identity, run_point
-from harness.progress import SWEEP_META, progress, progress_text
-from harness.records import RECORD_NAME, RecordError, find_records, measured_ok, point_key, read_record
+from harness.progress import progress, progress_text
+from harness.records import RECORD_NAME, RecordError, earlier_records, measured_ok, point_key, read_record
 
 log = logging.getLogger("harness")
 
@@ -69,25 +69,6 @@ def _record_key(path: Path) -> str | None:
         return ""
 
 
-_earlier: dict[tuple[Path, int], dict[str, Path]] = {}
-
-
-def _earlier_record(root: Path, key: str) -> Path | None:
-    """The record of point ``key`` anywhere under ``root`` (an earlier attempt that failed or went missing).
-    Indexed once per sweep (its ``sweep.json``) and process; a hit is read again before it is trusted."""
-    root = root.resolve()
-    meta = root / SWEEP_META
-    stamp = (root, meta.stat().st_mtime_ns) if meta.exists() else None
-    index = _earlier.get(stamp) if stamp else None
-    if index is None or (key in index and _record_key(index[key]) != key):
-        index = {}
-        for path in find_records(root) if root.is_dir() else []:
-            index.setdefault(_record_key(path) or "", path)
-        if stamp:
-            _earlier[stamp] = index
-    return index.get(key)
-
-
 def record_dir(root: Path, job_dir: Path, key: str) -> Path:
     """Where a point that ``resume=true`` runs (again) writes its record: never over another point's record.
 
@@ -98,9 +79,9 @@ def record_dir(root: Path, job_dir: Path, key: str) -> Path:
     here = _record_key(job_dir / RECORD_NAME)
     if here == key:
         return job_dir
-    earlier = _earlier_record(root, key)
-    if earlier is not None:
-        return earlier.parent
+    earlier = earlier_records(root, key)
+    if earlier:
+        return earlier[0][0].parent
     return job_dir if here is None else root / RESUMED_DIR / key
 
 

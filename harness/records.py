@@ -227,40 +227,54 @@ def find_records(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-_ok_index: dict[Path, dict[str, Path]] = {}
+# directory -> point key -> its records there, as (path, status), in path order
+_index: dict[Path, dict[str, list[tuple[Path, str]]]] = {}
 
 
 def forget_ok_index() -> None:
     """A new run or sweep starts: index the directory afresh when resume asks."""
-    _ok_index.clear()
+    _index.clear()
+
+
+def _holds(path: Path) -> tuple[str, str] | None:
+    """(point key, status) of the record at ``path``; None when there is none or it cannot be read."""
+    try:
+        rec = read_record(path)
+    except (RecordError, OSError):
+        return None
+    key = rec.get("point_key")
+    return (str(key), str(rec.get("status"))) if key else None
+
+
+def earlier_records(directory: Path, key: str) -> list[tuple[Path, str]]:
+    """The records of point ``key`` under ``directory`` (path, status): what a resumed sweep finds of its points.
+
+    The directory is indexed once per run or sweep (``forget_ok_index``): the records a resumed sweep writes
+    itself are new points. The hits are read again before they are trusted, and the directory indexed afresh when
+    one no longer holds a record of ``key`` with that status (replaced or removed since, e.g. by another point of a
+    resumed sweep in another order)."""
+
+    def index() -> dict[str, list[tuple[Path, str]]]:
+        found: dict[str, list[tuple[Path, str]]] = {}
+        for path in find_records(directory) if directory.is_dir() else []:
+            held = _holds(path)
+            if held is not None:
+                found.setdefault(held[0], []).append((path, held[1]))
+        return found
+
+    directory = Path(directory).resolve()
+    if directory not in _index:
+        _index[directory] = index()
+    hits = _index[directory].get(key, [])
+    if any(_holds(path) != (key, status) for path, status in hits):
+        _index[directory] = index()
+        hits = _index[directory].get(key, [])
+    return hits
 
 
 def measured_ok(directory: Path, key: str) -> Path | None:
-    """A record under ``directory`` with status ok for point ``key`` (what resume must not measure again).
-
-    The directory is indexed once per process: the records a resumed sweep writes itself are new points. A hit
-    is read again before it is trusted, and the directory indexed afresh when that file no longer holds an ok
-    record of ``key`` (replaced or removed since, e.g. by another point of a resumed sweep in another order)."""
-
-    def holds(path: Path) -> str | None:
-        try:
-            rec = read_record(path)
-        except RecordError:
-            return None
-        return rec.get("point_key") if rec.get("status") == "ok" else None
-
-    def index() -> dict[str, Path]:
-        found = ((holds(path), path) for path in (find_records(directory) if directory.is_dir() else []))
-        return {k: path for k, path in found if k is not None}
-
-    directory = Path(directory).resolve()
-    if directory not in _ok_index:
-        _ok_index[directory] = index()
-    path = _ok_index[directory].get(key)
-    if path is not None and holds(path) != key:
-        _ok_index[directory] = index()
-        path = _ok_index[directory].get(key)
-    return path
+    """A record under ``directory`` with status ok for point ``key`` (what resume must not measure again)."""
+    return next((path for path, status in earlier_records(directory, key) if status == "ok"), None)
 
 
 def _get(record: dict[str, Any], path: tuple[str, ...]) -> Any:

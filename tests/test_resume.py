@@ -62,6 +62,27 @@ def test_measured_ok_rechecks_the_record_it_indexed(tmp_path, synthetic_point):
     forget_ok_index()
 
 
+def test_one_index_serves_skips_and_replacements(tmp_path, synthetic_point):
+    """Resume asks one index two things: is the point measured ok (skip it), and where is its earlier attempt (its
+    new record replaces that one). Records written after the index was built are this run's own: not hits."""
+    from harness.app import record_dir
+
+    forget_ok_index()
+    one = synthetic_point(tmp_path / "0", batch_size=1, status="failed", error="boom")
+    synthetic_point(tmp_path / "1", ttft=[5.0] * 3, tpot=[1.0] * 3, batch_size=1)  # batch 1 again, ok
+    two = synthetic_point(tmp_path / "2", batch_size=2, status="failed", error="boom")
+    assert measured_ok(tmp_path, one["point_key"]) == (tmp_path / "1" / RECORD_NAME).resolve()
+    assert measured_ok(tmp_path, two["point_key"]) is None
+    # batch 2 runs again from job folder 3 (another order): it replaces its failed attempt in 2/
+    assert record_dir(tmp_path, tmp_path / "3", two["point_key"]) == (tmp_path / "2").resolve()
+    four = synthetic_point(tmp_path / "4", ttft=[5.0] * 3, tpot=[1.0] * 3, batch_size=4)  # written by this run
+    assert measured_ok(tmp_path, four["point_key"]) is None
+    assert record_dir(tmp_path, tmp_path / "5", four["point_key"]) == tmp_path / "5"
+    forget_ok_index()  # the next run indexes what this one wrote
+    assert measured_ok(tmp_path, four["point_key"]) == (tmp_path / "4" / RECORD_NAME).resolve()
+    forget_ok_index()
+
+
 def test_a_missing_point_names_the_log_of_its_own_job(tmp_path, synthetic_point):
     import torch
     from hydra import compose, initialize_config_dir
