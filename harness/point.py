@@ -14,7 +14,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,6 @@ from torch import nn
 
 from engines.base import PrepareContext, engine_info, weight_bytes
 from engines.generate import cache_rows, generate, setup_caches
-from engines.train import resolve_precision
 from harness import fidelity, reference
 from harness.config import PointSpec
 from harness.corpus import Corpus, CorpusError, load_corpus, windows
@@ -38,7 +37,7 @@ from harness.records import point_key, write_record
 from harness.roofline import device_peaks, roofline
 from harness.stats import summarize
 from harness.timing import Repetitions, make_clock, repeat
-from harness.training import checkpoint_key
+from harness.training import checkpoint_key, resolved_train
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ def training_identity(spec: PointSpec) -> dict[str, Any]:
     """What trained weights are made of: the corpus (its sha256), the training config as resolved on this device
     (``precision=auto`` becomes fp32 or bf16), and the checkpoint cache's key over them
     (``harness.training.checkpoint_key``): two points share it exactly when they load the same checkpoint."""
-    train = replace(spec.train, precision=resolve_precision(spec.train.precision, spec.device))
+    train = resolved_train(spec.train, spec.device)
     try:
         corpus = load_corpus(spec.corpus.path, spec.corpus.heldout_every)
     except CorpusError as exc:  # the point fails on it when it loads the corpus; its key still names the inputs

@@ -31,6 +31,12 @@ def checkpoint_key(args: ModelArgs, corpus: Corpus, cfg: TrainConfig, seed: int,
                       "dev": device_type})  # fmt: skip
 
 
+def resolved_train(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """The training config as it runs on ``device`` (``precision=auto`` becomes fp32 or bf16): the checkpoint's
+    key and a point's identity both name trained weights by it."""
+    return replace(cfg, precision=resolve_precision(cfg.precision, device))
+
+
 def _progress_logger(cfg: TrainConfig, every: int):
     t0 = time.perf_counter()
 
@@ -93,7 +99,7 @@ def ensure_trained(
     force: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
     """Path of the cached checkpoint and its training summary, training it first when missing."""
-    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))
+    cfg = resolved_train(cfg, device)
     key = checkpoint_key(args, corpus, cfg, seed, device.type)
     ckpt = Path(cache_dir) / "checkpoints" / f"{name}-{key}.safetensors"
     with file_lock(ckpt.with_suffix(".lock")):
