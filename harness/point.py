@@ -34,7 +34,7 @@ from harness.memory import PeakMemory, current_rss_mb
 from harness.monitor import Sampler
 from harness.profiling import profile_decode
 from harness.records import point_key, write_record
-from harness.roofline import device_peaks, roofline
+from harness.roofline import device_peaks, roofline, unread_table_bytes
 from harness.stats import summarize
 from harness.timing import Repetitions, make_clock, repeat
 from harness.training import checkpoint_key, resolved_train
@@ -271,7 +271,7 @@ def finish(
         )  # fmt: skip
         roof = record["roofline"] = roofline(
             getattr(prepared, "args", spec.model.args), wbytes, spec.dtype.itemsize, point.rows, w.prompt_len,
-            w.gen_len, summary["tpot_ms"]["p50"], summary["ttft_ms"]["p50"], peaks,
+            w.gen_len, summary["tpot_ms"]["p50"], summary["ttft_ms"]["p50"], peaks, unread_table_bytes(prepared),
         )  # fmt: skip
         metrics["mbu"], metrics["mfu"] = roof["decode"]["mbu"], roof["prefill"]["mfu"]
     if spec.profile.enabled:

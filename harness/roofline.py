@@ -128,12 +128,15 @@ def device_peaks(
     if measured:  # what the cache held already (e.g. the other peak) is kept beside what was measured now
         peaks["measured_at"] = time.time()
         write_json_atomic(path, peaks)
-    peaks = {**peaks, "source": "measured", "cache": str(path) if cached or measured else None}
+    peaks = {**peaks, "cache": str(path) if cached or measured else None}
     if bw_given:
-        peaks.update(bandwidth_gbs=float(overrides["bandwidth_gbs"]), source="config")
+        peaks.update(bandwidth_gbs=float(overrides["bandwidth_gbs"]))
     if flops_given:
-        peaks.update(flops=float(overrides["tflops"]) * 1e12, source="config")
-    return peaks
+        peaks.update(flops=float(overrides["tflops"]) * 1e12)
+    bw_source, flops_source = ("config" if given else "measured" for given in (bw_given, flops_given))
+    # ``source`` names both where they agree; each peak's own says which a figure (MBU, MFU) stands on
+    source = bw_source if bw_source == flops_source else f"bandwidth {bw_source}, flops {flops_source}"
+    return {**peaks, "source": source, "bandwidth_source": bw_source, "flops_source": flops_source}
 
 
 @dataclass(frozen=True)
@@ -158,19 +161,41 @@ def _embedding_table_bytes(args: ModelArgs, elem: int) -> int:
     return 0 if args.tie_embeddings else args.vocab_size * args.dim * elem
 
 
-def decode_counts(args: ModelArgs, weight_bytes: int, rows: int, context: float, elem: int) -> PhaseCounts:
-    """One decode step for ``rows`` sequences at mean context length ``context``."""
+def unread_table_bytes(model: torch.nn.Module) -> int | None:
+    """Stored bytes of the embedding table that a step reads only B rows of: the whole table, unless the output
+    head multiplies through that very tensor (tied embeddings, head not replaced). A tied model whose head an
+    engine replaced (``quantized engine.layers=[all]``: an int8 copy) keeps the fp32 table beside it, unread.
+    None for a model without a ``tok_embeddings`` table (the count then follows ``tie_embeddings``)."""
+    table = getattr(getattr(model, "tok_embeddings", None), "weight", None)
+    if not isinstance(table, torch.Tensor):
+        return None
+    head = getattr(getattr(model, "output", None), "weight", None)
+    if isinstance(head, torch.Tensor) and head.data_ptr() == table.data_ptr():
+        return 0
+    return table.numel() * table.element_size()
+
+
+def decode_counts(
+    args: ModelArgs, weight_bytes: int, rows: int, context: float, elem: int, table_bytes: int | None = None
+) -> PhaseCounts:
+    """One decode step for ``rows`` sequences, each attending ``context`` cached positions on average plus its
+    new one. ``table_bytes``: the stored embedding bytes not read whole (``unread_table_bytes``; default from
+    ``args.tie_embeddings``)."""
     kv_row = 2 * args.n_layers * args.n_kv_heads * args.head_dim * elem  # K and V of one position, all layers
-    weights = weight_bytes - _embedding_table_bytes(args, elem) + rows * args.dim * elem
+    table = _embedding_table_bytes(args, elem) if table_bytes is None else table_bytes
+    weights = weight_bytes - table + rows * args.dim * elem
     bytes_ = weights + rows * kv_row * (context + 1)
-    attn = 4 * args.n_layers * args.n_heads * args.head_dim * context  # QK^T and AV over the context
+    attn = 4 * args.n_layers * args.n_heads * args.head_dim * (context + 1)  # QK^T and AV over the positions
     return PhaseCounts(bytes=float(bytes_), flops=float(rows * (2 * _linear_params(args) + attn)))
 
 
-def prefill_counts(args: ModelArgs, weight_bytes: int, rows: int, prompt: int, elem: int) -> PhaseCounts:
+def prefill_counts(
+    args: ModelArgs, weight_bytes: int, rows: int, prompt: int, elem: int, table_bytes: int | None = None
+) -> PhaseCounts:
     """Prefill of ``prompt`` tokens for ``rows`` sequences (causal attention: prompt^2 / 2 pairs)."""
     kv_row = 2 * args.n_layers * args.n_kv_heads * args.head_dim * elem
-    bytes_ = weight_bytes - _embedding_table_bytes(args, elem) + rows * prompt * (args.dim * elem + kv_row)
+    table = _embedding_table_bytes(args, elem) if table_bytes is None else table_bytes
+    bytes_ = weight_bytes - table + rows * prompt * (args.dim * elem + kv_row)
     attn = 2 * args.n_layers * args.n_heads * args.head_dim * prompt * prompt
     return PhaseCounts(bytes=float(bytes_), flops=float(rows * (2 * _linear_params(args) * prompt + attn)))
 
@@ -185,15 +210,20 @@ def roofline(
     tpot_ms: float,
     ttft_ms: float,
     peaks: dict[str, Any],
+    table_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """The record's roofline section: counts per phase, achieved rates, MBU and MFU against ``peaks``."""
-    context = prompt_len + (gen_len - 1) / 2  # mean context over the decode steps
-    dec = decode_counts(args, weight_bytes, rows, context, elem)
-    pre = prefill_counts(args, weight_bytes, rows, prompt_len, elem)
+    """The record's roofline section: counts per phase, achieved rates, MBU and MFU against ``peaks``.
+
+    TPOT times the gen_len - 1 decode steps after the first token; step i (1-based) runs at position
+    prompt_len + i - 1, so it attends prompt_len + i - 1 cached positions: their mean is ``context``."""
+    context = prompt_len + (gen_len - 2) / 2
+    dec = decode_counts(args, weight_bytes, rows, context, elem, table_bytes)
+    pre = prefill_counts(args, weight_bytes, rows, prompt_len, elem, table_bytes)
     bw, flops = peaks["bandwidth_gbs"] * 1e9, peaks["flops"]
     dec_s, pre_s = tpot_ms / 1e3, ttft_ms / 1e3
     return {
-        "peaks": {k: peaks.get(k) for k in ("bandwidth_gbs", "flops", "source", "device", "dtype", "cache")},
+        "peaks": {k: peaks.get(k) for k in ("bandwidth_gbs", "flops", "source", "bandwidth_source", "flops_source",
+                                            "device", "dtype", "cache")},  # fmt: skip
         "decode": {
             "bytes_per_step": dec.bytes,
             "flops_per_step": dec.flops,

@@ -28,18 +28,18 @@ def test_decode_counts_fp32_by_hand():
     # weights minus the embedding table (only one row of it is read): 4448 - 1024 + 32 = 3456 bytes;
     # KV cache: K and V of 1 head x 4 dims x 4 bytes = 32 bytes per position, read over 10 and one written = 352
     assert c.bytes == 3456 + 352
-    # 2 FLOPs per weight of the linears (832) plus attention 4 x 2 heads x 4 dims x 10 positions
-    assert c.flops == 2 * 832 + 320
-    assert c.intensity == pytest.approx((2 * 832 + 320) / (3456 + 352))
+    # 2 FLOPs per weight of the linears (832) plus attention 4 x 2 heads x 4 dims x 11 positions (10 and its own)
+    assert c.flops == 2 * 832 + 352
+    assert c.intensity == pytest.approx((2 * 832 + 352) / (3456 + 352))
 
 
 def test_decode_counts_scale_with_rows_and_follow_int8_weights():
     four = decode_counts(ARGS, FP32_BYTES, rows=4, context=10, elem=4)
-    assert four.bytes == 3456 - 32 + 4 * 32 + 4 * 352 and four.flops == 4 * (2 * 832 + 320)
+    assert four.bytes == 3456 - 32 + 4 * 32 + 4 * 352 and four.flops == 4 * (2 * 832 + 352)
     # int8 linears (832 bytes, scales ignored here) with the embedding table and norms still fp32
     int8_bytes = 832 + (256 + 24) * 4
     c = decode_counts(ARGS, int8_bytes, rows=1, context=10, elem=4)
-    assert c.bytes == int8_bytes - 1024 + 32 + 352 and c.flops == 2 * 832 + 320  # fewer bytes, same FLOPs
+    assert c.bytes == int8_bytes - 1024 + 32 + 352 and c.flops == 2 * 832 + 352  # fewer bytes, same FLOPs
 
 
 def test_decode_counts_of_a_structurally_pruned_model():
@@ -47,7 +47,7 @@ def test_decode_counts_of_a_structurally_pruned_model():
     linear = 128 + 64 + 3 * 8 * 8 + 256
     stored = (linear + 256 + 24) * 4
     c = decode_counts(pruned, stored, rows=1, context=10, elem=4)
-    assert c.bytes == stored - 1024 + 32 + 352 and c.flops == 2 * linear + 320
+    assert c.bytes == stored - 1024 + 32 + 352 and c.flops == 2 * linear + 352
 
 
 def test_prefill_counts_by_hand():
@@ -61,12 +61,35 @@ def test_prefill_counts_by_hand():
 def test_roofline_section_rates_and_utilizations():
     peaks = {"bandwidth_gbs": 10.0, "flops": 1e11, "source": "config"}
     r = roofline(ARGS, FP32_BYTES, 4, rows=1, prompt_len=10, gen_len=3, tpot_ms=0.001, ttft_ms=0.01, peaks=peaks)
-    dec = decode_counts(ARGS, FP32_BYTES, 1, 11.0, 4)  # mean context over decode steps: 10 + (3 - 1) / 2
-    assert r["decode"]["mean_context"] == 11.0 and r["decode"]["bytes_per_step"] == dec.bytes
+    # gen_len 3: two timed decode steps, at positions 10 and 11, attending 10 and 11 cached positions
+    dec = decode_counts(ARGS, FP32_BYTES, 1, 10.5, 4)
+    assert r["decode"]["mean_context"] == 10.5 and r["decode"]["bytes_per_step"] == dec.bytes
     assert r["decode"]["achieved_gbs"] == pytest.approx(dec.bytes / 1e-6 / 1e9)
     assert r["decode"]["mbu"] == pytest.approx(dec.bytes / 1e-6 / 10e9)
     pre = prefill_counts(ARGS, FP32_BYTES, 1, 10, 4)
     assert r["prefill"]["mfu"] == pytest.approx(pre.flops / 1e-5 / 1e11)
+
+
+def test_a_tied_table_whose_head_was_replaced_is_not_counted_as_read(tmp_path):
+    """`quantized engine.layers=[all]` on a tied model: the head is an int8 copy, the fp32 table stays stored and
+    only one row of it is read a step. Counting it whole (as `tie_embeddings` alone says) overstates MBU."""
+    from engines.base import PrepareContext, make_engine, weight_bytes
+    from engines.llama import Transformer
+    from harness.roofline import unread_table_bytes
+
+    args = ModelArgs(vocab_size=512, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, intermediate_size=128,
+                     max_seq_len=64, tie_embeddings=True)  # fmt: skip
+    ref = Transformer.build(args)
+    assert unread_table_bytes(ref) == 0  # the head reads the table: counted as the head's weights
+    engine = make_engine({"name": "quantized", "scheme": "int8_weight_only", "layers": ["all"]})
+    q = engine.prepare(ref, PrepareContext(torch.device("cpu"), torch.float32, 0, "t", args, tmp_path))
+    table = args.vocab_size * args.dim * 4
+    assert unread_table_bytes(q) == table
+    stored = weight_bytes(q)
+    c = decode_counts(args, stored, rows=1, context=10, elem=4, table_bytes=unread_table_bytes(q))
+    kv = 2 * args.n_kv_heads * args.head_dim * 4 * 11
+    assert type(q.output).__name__ != "Linear" and c.bytes == stored - table + 64 * 4 + kv
+    assert decode_counts(args, stored, rows=1, context=10, elem=4).bytes == c.bytes + table  # the overcount
 
 
 @pytest.fixture()
@@ -109,6 +132,9 @@ def test_overridden_peaks_are_neither_measured_nor_cached(tmp_path, peak_calls):
     # one override: only the other peak is measured and cached
     bw_only = device_peaks(cpu, torch.float32, "fp1", tmp_path, {"bandwidth_gbs": 50.0, "tflops": None})
     assert calls == ["fl"] and bw_only["bandwidth_gbs"] == 50.0 and bw_only["flops"] == 1e11
+    # each figure says what it stands on: MFU on a measured peak, MBU on the configured one
+    assert (bw_only["bandwidth_source"], bw_only["flops_source"]) == ("config", "measured")
+    assert bw_only["source"] == "bandwidth config, flops measured"
     assert "bandwidth_gbs" not in json.loads(cache.read_text())
     # without overrides the missing peak is measured, the cached one kept
     plain = device_peaks(cpu, torch.float32, "fp1", tmp_path, {})
