@@ -208,6 +208,25 @@ def git_state(path: Path | None = None) -> dict[str, Any]:
     return {"sha": None, "dirty": None, "repo": None}
 
 
+def nvml_handle(pynvml: Any, device: torch.device) -> Any:
+    """The NVML handle of the GPU torch calls ``device``. NVML numbers every GPU of the machine and ignores
+    ``CUDA_VISIBLE_DEVICES``, so torch's index would name another GPU (another job's) under a mask: the device
+    is looked up by its UUID, then by torch's own translation of the mask, and by index only where neither works
+    (no mask: the numbering agrees)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+        return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
+    except Exception:
+        pass
+    try:
+        return pynvml.nvmlDeviceGetHandleByIndex(torch.cuda._get_nvml_device_index(index))
+    except Exception:
+        if os.environ.get("CUDA_VISIBLE_DEVICES") not in (None, ""):
+            raise RuntimeError(f"cannot tell which NVML device is cuda:{index} under CUDA_VISIBLE_DEVICES") from None
+        return pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
 def cuda_info(device: torch.device) -> dict[str, Any]:
     """Device name, capability, memory, driver and clocks (clocks through NVML when it is installed)."""
     props = torch.cuda.get_device_properties(device)
@@ -222,7 +241,7 @@ def cuda_info(device: torch.device) -> dict[str, Any]:
         import pynvml
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        handle = nvml_handle(pynvml, device)
         info["driver"] = pynvml.nvmlSystemGetDriverVersion()
         info["sm_clock_mhz"] = pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
         info["mem_clock_mhz"] = pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM)

@@ -23,6 +23,8 @@ import numpy as np
 import psutil
 import torch
 
+from harness.env import nvml_handle
+
 RAPL = Path("/sys/class/powercap/intel-rapl:0")  # package 0
 RAPL_SOURCE = "rapl (package 0, whole system: every process on the package, not this point alone)"
 LABELS = {
@@ -48,12 +50,12 @@ def _reason(exc: BaseException) -> str:
 class _Nvml:
     """NVML readings of one GPU; each reading that fails once is dropped and its reason kept."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, device: torch.device) -> None:
         import pynvml
 
         self.nv = pynvml
         pynvml.nvmlInit()
-        self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        self.handle = nvml_handle(pynvml, device)
         self.missing: dict[str, str] = {}
         self.gpm = self._gpm_setup()
 
@@ -146,11 +148,12 @@ class Sampler:
         self.backend = "psutil"
         if device.type == "cuda":
             try:
-                self._nvml = _Nvml(device.index or 0)
+                self._nvml = _Nvml(device)
                 self.backend = "nvml+psutil"
             except Exception as exc:
                 self.missing["gpu"] = f"NVML unavailable: {_reason(exc)}"
-        rapl_ok = self._nvml is None and _rapl_uj(self._rapl) is not None
+        # RAPL counts the CPU package: a GPU point without NVML has no energy figure rather than the CPU's
+        rapl_ok = device.type == "cpu" and _rapl_uj(self._rapl) is not None
         self._energy_source = "nvml_total_energy" if self._nvml else (RAPL_SOURCE if rapl_ok else None)
         if self._energy_source is None:
             why = "no NVML for this device" if device.type == "cuda" else f"RAPL not readable ({self._rapl} absent)"

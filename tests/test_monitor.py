@@ -92,6 +92,54 @@ def test_rapl_wrap_without_a_readable_range_is_missing_not_negative(tmp_path):
     assert "wrapped" in out["missing"]["energy"] and "max_energy_range_uj" in out["missing"]["energy"]
 
 
+def test_a_gpu_point_without_nvml_never_reports_the_cpu_package_energy(tmp_path, monkeypatch):
+    """RAPL counts the CPU package: where NVML cannot start, a CUDA point's energy is missing, not the CPU's."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml fails, as without the package
+    zone = _fake_rapl(tmp_path, 1_000_000, max_range_uj=262_143_328_850)
+    with Sampler(torch.device("cuda", 0), interval_s=0.02, rapl=zone) as s:
+        (zone / "energy_uj").write_text("51000000\n")  # the package spent 50 J
+    out = s.result(tokens=100)
+    assert out["energy_j"] is None and out["energy_j_per_token"] is None and out["energy_source"] is None
+    assert out["missing"]["energy"] == "no NVML for this device"
+
+
+class _FakeNvml:
+    """pynvml's two lookups over a machine of GPUs GPU-a, GPU-b, GPU-c (NVML numbers them all)."""
+
+    def __init__(self, uuid_lookup: bool = True) -> None:
+        self.uuids, self.uuid_lookup = ["GPU-a", "GPU-b", "GPU-c"], uuid_lookup
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        if not self.uuid_lookup:
+            raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+        return ("handle", self.uuids.index(uuid))
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return ("handle", index)
+
+
+def test_nvml_watches_the_gpu_torch_runs_on_under_cuda_visible_devices(monkeypatch):
+    """CUDA_VISIBLE_DEVICES=2: torch's cuda:0 is NVML's device 2. By index, the monitor would read another
+    job's GPU (its utilization, power and energy)."""
+    from types import SimpleNamespace
+
+    from harness.env import nvml_handle
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid="c"))
+    assert nvml_handle(_FakeNvml(), torch.device("cuda", 0)) == ("handle", 2)
+    # without a UUID lookup, torch's translation of the mask; where that fails too, an error, not a wrong GPU
+    monkeypatch.setattr(torch.cuda, "_get_nvml_device_index", lambda i: 2)
+    assert nvml_handle(_FakeNvml(uuid_lookup=False), torch.device("cuda", 0)) == ("handle", 2)
+    monkeypatch.setattr(torch.cuda, "_get_nvml_device_index", lambda i: 1 / 0)
+    with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES"):
+        nvml_handle(_FakeNvml(uuid_lookup=False), torch.device("cuda", 0))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # no mask: the numbering agrees
+    assert nvml_handle(_FakeNvml(uuid_lookup=False), torch.device("cuda", 1)) == ("handle", 1)
+
+
 def test_without_rapl_energy_is_missing_with_the_reason(tmp_path):
     with Sampler(torch.device("cpu"), interval_s=0.02, rapl=tmp_path / "absent") as s:
         pass
