@@ -22,13 +22,14 @@ from engines.generate import generate, setup_caches
 
 CATEGORIES = ("matmul", "attention", "norm", "elementwise", "copy", "other")
 _RULES = [
-    ("attention", r"scaled_dot_product|flash_attention|efficient_attention|softmax|attn|attention"),
+    # softmax of attention scores (SDPA's math path); not log_softmax, which beam search runs over the vocabulary
+    ("attention", r"scaled_dot_product|flash|fmha|efficient_attention|(?<!log_)softmax|attn|attention"),
     ("matmul", r"(^|::)(mm|addmm|bmm|baddbmm|matmul|linear|dot|gemv|gemm)\b|_weight_int\d+pack_mm|quantized::linear|"
-               r"int8|int4|fp8|_scaled_mm|cutlass|sgemm|hgemm|wgmma|ampere_|sm90_"),
+               r"int8|int4|fp8|_scaled_mm|cutlass|cublas|gemm|gemv|xmma|sgemm|hgemm|wgmma|ampere_|sm90_"),
     ("norm", r"rsqrt|(^|::)mean\b|(^|::)pow\b|norm"),
     ("copy", r"copy|(^|::)to\b|_to_copy|contiguous|clone|index_copy|index_select|cat|stack|memcpy|memset|empty"),
     ("elementwise", r"(^|::)(add|mul|sub|div|silu|gelu|neg|exp|cos|sin|where|argmax|topk|masked_fill|fill_)|"
-                    r"elementwise|vectorized|unrolled"),
+                    r"elementwise|vectorized|unrolled|log_softmax|swiglu|rope"),
 ]  # fmt: skip
 
 
@@ -68,10 +69,16 @@ class _ProfilingClock:
 
 
 def _self_times_ms(prof: profile, device: torch.device) -> dict[str, float]:
-    """Self time per op name: device (kernel) time on CUDA, host time on CPU."""
+    """Self time per op name: host time on CPU; on CUDA, kernel time per kernel. The profiler lists each kernel
+    twice, as its own device event and inside the CPU op that launched it (a kernel launched outside any op, a
+    Triton kernel's, only the first way): only device events are counted, as torch's own table does."""
+    from torch.autograd import DeviceType
+
     out: dict[str, float] = {}
     for evt in prof.key_averages():
         if device.type == "cuda":
+            if evt.device_type == DeviceType.CPU or getattr(evt, "is_user_annotation", False):
+                continue
             us = getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)
         else:
             us = evt.self_cpu_time_total

@@ -236,7 +236,7 @@ def _check_int8() -> None:
 
 @pytest.mark.parametrize("module,kernel,check", [
     ("rmsnorm", "_add_rmsnorm_kernel", _check_rmsnorm), ("swiglu", "_swiglu_kernel", _check_swiglu),
-    ("rope", "_rope_kernel", _check_rope), ("attention", "_split_kernel", _check_attention),
+    ("rope", "_rope_kernel", _check_rope), ("attention", "_decode_attention_split_kernel", _check_attention),
     ("int8_gemv", "_int8_matmul_kernel", _check_int8),
 ])  # fmt: skip
 def test_every_gpu_autotune_config_computes_the_same(module, kernel, check):

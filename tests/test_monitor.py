@@ -154,6 +154,36 @@ def test_categories():
     assert categorize("aten::mul") == "elementwise" and categorize("aten::silu") == "elementwise"
     assert categorize("aten::index_copy_") == "copy" and categorize("aten::_to_copy") == "copy"
     assert categorize("aten::as_strided") == "other"
+    # beam search's log-softmax over the vocabulary is not attention; SDPA's math-path softmax is
+    assert categorize("aten::_log_softmax") == "elementwise" and categorize("aten::_softmax") == "attention"
+    # CUDA kernels by their own names: cuBLAS, flash attention, this project's Triton kernels
+    assert categorize("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert categorize("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>") == "attention"
+    assert categorize("_decode_attention_split_kernel") == categorize("_decode_attention_merge_kernel") == "attention"
+    assert categorize("_add_rmsnorm_kernel") == "norm" and categorize("_int8_matmul_kernel") == "matmul"
+    assert categorize("_swiglu_kernel") == categorize("_rope_kernel") == "elementwise"
+
+
+def test_cuda_kernel_time_is_counted_once():
+    """torch's profiler lists a kernel as its own device event and again inside the op that launched it; the
+    breakdown counts the kernel, as torch's own table does (no GPU needed: the events are built by hand)."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+
+    from harness.profiling import _self_times_ms
+
+    op = FunctionEvent(1, "aten::mm", thread=0, start_us=0, end_us=20, use_device="cuda", stack=[], input_shapes=[])
+    kernel = FunctionEvent(2, "sm90_xmma_gemm_f32f32", thread=0, start_us=30, end_us=130, use_device="cuda",
+                           device_type=DeviceType.CUDA, stack=[], input_shapes=[])  # fmt: skip
+    op.append_kernel(kernel.name, 0, 100)
+    events = EventList([op, kernel], use_device="cuda")
+    events._build_tree()
+
+    class Prof:
+        def key_averages(self):
+            return events.key_averages()
+
+    assert _self_times_ms(Prof(), torch.device("cuda")) == {"sm90_xmma_gemm_f32f32": pytest.approx(0.1)}
 
 
 def test_a_point_records_monitor_roofline_and_profile(run_harness, tmp_path):

@@ -35,7 +35,7 @@ MIN_SPLIT = 64  # positions per chunk at least: shorter chunks cost more in merg
 
 @triton.autotune(configs=_CONFIGS, key=["G", "D", "SPLIT_LEN"])
 @triton.jit
-def _split_kernel(
+def _decode_attention_split_kernel(
     Q, K, V, POS, PART, M, L, qk_scale, HQ, HKV, NUM_SPLITS, SPLIT_LEN, D,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     G: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -79,7 +79,7 @@ def _split_kernel(
 
 
 @triton.jit
-def _merge_kernel(PART, M, L, OUT, NUM_SPLITS, D, SPLITS_PAD: tl.constexpr, D_PAD: tl.constexpr):
+def _decode_attention_merge_kernel(PART, M, L, OUT, NUM_SPLITS, D, SPLITS_PAD: tl.constexpr, D_PAD: tl.constexpr):
     row = tl.program_id(0)
     sp = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, D_PAD)
@@ -121,14 +121,14 @@ def decode_attention(
     m = torch.empty(b * hq, splits, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)  # noqa: E741
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 stays fp32 (no TF32 rounding)
-    _split_kernel[(b * hkv, splits)](
+    _decode_attention_split_kernel[(b * hkv, splits)](
         q, k_cache, v_cache, input_pos, part, m, l, LOG2E / math.sqrt(d), hq, hkv, splits, split_len, d,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), D_PAD=max(16, triton.next_power_of_2(d)),
         PRECISION=precision,
     )  # fmt: skip
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
-    _merge_kernel[(b * hq,)](
+    _decode_attention_merge_kernel[(b * hq,)](
         part, m, l, out, splits, d, SPLITS_PAD=triton.next_power_of_2(splits), D_PAD=triton.next_power_of_2(d)
     )
     return out
