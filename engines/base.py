@@ -168,7 +168,10 @@ def _load_all() -> None:
             log.warning("engine entry point %r failed to load: %s", ep.name, exc)
             continue
         if isinstance(obj, type) and issubclass(obj, Engine):
-            register(obj)
+            try:
+                register(obj)
+            except TypeError as exc:  # a name another engine holds: this plugin is left out, the others load
+                log.warning("engine entry point %r not registered: %s", ep.name, exc)
 
 
 def engine_names() -> list[str]:

@@ -99,6 +99,17 @@ class PrunedParams:
         for name in ("calibration_seqs", "calibration_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine.{name}: must be >= 1, got {getattr(self, name)}")
+        if not self.calibrates():
+            # no calibration behind this method: the fields go back to their defaults, so that a sweep crossing
+            # them with wanda (engine.method=magnitude,wanda engine.calibration_seqs=64) labels and keys the
+            # magnitude point as what it is, the same model as without them
+            for name, f in PrunedParams.__dataclass_fields__.items():
+                if name.startswith("calibration_"):
+                    object.__setattr__(self, name, f.default)
+
+    def calibrates(self) -> bool:
+        """Whether the method scores weights by calibration activations (wanda, structured, 2:4 by wanda)."""
+        return self.method == "structured" or self.resolved_score() == "wanda"
 
     def resolved_format(self) -> str:
         if self.format != "auto":

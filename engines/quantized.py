@@ -60,6 +60,8 @@ class QuantizedParams:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"engine.{name}: {getattr(self, name)!r} is not allowed; allowed: "
                                  f"{', '.join(map(str, allowed))}")  # fmt: skip
+        if self.scheme != "int4_weight_only":  # per-channel scales: no groups, the point is the same model
+            object.__setattr__(self, "group_size", QuantizedParams.__dataclass_fields__["group_size"].default)
         check_layers(self.layers)
 
 

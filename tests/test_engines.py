@@ -105,13 +105,19 @@ def test_entry_points_register_third_party_engines(monkeypatch, caplog):
                 raise self.obj
             return self.obj
 
-    eps = [EP("plugin-test", PluginEngine), EP("broken", ImportError("missing dependency"))]
+    class Clash(Engine):  # a plugin whose name a built-in engine holds
+        name = "eager"
+
+    eps = [EP("clash", Clash), EP("broken", ImportError("missing dependency")), EP("plugin-test", PluginEngine)]
     monkeypatch.setattr(base, "entry_points", lambda group: eps if group == "harness.engines" else [])
     monkeypatch.setattr(base, "_LOADED", False)
     monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
     with caplog.at_level(logging.WARNING):
         assert "plugin-test" in engine_names()
     assert "broken" in caplog.text and "missing dependency" in caplog.text
+    # the clashing one is left out with a warning; the built-in keeps its name, the plugins after it load
+    assert "'clash' not registered" in caplog.text and "engine name 'eager' is taken" in caplog.text
+    assert base.get_engine_class("eager") is not Clash
 
 
 def test_weight_bytes_counts_tied_weights_once_and_prefers_the_models_own():

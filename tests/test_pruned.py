@@ -273,6 +273,14 @@ def test_invalid_params_are_refused_naming_the_field():
     for pattern, params in cases.items():
         with pytest.raises(EngineError, match=pattern):
             make_engine({"name": "pruned", **params})
+    # calibration fields of a method without calibration stay out of its label and point key: a sweep that
+    # crosses them with wanda measures the magnitude point as the model it is
+    given = {"calibration_seqs": 8, "calibration_seq_len": 64, "calibration_seed": 1}
+    for params in ({"method": "magnitude"}, {"method": "2:4", "score": "magnitude"}):
+        plain = make_engine({"name": "pruned", **params})
+        assert make_engine({"name": "pruned", **params, **given}).param_dict() == plain.param_dict()
+    for method in ("wanda", "structured", "2:4"):  # these calibrate (2:4 by wanda unless told otherwise)
+        assert "calibration_seqs=8" in make_engine({"name": "pruned", "method": method, **given}).variant()
 
 
 def test_two_four_needs_sparse_tensor_cores_and_csr_needs_fp32(corpus, ref):

@@ -215,6 +215,10 @@ def test_params_are_validated_and_the_variant_names_the_scheme():
     assert make_engine({"name": "quantized"}).variant() == "quantized(scheme=int8_dynamic)"
     eng = make_engine({"name": "quantized", "scheme": "int4_weight_only", "group_size": 128, "layers": ["attention"]})
     assert eng.variant() == "quantized(scheme=int4_weight_only, group_size=128, layers=('attention',))"
+    # per-channel schemes have no groups: group_size does not make another point of the same model
+    same = make_engine({"name": "quantized", "scheme": "int8_weight_only", "group_size": 32})
+    assert same.param_dict() == make_engine({"name": "quantized", "scheme": "int8_weight_only"}).param_dict()
+    assert same.variant() == "quantized(scheme=int8_weight_only)"
     for params, msg in [
         ({"scheme": "int3"}, r"engine.scheme: 'int3' is not allowed; allowed: int8_dynamic, int8_weight_only"),
         ({"group_size": 48}, r"engine.group_size: 48 is not allowed; allowed: 32, 64, 128, 256"),

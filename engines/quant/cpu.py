@@ -122,7 +122,7 @@ class DynamicInt8Linear(QuantLinear):
 
 class Int8WeightOnlyLinear(QuantLinear):
     scheme = "int8_weight_only"
-    kernel = "aten._weight_int8pack_mm (int8 weights read by the kernel, bf16 activations)"
+    kernel = "aten._weight_int8pack_mm (int8 weights read by the kernel)"  # activations: engine_info's
 
     def __init__(self, linear: nn.Linear, group_size: int = 0, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__(linear.in_features, linear.out_features)
@@ -142,7 +142,7 @@ class Int8WeightOnlyLinear(QuantLinear):
 
 class Int4WeightOnlyLinear(QuantLinear):
     scheme = "int4_weight_only"
-    kernel = "aten._weight_int4pack_mm_for_cpu (int4 weights, two per byte, bf16 activations)"
+    kernel = "aten._weight_int4pack_mm_for_cpu (int4 weights, two per byte)"  # activations: engine_info's
 
     def __init__(self, linear: nn.Linear, group_size: int, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__(linear.in_features, linear.out_features)
