@@ -292,7 +292,7 @@ def status_verdict(b: Mapping[str, Any], c: Mapping[str, Any]) -> Verdict | None
     detail = f": {err}" if isinstance(err, str) and err else ""
     if sb == "ok" and sc in FAILED_STATUSES:
         return Verdict(REGRESSION, f"ok in BASE, {sc} in CAND{detail}", mode="status")
-    if sb != "ok" and sc == "ok":
+    if sb in FAILED_STATUSES and sc == "ok":  # skipped in BASE: nothing was measured there to improve on
         return Verdict(IMPROVEMENT, f"{sb} in BASE{detail}, ok in CAND", mode="status")
     return Verdict(UNKNOWN, f"{sb} in BASE, {sc} in CAND{detail}", mode="status")
 
@@ -358,6 +358,11 @@ def compare(base: pd.DataFrame, cand: pd.DataFrame, settings: Settings | None = 
         if missing:
             raise GateInputError(f"{side}: no column(s) {', '.join(missing)} to match points on")
     notes: list[str] = []
+    for i, rule in enumerate(settings.thresholds.rules):  # a misspelt column would match nothing, silently
+        absent = [col for col in rule.match if col not in base.columns and col not in cand.columns]
+        if absent:
+            notes.append(f"thresholds: points[{i}]: no column {', '.join(map(repr, absent))} in BASE or CAND: "
+                         "the rule applies to no point")  # fmt: skip
     base, cand = _dedupe(base, on, "BASE", notes), _dedupe(cand, on, "CAND", notes)
     both = pd.concat([base.assign(_side="base"), cand.assign(_side="cand")], ignore_index=True)
     both["_label"] = point_labels(both)

@@ -243,12 +243,14 @@ def test_failures_in_the_candidate_are_regressions_and_skips_unknown(tmp_path, s
     base = write_side(tmp_path, "base", synthetic_point, [
         point_samples(2.0, batch_size=1), point_samples(2.0, batch_size=2), point_samples(2.0, batch_size=4),
         {"batch_size": 8, "status": "failed", "error": "RuntimeError: boom"},
+        {"batch_size": 16, "status": "skipped", "error": "needs CUDA"},
     ])  # fmt: skip
     cand = write_side(tmp_path, "cand", synthetic_point, [
         {"batch_size": 1, "status": "oom", "error": "OutOfMemoryError: CUDA out of memory"},
         {"batch_size": 2, "status": "skipped", "error": "needs CUDA"},
         point_samples(2.0, batch_size=4),
         point_samples(2.0, batch_size=8),
+        point_samples(2.0, batch_size=16),
     ])  # fmt: skip
     rows = compare(base, cand).rows.set_index("label")
     assert rows.loc["eager · tiny · b1", "verdict"] == REGRESSION
@@ -257,6 +259,22 @@ def test_failures_in_the_candidate_are_regressions_and_skips_unknown(tmp_path, s
         rows.loc["eager · tiny · b2", "verdict"] == UNKNOWN and "needs CUDA" in rows.loc["eager · tiny · b2", "reason"]
     )
     assert rows.loc["eager · tiny · b8", "verdict"] == IMPROVEMENT  # fixed
+    # skipped in BASE (its engine could not run there): nothing was measured to improve on
+    assert rows.loc["eager · tiny · b16", "verdict"] == UNKNOWN
+    assert rows.loc["eager · tiny · b16", "reason"].startswith("skipped in BASE")
+
+
+def test_a_point_rule_on_a_column_neither_side_has_is_named(tmp_path, synthetic_point):
+    """`match: {varaint: ...}` would match no point and leave the default threshold in force without a word."""
+    base = write_side(tmp_path, "base", synthetic_point, [point_samples(2.0)])
+    cand = write_side(tmp_path, "cand", synthetic_point, [point_samples(2.4)])
+    wide = {"tpot_ms": 0.5}
+    rules = Thresholds.from_dict({"points": [{"match": {"varaint": "eager*"}, "thresholds": wide},
+                                             {"match": {"variant": "eager*"}, "thresholds": wide}]})  # fmt: skip
+    result = compare(base, cand, Settings(metrics=("tpot_ms",), thresholds=rules))
+    assert "thresholds: points[0]: no column 'varaint' in BASE or CAND: the rule applies to no point" in result.notes
+    assert not any("points[1]" in note for note in result.notes)
+    assert result.rows.verdict.tolist() == [NO_CHANGE]  # the second rule's 50% applies
 
 
 def test_few_samples_and_no_common_point(tmp_path, synthetic_point):
