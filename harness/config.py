@@ -231,6 +231,12 @@ def _policy(p: dict[str, Any]) -> Policy:
     for key in ("warmup_s", "warmup_max_s", "max_time_s", "warmup_stable_rel"):
         if key in p:
             _number(p[key], f"measure.{key}", 0.0)
+    if "warmup_s" in p or "warmup_max_s" in p:  # the cap on waiting for stability cannot cut the minimum time
+        least = p.get("warmup_s", Policy.warmup_s)
+        most = p.get("warmup_max_s", Policy.warmup_max_s)
+        if most < least:
+            raise ConfigError(f"measure.warmup_max_s: {most} is below measure.warmup_s={least}, the least warm-up "
+                              f"time; give warmup_max_s >= warmup_s")  # fmt: skip
     if "target_ci" in p:
         _number(p["target_ci"], "measure.target_ci", 0.0, strict=True)
     if p.get("timeout_s") is not None:

@@ -40,6 +40,7 @@ def test_default_config_is_valid(compose_cfg):
         (["+engine.bits=4"], r"^engine\.bits: not a parameter of engine 'eager'; allowed: \(none\)$"),
         (["measure.max_reps=2", "measure.min_reps=5"], r"^measure\.max_reps: must be >= measure\.min_reps=5, got 2$"),
         (["measure.target_ci=0"], r"^measure\.target_ci: must be > 0"),
+        (["measure.warmup_max_s=0.1"], r"^measure\.warmup_max_s: 0\.1 is below measure\.warmup_s=0\.5, the least "),
         (["seed=-3"], r"^seed: must be an integer >= 0, got -3$"),
         (["threads=0"], r"^threads: 0 is not allowed; allowed: auto, or an integer 1\.\.\d+ \(usable CPUs\)$"),
         (["threads=many"], r"^threads: 'many' is not allowed; allowed: auto, or an integer 1\.\.\d+"),
