@@ -96,13 +96,15 @@ def task(cfg: DictConfig) -> dict[str, Any]:
     prefix = progress_text(progress(sweep_dir, job)) + " " if multirun else ""
     out_dir = job_dir = Path(hc.runtime.output_dir)
     key = point_key(identity(spec))
-    if spec.resume:
+    # the interleaved launcher timed it already, in turns with its group (a resumed point it measured again
+    # holds an ok record by now: that is this run's measurement, not an earlier one to skip)
+    measured = interleave.take(job_dir)
+    if measured is None and spec.resume:
         done = measured_ok(sweep_dir or job_dir, key)
         if done is not None:
             log.info("%s%s: already measured ok in %s, skipped (resume=true)", prefix, _describe(spec), done)
             return {"status": "ok", "point_key": key, "resumed": str(done)}
     log.info("%s%s", prefix, _describe(spec))
-    measured = interleave.take(job_dir)  # the interleaved launcher timed it already, in turns with its group
     if measured is None and spec.resume:
         out_dir = record_dir(sweep_dir or job_dir, job_dir, key)
         if out_dir != job_dir:

@@ -49,6 +49,25 @@ def test_resume_in_another_order_keeps_every_good_record(run_harness, tmp_path, 
         assert f"already measured ok in {(sweep / str(job) / RECORD_NAME).resolve()}, skipped" in text
 
 
+def test_a_resumed_point_the_interleaved_launcher_measures_again_is_reported_measured(run_harness, tmp_path, capsys):
+    """The launcher re-measures a point whose earlier record failed and writes it ok before the job's task runs:
+    the task reports that measurement, it does not take its own fresh record for an earlier one to skip."""
+    sweep = tmp_path / "sweep"
+    args = ["run", "-m", "engine=eager", "workload.batch_size=1", *QUICK, "hydra/launcher=interleaved",
+            f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    assert run_harness(*args) == 0
+    path = sweep / "0" / RECORD_NAME
+    rec = json.loads(path.read_text())
+    rec.update(status="failed", error="RuntimeError: boom")
+    write_record(path.parent, rec)
+    capsys.readouterr()
+    assert run_harness(*args, "resume=true") == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "already measured ok" not in text and "  ok: TTFT p50" in text, text[-3000:]
+    assert load(sweep).status.tolist() == ["ok"]
+
+
 def test_measured_ok_rechecks_the_record_it_indexed(tmp_path, synthetic_point):
     forget_ok_index()
     one = synthetic_point(tmp_path / "0", ttft=[5.0] * 3, tpot=[1.0] * 3, batch_size=1)
