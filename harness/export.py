@@ -48,6 +48,8 @@ from harness.records import (
 log = logging.getLogger(__name__)
 
 FORMATS = ("pytest-benchmark", "csv", "parquet", "json")
+# exports that keep the unreadable records' and missing points' messages, so a gate reading them still exits 2
+CARRY_ERRORS = (".json", ".parquet")
 TABLE_FORMAT = "llm-inference-harness.table"
 TABLE_VERSION = 1
 SAMPLE_PREFIX = "samples."
@@ -125,6 +127,7 @@ def read_points(path: str | Path) -> pd.DataFrame:
             df, errors = _read_json_table(path)
         elif suffix == ".parquet":
             df = pd.read_parquet(path)
+            errors = [str(e) for e in df.attrs.get("errors", [])]  # pandas keeps attrs in the file's metadata
         elif suffix == ".csv":
             df = pd.read_csv(path)
         else:
@@ -138,7 +141,7 @@ def read_points(path: str | Path) -> pd.DataFrame:
     if df.empty or "status" not in df.columns:
         raise ExportError(f"{path}: the table has no points")
     df = _normalize(df)
-    df.attrs["errors"], df.attrs["source"] = errors if suffix == ".json" else [], suffix.lstrip(".")
+    df.attrs["errors"], df.attrs["source"] = errors if suffix in CARRY_ERRORS else [], suffix.lstrip(".")
     return df
 
 

@@ -294,4 +294,10 @@ def export_main(argv: Sequence[str]) -> int:
         left = ", ".join(f"{n} {why}" for why, n in info["left_out"].items() if n)
         what += f" as {info['benchmarks']} benchmarks" + (f" (left out: {left})" if left else "")
     (sys.stderr if to_stdout else sys.stdout).write(f"Exported {what} to {'stdout' if to_stdout else out}\n")
+    errors = df.attrs.get("errors", [])
+    if errors and opts.format in ("csv", "pytest-benchmark"):
+        # the file has no place for them: a gate reading it would pass points it never saw
+        sys.stderr.write(f"harness export: {opts.format} cannot carry the {len(errors)} record error(s) above; "
+                         "exit 2 (json and parquet keep them for harness compare)\n")  # fmt: skip
+        return 2
     return 0

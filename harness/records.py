@@ -213,18 +213,19 @@ def read_record(path: Path) -> dict[str, Any]:
 
 
 def find_records(paths: str | Path | Iterable[str | Path]) -> list[Path]:
-    """Record files under the given directories (recursively) and the given files, sorted, de-duplicated."""
+    """Record files under the given directories (recursively) and the given files, sorted, de-duplicated, as
+    absolute paths."""
     if isinstance(paths, str | Path):
         paths = [paths]
     found: set[Path] = set()
     for p in map(Path, paths):
         if p.is_dir():
-            found.update(p.rglob(RECORD_NAME))
+            found.update(q.resolve() for q in p.rglob(RECORD_NAME))
         elif p.exists():
-            found.add(p)
+            found.add(p.resolve())
         else:
             raise FileNotFoundError(f"{p}: no such file or directory")
-    return sorted(found)
+    return sorted(found)  # resolved: one directory named two ways (relative, absolute, a symlink) is read once
 
 
 # directory -> point key -> its records there, as (path, status), in path order

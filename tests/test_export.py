@@ -197,6 +197,25 @@ def test_export_names_a_corrupted_record_and_exports_the_rest(run_harness, synth
     assert len(doc["rows"]) == 2 and str(bad) in doc["errors"][0]
 
 
+@pytest.mark.parametrize(("fmt", "code"), [("json", 0), ("parquet", 0), ("csv", 2), ("pytest-benchmark", 2)])
+def test_a_gate_on_an_export_of_an_incomplete_sweep_is_never_green(run_harness, synthetic_sweep, tmp_path, capsys,
+                                                                  fmt, code):  # fmt: skip
+    """json and parquet carry the unreadable record's message, so `harness compare` on them exits 2 as on the
+    records; csv and pytest-benchmark have no place for it, so the export itself exits 2 (the file is written)."""
+    import shutil
+
+    clean = shutil.copytree(synthetic_sweep, tmp_path / "clean")
+    (synthetic_sweep / "1" / RECORD_NAME).write_text("{not json")
+    out = tmp_path / f"table.{fmt}"
+    assert run_harness("export", str(synthetic_sweep), "--format", fmt, "-o", str(out)) == code
+    assert out.exists()
+    if code:
+        assert f"{fmt} cannot carry the 1 record error(s)" in capsys.readouterr().err
+    else:
+        assert run_harness("compare", str(clean), str(clean)) == 0
+        assert run_harness("compare", str(clean), str(out)) == 2
+
+
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "json", "pytest-benchmark"])
 def test_every_export_format_replaces_the_file_atomically(run_harness, synthetic_sweep, tmp_path, capsys, fmt):
     out = tmp_path / "out" / f"table.{fmt}"

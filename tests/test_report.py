@@ -195,6 +195,21 @@ def test_speedups_and_labels_tell_weights_seeds_and_shapes_of_one_model_apart(tm
         assert eager[4:6] == ["1", "1"] and quant.split(tag)[1].split()[4:6] == ["2", "2"]
 
 
+def test_the_best_variants_perplexity_sits_beside_its_own_eagers(tmp_path):
+    """Two seeds of tiny (eager ppl 12 and 30): each best variant's cost is read against the eager of its seed."""
+    from harness.report.tables import summary_table
+
+    for job, (seed, ppl) in enumerate(((0, 12.0), (0, 12.5), (1, 30.0), (1, 30.5))):
+        variant = "eager" if job % 2 == 0 else "quantized(scheme=int8)"
+        record = _as(make_record(variant, "tiny", 1, job), 1.0, seed=seed)
+        record["quality"]["ppl"] = ppl
+        write_record(tmp_path / str(job), record)
+    html_rows = summary_table(prepare(load(tmp_path), env_labels=True)).split("<tr")
+    for tag, cost in (("seed 0", "12.5 (12)"), ("seed 1", "30.5 (30)")):
+        row = next(r for r in html_rows if f"tiny · {tag}" in r)
+        assert f"<td>{cost}</td>" in row, row
+
+
 def test_weights_trained_differently_are_told_apart(tmp_path):
     """`model.weights=trained train.steps=100,2000`: one shape, two checkpoints. Each variant is compared with the
     eager of its own checkpoint, and the labels tag the weights by their id."""

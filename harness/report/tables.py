@@ -143,11 +143,12 @@ def summary_table(df: pd.DataFrame) -> str:
 
 
 def _ppl_cost(best: pd.Series, ok: pd.DataFrame) -> str:
-    """The best variant's held-out perplexity next to eager's on the same model (what the speed costs)."""
+    """The best variant's held-out perplexity next to eager's in the same scenario (the same weights, seed and
+    shape: what the speed costs)."""
     ppl = best.get("ppl")
     if ppl is None or not np.isfinite(ppl):
         return "-"
-    base = ok[ok["variant"].eq("eager") & ok["model"].eq(best["model"])]["ppl"].dropna()
+    base = ok[ok["variant"].eq("eager") & ok["scenario"].eq(best["scenario"])]["ppl"].dropna()
     return f"{fmt(ppl)} ({fmt(base.iloc[0])})" if len(base) else fmt(ppl)
 
 
