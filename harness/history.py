@@ -4,7 +4,8 @@ Each sweep is stored under an id that hashes the content of its records (so addi
 wherever it was copied, changes nothing), with the git SHA of the measured code, its start time and its
 environment fingerprint. Each record is stored once: a later state of a stored sweep (resumed with
 ``resume=true``, which rewrites its failed records and its ``sweep.json``) supersedes it, where the two share a
-record (the same measurement, from wherever it was copied) or the resumed one is added from the same directory;
+record (the same measurement, from wherever it was copied) or, for a resumed sweep that rewrote every record, it
+is the newest sweep stored from the same directory before it (not an earlier commit's sweep of that folder);
 the points of the stored one that the new one holds again are replaced, its others are kept. A folder holding
 sweeps (``sweep.json`` below it, none of its own) is refused, naming the sweeps to add one by one.
 
@@ -239,11 +240,20 @@ def _later(a: str, b: str) -> bool:
         return False
 
 
+def _when(iso: str | None) -> datetime:
+    """An ISO-8601 time for ordering (unreadable ones first)."""
+    try:
+        when = datetime.fromisoformat(str(iso))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
 def _superseded(conn: sqlite3.Connection, sweep: Sweep) -> tuple[dict[str, list[str]], str | None]:
     """The stored points that ``sweep`` holds again, per stored sweep: those of the stored sweeps it is a later
-    state of (they share a record, or it was resumed in the directory they were added from) whose point it
-    holds. Second: the id of a stored sweep that ``sweep`` is an older state of (started later, holds all its
-    points), when there is one: then nothing is to be stored."""
+    state of (they share a record, or it rewrote every record resuming the newest one added from its directory)
+    whose point it holds. Second: the id of a stored sweep that ``sweep`` is an older state of (started later,
+    holds all its points), when there is one: then nothing is to be stored."""
     keys = {r["point_key"] for _, r in sweep.records if r.get("point_key")}
     hashes = {_content_hash(r) for _, r in sweep.records}
     starts = {str(r.get("started_at")) for _, r in sweep.records}
@@ -258,8 +268,13 @@ def _superseded(conn: sqlite3.Connection, sweep: Sweep) -> tuple[dict[str, list[
                 blob = conn.execute("SELECT record FROM points WHERE rowid = ?", (rowid,)).fetchone()[0]
                 if _content_hash(_unpack(blob)) in hashes:
                     related.add(sid)
-    if sweep.resumed:
-        related |= {r[0] for r in conn.execute("SELECT id FROM sweeps WHERE source = ?", (str(sweep.source),))}
+    if sweep.resumed and not related:
+        # every record rewritten (all had failed): the state it resumes is the newest one stored from its
+        # directory before it, not every sweep ever added from there (a folder CI measures afresh each time)
+        stored = conn.execute("SELECT id, started_at FROM sweeps WHERE source = ?", (str(sweep.source),)).fetchall()
+        before = [(started, sid) for sid, started in stored if not _later(started, sweep.started_at)]
+        if before:
+            related.add(max(before, key=lambda b: _when(b[0]))[1])
     drop: dict[str, list[str]] = {}
     for sid in sorted(related):
         started = conn.execute("SELECT started_at FROM sweeps WHERE id = ?", (sid,)).fetchone()[0]

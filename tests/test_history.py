@@ -15,7 +15,7 @@ from history_sweeps import BATCHES, N_COMMITS, SLOWDOWN, real_history  # noqa: F
 from harness import history
 from harness.dashboard.data import find_steps, history_frame
 from harness.progress import write_sweep_meta
-from harness.records import RECORD_NAME, point_key
+from harness.records import RECORD_NAME, point_key, write_record
 
 
 def _read(db):
@@ -247,6 +247,35 @@ def test_a_resumed_sweep_replaces_its_earlier_state_each_record_stored_once(
     assert run_harness("history", "add", str(sweep), str(before), "--db", str(db)) == 0
     assert capsys.readouterr().out.count("unchanged (already stored)") == 2
     assert _counts(db) == (1, 2, 0)
+
+
+def test_a_resume_that_rewrote_every_record_replaces_only_the_state_it_resumed(
+    tmp_path, synthetic_point, run_harness, capsys
+):
+    """CI measures one folder afresh for each commit and adds it; a retry with resume=true that re-measured every
+    point (all had failed) shares no record with what it resumes: it replaces the newest sweep stored from that
+    folder before it, not the earlier commits' sweeps."""
+    sweep, db = tmp_path / "ci", tmp_path / "h.sqlite"
+
+    def measure(started, status, resume=False):
+        for b in (1, 2):
+            rec = synthetic_point(sweep / str(b - 1), ttft=[5.0 * b] * 3, tpot=[1.0 * b] * 3, batch_size=b,
+                                  status=status, error=None if status == "ok" else "boom")  # fmt: skip
+            write_record(sweep / str(b - 1), {**rec, "started_at": started, "config": {"resume": resume}})
+        write_sweep_meta(sweep, {"started_at": started, "total": 2})
+        assert run_harness("history", "add", str(sweep), "--db", str(db)) == 0
+
+    measure("2026-11-20T12:00:00+00:00", "ok")
+    first = _read(db)[0].id.tolist()
+    shutil.rmtree(sweep)
+    measure("2026-11-21T12:00:00+00:00", "failed")
+    failed = [i for i in _read(db)[0].id if i not in first]
+    capsys.readouterr()
+    measure("2026-11-21T13:00:00+00:00", "ok", resume=True)
+    out = capsys.readouterr().out
+    assert f"replaced: sweep {failed[0]}" in out and f"replaced: sweep {first[0]}" not in out, out
+    sweeps, points = _read(db)
+    assert first[0] in sweeps.id.tolist() and len(sweeps) == 2 and len(points) == 4
 
 
 def test_a_later_state_replaces_only_the_points_it_holds_again(tmp_path, synthetic_point, run_harness, capsys):
