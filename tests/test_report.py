@@ -195,6 +195,28 @@ def test_speedups_and_labels_tell_weights_seeds_and_shapes_of_one_model_apart(tm
         assert eager[4:6] == ["1", "1"] and quant.split(tag)[1].split()[4:6] == ["2", "2"]
 
 
+def test_a_copied_sweep_reports_its_own_sweep_json_not_what_lies_at_its_old_path(tmp_path):
+    """Records name the folder they were measured in (``sweep.dir``); once the sweep is archived elsewhere and
+    another run uses the old folder, the report of the copy must not take that run's command or missing points."""
+    import shutil
+
+    from harness.progress import write_sweep_meta
+
+    original = tmp_path / "s1"
+    for job, variant in enumerate(("eager", "quantized(scheme=int8)")):
+        record = make_record(variant, "tiny", 1, job)
+        record["sweep"] = {"dir": str(original.resolve()), "job": job}
+        write_record(original / str(job), record)
+    write_sweep_meta(original, {"command": ["harness", "run", "THE-SWEEP"], "total": 2, "points": [[], []]})
+    archive = shutil.copytree(original, tmp_path / "archive")
+    shutil.rmtree(original)
+    write_sweep_meta(original, {"command": ["harness", "run", "ANOTHER-RUN"], "total": 3, "points": [[], [], []]})
+    _, _, metas = collect([archive])
+    assert [m["command"][-1] for m in metas] == ["THE-SWEEP"] and metas[0]["missing"] == []
+    _, _, metas = collect([archive / "1"])  # one job's folder: its sweep is the folder above
+    assert [m["command"][-1] for m in metas] == ["THE-SWEEP"]
+
+
 def test_the_best_variants_perplexity_sits_beside_its_own_eagers(tmp_path):
     """Two seeds of tiny (eager ppl 12 and 30): each best variant's cost is read against the eager of its seed."""
     from harness.report.tables import summary_table

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.progress import missing_points, read_sweep_meta
+from harness.progress import SWEEP_META, missing_points, read_sweep_meta
 from harness.records import RecordError, find_records, load, read_record, write_bytes_atomic
 from harness.report import figures, tables
 from harness.report.data import TIMELINE_MAX_POINTS, prepare, timeline_frame, with_sections
@@ -28,6 +28,15 @@ class ReportError(ValueError):
 
 def _as_list(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     return [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+
+
+def _sweep_of(record_path: str) -> Path | None:
+    """The sweep a record file lies in: the nearest folder above it with a sweep.json. Not the record's own
+    ``sweep.dir``: a sweep copied or moved elsewhere would read whatever now lies at the old path."""
+    for folder in Path(record_path).resolve().parents:
+        if (folder / SWEEP_META).is_file():
+            return folder
+    return None
 
 
 def collect(paths: Sequence[Path]) -> tuple[pd.DataFrame, list[dict[str, Any]], list[dict[str, Any]]]:
@@ -52,7 +61,7 @@ def collect(paths: Sequence[Path]) -> tuple[pd.DataFrame, list[dict[str, Any]], 
         except RecordError:  # replaced between load() and now; load() already named it if it was unreadable
             continue
     dirs = {Path(p).resolve() for p in paths if Path(p).is_dir()}
-    dirs |= {Path(d).resolve() for d in df["sweep_dir"].dropna().unique() if Path(d).is_dir()}
+    dirs |= {d for d in map(_sweep_of, df["record_path"].dropna().unique()) if d is not None}
     metas = []
     for d in sorted(dirs):
         meta = read_sweep_meta(d)
