@@ -217,6 +217,38 @@ def test_a_copied_sweep_reports_its_own_sweep_json_not_what_lies_at_its_old_path
     assert [m["command"][-1] for m in metas] == ["THE-SWEEP"]
 
 
+def _one_sweep(root, quant_slower=1.0, variants=("eager", "quantized(scheme=int8)")):
+    from harness.progress import write_sweep_meta
+
+    for job, variant in enumerate(variants):
+        slower = quant_slower if variant != "eager" else 1.0
+        write_record(root / str(job), _on_machine(make_record(variant, "tiny", 1, job), "env-a", slower=slower))
+    write_sweep_meta(root, {"command": ["harness", "run"], "total": len(variants), "points": [[]] * len(variants)})
+    return root
+
+
+def test_a_report_over_two_sweeps_of_the_same_points_keeps_each_sweep_apart(tmp_path):
+    """`harness report A B`, the same points measured twice on one machine (quantized 2x in A, 0.5x in B): each
+    sweep's variant is compared with its own eager, and no cell, line or label merges the two."""
+    a = _one_sweep(tmp_path / "a")
+    b = _one_sweep(tmp_path / "b", quant_slower=4.0)
+    df, records, _ = collect([a, b])
+    data = prepare(df, env_labels=True, sweep_labels=True)
+    assert set(data.scenario) == {"tiny · sweep a", "tiny · sweep b"} and data.label.nunique() == 4
+    quant = data[data.variant != "eager"].set_index("scenario").speedup_tpot
+    assert quant["tiny · sweep a"] == pytest.approx(2.0, rel=0.05)
+    assert quant["tiny · sweep b"] == pytest.approx(0.5, rel=0.05)
+    cells = [t.text for t in figures.speedup_heatmap(data).data]
+    assert len(cells) == 2  # one heatmap per sweep
+    # eager in one sweep, the variant in another (different points): read as one, the variant finds its eager
+    only_eager = _one_sweep(tmp_path / "e", variants=("eager",))
+    only_quant = _one_sweep(tmp_path / "q", variants=("quantized(scheme=int8)",))
+    df, _, _ = collect([only_eager, only_quant])
+    data = prepare(df, env_labels=True, sweep_labels=True)
+    assert set(data.scenario) == {"tiny"}
+    assert data[data.variant != "eager"].speedup_tpot.tolist() == [pytest.approx(2.0, rel=0.05)]
+
+
 def test_the_best_variants_perplexity_sits_beside_its_own_eagers(tmp_path):
     """Two seeds of tiny (eager ppl 12 and 30): each best variant's cost is read against the eager of its seed."""
     from harness.report.tables import summary_table

@@ -61,7 +61,10 @@ def collect(paths: Sequence[Path]) -> tuple[pd.DataFrame, list[dict[str, Any]], 
         except RecordError:  # replaced between load() and now; load() already named it if it was unreadable
             continue
     dirs = {Path(p).resolve() for p in paths if Path(p).is_dir()}
-    dirs |= {d for d in map(_sweep_of, df["record_path"].dropna().unique()) if d is not None}
+    sweeps = {p: _sweep_of(p) for p in df["record_path"].dropna().unique()}
+    dirs |= {d for d in sweeps.values() if d is not None}
+    # where each point was found (its sweep, or a single run's folder): several sweeps of one point are told apart
+    df["sweep_source"] = df["record_path"].map(lambda p: str(sweeps.get(p) or Path(p).parent))
     metas = []
     for d in sorted(dirs):
         meta = read_sweep_meta(d)
@@ -78,7 +81,8 @@ def build_html(
     title: str = "LLM inference benchmark report",
 ) -> str:
     """The report page for a table of points and its records."""
-    data = with_sections(prepare(df, env_labels=True), list(records))  # several machines: told apart
+    # several machines told apart, and several sweeps of the same points (each its own eager)
+    data = with_sections(prepare(df, env_labels=True, sweep_labels=True), list(records))
     tl, monitored = timeline_frame(data, list(records))
     profiled = int(
         data[[c for c in data.columns if c.startswith("profile_") and c.endswith("_ms")]].notna().any(axis=1).sum()

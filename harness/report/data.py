@@ -8,6 +8,7 @@ dashboard over many sweeps can reuse it unchanged.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,11 @@ MODEL_KEYS = ["weights", "seed", "n_params", "model_id"]
 # fields that differ, or ``weights <id>`` where only the training does
 SHAPE_KEYS = ["model", "weights", "seed", "n_params"]
 WORKLOAD_KEYS = ["prompt_len", "gen_len", "decoding", "num_beams", "device", "dtype", "threads"]
-SCENARIO_KEYS = ["model", *MODEL_KEYS, *WORKLOAD_KEYS, ENV_KEY]
+# which sweep a point comes from: a key only in a report over several sweeps that measured the same point on the
+# same machine (``harness report A B``, ``prepare(sweep_labels=True)``); empty elsewhere, so that eager from one
+# sweep still serves the variants of another
+SWEEP_KEY = "sweep_tag"
+SCENARIO_KEYS = ["model", *MODEL_KEYS, *WORKLOAD_KEYS, ENV_KEY, SWEEP_KEY]
 ENV_TAG_LEN = 8  # "env 3fa2c91b": the fingerprint's first characters name an environment in labels
 SPEEDUP_KEYS = [*SCENARIO_KEYS, "batch_size"]
 BASELINE = "eager"
@@ -57,6 +62,8 @@ def _scenario_label(row: pd.Series, varying: list[str]) -> str:
             parts.append(f"{n} thread" if n == "1" else f"{n} threads")
         elif key == ENV_KEY:
             parts.append(env_tag(value))
+        elif key == SWEEP_KEY:
+            parts.append(f"sweep {value}")
         elif key == "weights":
             parts.append(f"{value} weights")
         elif key == "seed":
@@ -98,7 +105,7 @@ def varying_keys(df: pd.DataFrame) -> list[str]:
     random larger shape needs no tag). The fingerprint counts only where two environments share a workload
     (several machines or stacks in one report), not where it follows from another key (a thread count is part of
     the fingerprint)."""
-    others = [k for k in SCENARIO_KEYS if k != ENV_KEY]
+    others = [k for k in SCENARIO_KEYS if k not in (ENV_KEY, SWEEP_KEY)]
 
     def varies(key: str) -> bool:
         if key == "model_id":
@@ -114,7 +121,26 @@ def varying_keys(df: pd.DataFrame) -> list[str]:
     measured = df[df["status"].eq("ok")] if "status" in df else df  # a point that failed early has no fingerprint
     if len(measured) and measured.groupby(others, dropna=False)[ENV_KEY].nunique(dropna=False).gt(1).any():
         keys.append(ENV_KEY)
+    if SWEEP_KEY in df and df[SWEEP_KEY].fillna("").ne("").any():
+        keys.append(SWEEP_KEY)
     return keys
+
+
+def sweep_tags(df: pd.DataFrame) -> pd.Series:
+    """Each row's sweep (``sweep_source``: the folder the report found it in, named by its last component, or
+    its path where two names agree) where some point was measured
+    in several sweeps in one environment; empty where none was (several sweeps of different points read as one:
+    eager in one, the variants in another)."""
+    empty = pd.Series("", index=df.index, dtype=object)
+    if df.empty or not {"sweep_source", "point_key", "fingerprint"} <= set(df.columns):
+        return empty
+    source = df["sweep_source"].astype(str)
+    key = df["point_key"].astype(str) + "@" + df["fingerprint"].astype(str)
+    if not source.groupby(key).nunique().gt(1).any():
+        return empty
+    names = source.map(lambda p: Path(p).name)
+    clash = names.groupby(names).transform(lambda n: source[n.index].nunique() > 1)
+    return names.where(~clash, source)
 
 
 def _model_tags(df: pd.DataFrame) -> pd.Series:
@@ -146,7 +172,7 @@ def _key_text(df: pd.DataFrame) -> pd.Series:
     return df[SPEEDUP_KEYS].map(_text).agg(" | ".join, axis=1)
 
 
-def prepare(df: pd.DataFrame, env_labels: bool = False) -> pd.DataFrame:
+def prepare(df: pd.DataFrame, env_labels: bool = False, sweep_labels: bool = False) -> pd.DataFrame:
     """The table plus the columns every figure uses.
 
     ``representative``; ``scenario`` (model and whatever of its weights, seed, shape or the workload fields vary;
@@ -160,9 +186,12 @@ def prepare(df: pd.DataFrame, env_labels: bool = False) -> pd.DataFrame:
     (``speed_verdict``);
     ``bytes_speedup`` (eager's decode bytes per step over the variant's: the TPOT speedup a decode bound by memory
     traffic alone would reach, so ``speedup_tpot`` below it is what per-step overhead and kernel efficiency keep);
-    decode tokens/s CI bounds mapped from the TPOT median's CI.
+    decode tokens/s CI bounds mapped from the TPOT median's CI. With ``sweep_labels`` (the report over several
+    sweeps), where a point was measured in more than one sweep in one environment, every row's scenario also
+    names its sweep (``sweep_tags``), and speedups compare within a sweep.
     """
     out = df.copy().reset_index(drop=True)
+    out[SWEEP_KEY] = sweep_tags(out) if sweep_labels else ""
     for key in SCENARIO_KEYS:  # a frame built by hand or by an older version may lack one (e.g. threads)
         if key not in out:
             out[key] = np.nan
