@@ -14,6 +14,7 @@ from atomic_files import old_file, replaced_not_rewritten
 from history_sweeps import BATCHES, SYNTHETIC_STEP, real_history, synthetic_history  # noqa: F401  (fixture)
 
 from harness import history
+from harness.records import write_record
 
 FIGURE = re.compile(
     r'<script type="application/json" class="figure-data" data-target="(plot-\d+)">(.*?)</script>', re.S
@@ -140,6 +141,21 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, run_harness, capsys):
         assert run_harness("dashboard", *args) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("harness dashboard: error: ") and message in err, err
+
+
+def test_a_newest_sweep_without_measured_points_is_named(tmp_path, synthetic_point, run_harness, capsys):
+    """The "newest sweep" chart can only draw ok points: a later sweep whose points all failed is named under it
+    rather than passed over in silence."""
+    db = tmp_path / "h.sqlite"
+    synthetic_point(tmp_path / "ok" / "0", ttft=[5.0] * 6, tpot=[1.0] * 6)
+    failed = synthetic_point(tmp_path / "failed" / "0", batch_size=2, status="failed", error="boom")
+    write_record(tmp_path / "failed" / "0", {**failed, "started_at": "2026-11-24T12:00:00+00:00"})
+    assert run_harness("history", "add", str(tmp_path / "ok"), str(tmp_path / "failed"), "--db", str(db)) == 0
+    out = tmp_path / "site"
+    assert run_harness("dashboard", "--db", str(db), "-o", str(out)) == 0
+    page = (out / "index.html").read_text()
+    assert "Newest sweep with measured points" in page
+    assert re.search(r"The 1 sweep\(s\) stored after \w+ have no measured \(ok\) point: \w+\.", page)
 
 
 def test_only_failed_points_is_a_clear_error(tmp_path, synthetic_point, run_harness, capsys):

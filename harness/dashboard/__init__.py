@@ -63,13 +63,14 @@ def report_urls(sweeps: pd.DataFrame, out_file: Path, folder: bool, with_reports
 
 
 def latest_sweep_figure(data: pd.DataFrame):
-    """TPOT vs batch of the newest sweep, drawn by the report's own figure function."""
+    """TPOT vs batch of the newest sweep with ok points, drawn by the report's own figure function."""
     if data.empty:
         return None
     newest = data.loc[data["t"].idxmax(), "sweep_id"]
     latest = prepare(data[data["sweep_id"].eq(newest)])
     return report_figures.by_batch(
-        latest, "tpot_ms_p50", f"Newest sweep ({newest}): TPOT p50 vs batch size (95% CI of the median)",
+        latest, "tpot_ms_p50",
+        f"Newest sweep with measured points ({newest}): TPOT p50 vs batch size (95% CI of the median)",
         "TPOT p50 (ms)", ci=("tpot_ms_ci_low", "tpot_ms_ci_high"),
     )  # fmt: skip
 
@@ -108,7 +109,12 @@ def build_html(
                                 note="" if fig is not None else "Not measured in any stored sweep."))  # fmt: skip
     latest = latest_sweep_figure(data)
     if latest is not None:
-        sections.append(Section("latest", "Newest sweep", figure=latest))
+        newest_ok = data.loc[data["t"].idxmax(), "sweep_id"]
+        stored = sweeps.assign(_t=pd.to_datetime(sweeps["started_at"], utc=True, format="ISO8601", errors="coerce"))
+        newer = stored[stored["_t"] > data["t"].max()]
+        note = (f"The {len(newer)} sweep(s) stored after {newest_ok} have no measured (ok) point: "
+                f"{', '.join(map(str, newer['id']))}." if len(newer) else "")  # fmt: skip
+        sections.append(Section("latest", "Newest sweep with measured points", figure=latest, note=note))
     sections.append(Section("sweeps", "Stored sweeps", page.sweeps_table(sweeps, urls)))
     return render(TITLE, page.header(db, sweeps, data, notes), sections), steps
 
