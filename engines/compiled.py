@@ -10,9 +10,10 @@ in place and ``input_pos`` a tensor, so decoding never recompiles per token (tes
 Inductor options that matter for decode on a CPU are engine parameters: ``freezing`` (weights become constants,
 folded at compile time; with ``weight_prepack`` inductor re-lays them out once for MKL/oneDNN GEMMs),
 ``cpp_wrapper`` (a C++ wrapper instead of Python around the kernels: less per-call overhead) and ``dynamic``
-(``true``: shape-generic graphs, fewer compiles). ``null`` for freezing and cpp_wrapper means on for a CPU, off
-for CUDA: on this repository's ``small`` at batch 1 on a CPU, with library GEMVs, decode was 1.01x eager without
-freezing, 1.05x with freezing and prepacked weights, and 1.10x with the C++ wrapper too (one thread, same run).
+(``true``: graphs generic in the prompt length; batch size and cache length stay static). ``null`` for freezing
+and cpp_wrapper means on for a CPU, off for CUDA: on this repository's ``small`` at batch 1 on a CPU, with
+library GEMVs, decode was 1.01x eager without freezing, 1.05x with freezing and prepacked weights, and 1.10x
+with the C++ wrapper too (one thread, same run).
 
 ``gemv`` is how the products of a decode step are computed, where each weight meets one token per sequence.
 ``library`` leaves them to the GEMM library (MKL/oneDNN on a CPU, cuBLAS on CUDA). ``reduction`` writes each such
@@ -27,7 +28,8 @@ and loses to the library (5 GB/s against 10), hence the default limit of 4.
 Compilation is lazy and never timed: the first call of each new shape compiles it (and, with CUDA graphs, runs
 it again to record the graph; re-running a step rewrites the same cache rows with the same values), which
 happens in the quality measurement and in warm-up, outside the timed window. Each compilation is appended to
-``engine_info["compile"]`` (shape, phase, seconds), which the record carries; ``metrics.warmup_s`` includes them.
+``engine_info["compile"]`` (shape, phase, seconds), which the record carries; ``metrics.warmup_s`` includes those
+of the timed shape (compiled in warm-up).
 """
 
 from __future__ import annotations

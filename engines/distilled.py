@@ -49,8 +49,8 @@ class DistilledParams:
                 raise ValueError(f"engine.{name} must be in (0, 1], got {getattr(self, name)}")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"engine.alpha must be in [0, 1], got {self.alpha}")
-        if not self.temperature > 0:
-            raise ValueError(f"engine.temperature must be > 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):  # inf: 0 x inf^2, a NaN student
+            raise ValueError(f"engine.temperature must be a finite number > 0, got {self.temperature}")
         for name in ("steps", "batch_size", "seq_len"):
             value, low = getattr(self, name), 0 if name == "steps" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
