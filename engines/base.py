@@ -116,6 +116,11 @@ class Engine:
         raise NotImplementedError
 
     # -- identity ---------------------------------------------------------------------------------------
+    def reads_corpus(self) -> bool:
+        """Whether ``prepare`` reads the corpus's tokens whatever the weights (calibration): the point key then
+        names the corpus, so that another corpus is another point. (Trained weights name it anyway.)"""
+        return False
+
     def param_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.params)
 

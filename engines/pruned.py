@@ -127,6 +127,10 @@ class PrunedEngine(Engine):
     Params = PrunedParams
     description = "Weights pruned (magnitude, wanda, 2:4 or whole heads/channels), dense, CSR or 2:4 storage."
 
+    def reads_corpus(self) -> bool:
+        """Wanda and structured pruning calibrate on the corpus's train split, random weights or not."""
+        return self.params.calibrates()
+
     def variant(self) -> str:
         """Always names method and sparsity (``pruned(method=wanda, sparsity=0.5)``), and 2:4's score."""
         p = self.params

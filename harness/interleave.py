@@ -50,7 +50,8 @@ from harness.timing import Repetitions, RepFn, repeat_in_turns, warm_up
 
 log = logging.getLogger(__name__)
 
-ENGINE_FIELDS = ("engine", "variant", "engine_params")
+# the identity's engine fields (a corpus an engine calibrates on is one: eager beside wanda is timed in turns)
+ENGINE_FIELDS = ("engine", "variant", "engine_params", "corpus_sha256", "corpus")
 BASELINE = "eager"  # speedups are over this engine (as in the report), paired by round when it is in the group
 
 # Records measured by the launcher, by resolved output directory, for the task of each job to report.

@@ -46,8 +46,9 @@ def identity(spec: PointSpec) -> dict[str, Any]:
     """What the point measures; its hash is the point key that matches points across sweeps.
 
     Trained weights add ``training`` (what made them: ``training_identity``); random-weight points have none, so
-    their keys are those of older records. How the point is measured (``measure`` policy, monitor, profiling) and
-    ``note`` stay out: the same point measured differently keeps its key."""
+    their keys are those of older records, except where the engine calibrates on the corpus (``corpus_sha256``).
+    How the point is measured (``measure`` policy, monitor, profiling) and ``note`` stay out: the same point
+    measured differently keeps its key."""
     w = spec.workload
     ident = {
         "engine": spec.engine.name,
@@ -69,6 +70,11 @@ def identity(spec: PointSpec) -> dict[str, Any]:
     }
     if spec.model.weights == "trained":
         ident["training"] = training_identity(spec)
+    elif spec.engine.reads_corpus():  # calibration reads the corpus: another corpus prunes other weights
+        try:
+            ident["corpus_sha256"] = load_corpus(spec.corpus.path, spec.corpus.heldout_every).sha256
+        except CorpusError as exc:  # the point fails on it when it loads the corpus; its key still names it
+            ident["corpus"] = {"path": spec.corpus.path, "error": str(exc)}
     return ident
 
 

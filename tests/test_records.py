@@ -232,3 +232,9 @@ def test_point_key_of_trained_weights_follows_what_made_them(compose_cfg, tmp_pa
     assert set(rand_ident) == {"engine", "variant", "engine_params", "model", "weights", "model_args", "n_params",
                                "batch_size", "prompt_len", "gen_len", "decoding", "num_beams", "device", "dtype",
                                "seed"}  # fmt: skip
+    # ... unless the engine calibrates on the corpus (wanda, structured): another corpus prunes other weights
+    wanda = ("model.weights=random", "engine=pruned", "engine.method=wanda")
+    assert key(*wanda)[1]["corpus_sha256"] == corpus.sha256
+    assert key(*wanda, f"corpus.path={text}")[0] != key(*wanda)[0]
+    magnitude = ("model.weights=random", "engine=pruned", "engine.method=magnitude")
+    assert key(*magnitude, f"corpus.path={text}")[0] == key(*magnitude)[0] and "corpus_sha256" not in key(*magnitude)[1]
