@@ -45,9 +45,18 @@ def sweep_points(config: DictConfig) -> list[list[str]] | None:
 
 
 def _spec(config: DictConfig, overrides: list[str]):
-    from hydra import compose
+    """The validated spec of one point. Hydra is initialized while its sweep runs; after a launcher raised
+    (``finish_aborted``) it no longer is, and the harness's config directory is composed from afresh."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
-    return validate(compose(config_name=config.hydra.job.config_name, overrides=overrides))
+    from harness.paths import config_dir
+
+    name = config.hydra.job.config_name
+    if GlobalHydra.instance().is_initialized():
+        return validate(compose(config_name=name, overrides=overrides))
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return validate(compose(config_name=name, overrides=overrides))
 
 
 def preflight(config: DictConfig, points: list[list[str]]) -> list[str]:

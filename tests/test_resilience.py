@@ -171,6 +171,19 @@ def test_crashed_point_under_joblib_and_the_others_finish(fault_env, tmp_path):
     assert df[df.status == "failed"].error.str.contains("SIGKILL").all()
 
 
+def test_a_launcher_that_gives_up_mid_sweep_still_leaves_records_summary_and_report(fault_env, tmp_path):
+    """Without isolate=true a point that kills its process makes submitit's launcher raise: the harness records
+    the points left without a record, prints the summary and writes the report, then says why it stopped."""
+    sweep = tmp_path / "sweep"
+    proc = harness(["-m", "hydra/launcher=submitit_local", "engine.name=fault-test", "+engine.fault=none,kill",
+                    *QUICK, f"hydra.sweep.dir={sweep}"], fault_env, tmp_path)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "the launcher stopped the sweep" in proc.stderr, proc.stderr[-3000:]
+    assert "Report: " in proc.stdout and (sweep / "report.html").is_file()
+    df = load(sweep)
+    assert len(df) == 2 and sorted(df.status) == ["failed", "ok"]
+
+
 def test_resume_reruns_only_the_missing_points(fault_env, tmp_path):
     """A sweep killed half way (its own process dies at the third point), then resumed into the same directory:
     only the third and fourth points run again, and the good records are left as they were."""
