@@ -44,10 +44,19 @@ def _describe(spec) -> str:
     )
 
 
+def sweep_dir_of(hc: DictConfig) -> Path | None:
+    """The sweep's folder of a multirun job (None for a single run). A relative ``hydra.sweep.dir`` is relative
+    to where `harness run` started, not to the job's folder that ``hydra.job.chdir=true`` moves into."""
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    cwd = OmegaConf.select(hc, "runtime.cwd")
+    return Path(cwd or ".") / str(hc.sweep.dir)
+
+
 def sweep_info(hc: DictConfig) -> dict[str, Any]:
     """The record's sweep section from a job's Hydra config (``HydraConfig.get()`` or a config's ``hydra``)."""
     multirun = hc.mode == RunMode.MULTIRUN
-    sweep_dir = Path(hc.sweep.dir) if multirun else None
+    sweep_dir = sweep_dir_of(hc)
     return {
         "dir": str(sweep_dir.resolve()) if sweep_dir else None,
         "job": hc.job.num if multirun else None,
@@ -90,7 +99,7 @@ def task(cfg: DictConfig) -> dict[str, Any]:
     spec = validate(cfg)
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    sweep_dir = Path(hc.sweep.dir) if multirun else None
+    sweep_dir = sweep_dir_of(hc)
     job = hc.job.num if multirun else None
     sweep = sweep_info(hc)
     prefix = progress_text(progress(sweep_dir, job)) + " " if multirun else ""

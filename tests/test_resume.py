@@ -68,6 +68,19 @@ def test_a_resumed_point_the_interleaved_launcher_measures_again_is_reported_mea
     assert load(sweep).status.tolist() == ["ok"]
 
 
+def test_resume_with_job_chdir_and_a_relative_sweep_dir(run_harness, tmp_path, capsys, monkeypatch):
+    """hydra.job.chdir=true moves each job into its folder: a relative hydra.sweep.dir is still the sweep's."""
+    monkeypatch.chdir(tmp_path)
+    args = ["run", "-m", "engine=eager", "workload.batch_size=1,2", *QUICK, "hydra.job.chdir=true",
+            "hydra.sweep.dir=rel"]  # fmt: skip
+    assert run_harness(*args) == 0
+    assert {Path(d) for d in load(tmp_path / "rel").sweep_dir} == {(tmp_path / "rel").resolve()}
+    capsys.readouterr()
+    assert run_harness(*args, "resume=true") == 0
+    out = capsys.readouterr()
+    assert (out.out + out.err).count("already measured ok") == 2
+
+
 def test_measured_ok_rechecks_the_record_it_indexed(tmp_path, synthetic_point):
     forget_ok_index()
     one = synthetic_point(tmp_path / "0", ttft=[5.0] * 3, tpot=[1.0] * 3, batch_size=1)
