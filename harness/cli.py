@@ -49,8 +49,9 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def format_hydra_error(exc: BaseException) -> str:
-    """Hydra's multi-line composition errors as one line naming the field and what is allowed."""
+def format_hydra_error(exc: BaseException, overrides: Sequence[str] = ()) -> str:
+    """Hydra's multi-line composition errors as one line naming the field and what is allowed (the fields of
+    the config groups that ``overrides`` choose: ``engine=pruned engine.methd=x`` lists pruned's)."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
     text = str(exc)
@@ -66,7 +67,7 @@ def format_hydra_error(exc: BaseException) -> str:
     if m and "not in struct" in cause:
         key = m.group(1)
         parent = key.rpartition(".")[0]
-        allowed = _allowed_keys(parent)
+        allowed = _allowed_keys(parent, overrides)
         hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
         return f"{key}: unknown field{hint} (prefix with + to add a new key)"
     m = re.search(r"Could not append to config\. An item is already at '([^']+)'", text)
@@ -75,12 +76,37 @@ def format_hydra_error(exc: BaseException) -> str:
     return _one_line(f"{text} {cause}")
 
 
-def _allowed_keys(parent: str) -> list[str]:
-    """Keys of a config node, for error messages (empty when it cannot be composed)."""
+# Hydra's ValueError for a config group given a value that is no option's name (model=null, engine=7)
+GROUP_VALUE_ERROR = "Config group override must be a string or a list"
+
+
+def format_group_value_error(args: Sequence[str], exc: BaseException) -> str:
+    """``model=null``: one line naming the group and its options, instead of Hydra's ValueError."""
+    from harness.paths import config_dir
+
+    root = Path(config_dir())
+    for arg in args:
+        key, eq, value = str(arg).partition("=")
+        key = key.lstrip("+~")
+        bad = [v for v in value.split(",") if not (root / key / f"{v}.yaml").is_file()]
+        if eq and (root / key).is_dir() and bad:
+            options = sorted(p.stem for p in (root / key).glob("*.yaml"))
+            return f"{key}: expected an option name, got {bad[0]!r}; allowed: {', '.join(options)}"
+    return _one_line(str(exc))
+
+
+def _allowed_keys(parent: str, overrides: Sequence[str] = ()) -> list[str]:
+    """Keys of a config node with the config groups ``overrides`` choose (a sweep's first option), for error
+    messages (empty when it cannot be composed)."""
+    choices = []
+    for o in overrides:
+        key, eq, value = str(o).partition("=")
+        if eq and key and "." not in key and not key.startswith(("+", "~", "hydra")) and value:
+            choices.append(f"{key}={value.split(',')[0]}")
     try:
         from omegaconf import OmegaConf
 
-        cfg = compose([])
+        cfg = compose(choices)
         node = OmegaConf.select(cfg, parent) if parent else cfg
         return sorted(str(k) for k in node.keys()) if node is not None else []
     except Exception:
@@ -107,10 +133,15 @@ def cmd_run(args: Sequence[str]) -> int:
     except (ConfigError, PreflightAbort) as exc:
         raise UsageError(str(exc)) from None
     except (MissingConfigException, OverrideParseException, HydraException, OmegaConfBaseException) as exc:
-        raise UsageError(format_hydra_error(exc)) from None
+        raise UsageError(format_hydra_error(exc, args)) from None
     except Exception as exc:  # a launcher gave up mid-sweep: keep what was measured, say what is missing
         if _hydra_flag_error(exc):
             raise UsageError(format_flag_error(args, exc)) from None
+        if GROUP_VALUE_ERROR in str(exc):
+            raise UsageError(format_group_value_error(args, exc)) from None
+        if "Expecting one subcommand from" in str(exc):  # Hydra's --shell-completion without what to do
+            example = "(e.g. --shell-completion install=bash)"
+            raise UsageError(f"--shell-completion: {_one_line(str(exc))} {example}") from None
         if not callbacks.finish_aborted():
             raise
         sys.stderr.write(
@@ -274,7 +305,11 @@ def cmd_train(args: Sequence[str]) -> int:
     except (ConfigError, CorpusError) as exc:
         raise UsageError(str(exc)) from None
     except (HydraException, OmegaConfBaseException) as exc:
-        raise UsageError(format_hydra_error(exc)) from None
+        raise UsageError(format_hydra_error(exc, opts.overrides)) from None
+    except ValueError as exc:
+        if GROUP_VALUE_ERROR not in str(exc):
+            raise
+        raise UsageError(format_group_value_error(opts.overrides, exc)) from None
     if spec.model.args.vocab_size < 256:
         raise UsageError(f"model.vocab_size: a byte-level corpus needs at least 256, got {spec.model.args.vocab_size}")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")

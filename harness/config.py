@@ -181,6 +181,12 @@ def _model(m: dict[str, Any]) -> ModelSpec:
             _int(m[key], f"model.{key}", 1)
     if m.get("head_dim") is not None:
         _int(m["head_dim"], "model.head_dim", 0)
+    for key in ("rope_base", "norm_eps"):
+        if key in m:
+            _number(m[key], f"model.{key}", 0.0, strict=True)
+    if "tie_embeddings" in m:
+        _bool(m["tie_embeddings"], "model.tie_embeddings")
+    _rope_scaling(m.get("rope_scaling"))
     if not m.get("head_dim") and m.get("dim", 0) % m.get("n_heads", 1):
         raise ConfigError(
             f"model.n_heads: must divide model.dim={m['dim']} (or set model.head_dim), got {m['n_heads']}"
@@ -191,6 +197,23 @@ def _model(m: dict[str, Any]) -> ModelSpec:
     if args.head_dim % 2:
         raise ConfigError(f"model.head_dim: must be even for rotary embeddings, got {args.head_dim}")
     return ModelSpec(name=str(m["name"]), weights=str(weights), args=args)
+
+
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_scaling(value: Any) -> None:
+    """Llama-3's long-context RoPE scaling: null, or a mapping of exactly its four numbers."""
+    if value is None:
+        return
+    if not isinstance(value, dict) or set(value) != set(ROPE_SCALING_KEYS):
+        raise ConfigError(f"model.rope_scaling: expected null or a mapping of {', '.join(ROPE_SCALING_KEYS)}, "
+                          f"got {value!r}")  # fmt: skip
+    for key in ROPE_SCALING_KEYS:
+        _number(value[key], f"model.rope_scaling.{key}", 0.0, strict=True)
+    if value["low_freq_factor"] == value["high_freq_factor"]:
+        raise ConfigError("model.rope_scaling.high_freq_factor: must differ from low_freq_factor (it divides by "
+                          "their difference)")  # fmt: skip
 
 
 def _workload(w: dict[str, Any], model: ModelSpec) -> Workload:
@@ -383,6 +406,8 @@ def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
     device = resolve_device(data.get("device", "auto"))
     dtype = resolve_dtype(data.get("dtype", "auto"), device)
     seed = _int(data.get("seed", 0), "seed", 0)
+    if data.get("cache_dir") is not None and not (isinstance(data["cache_dir"], str) and data["cache_dir"].strip()):
+        raise ConfigError(f"cache_dir: expected a directory path or null (the default), got {data['cache_dir']!r}")
     corpus, train, quality = _corpus(data.get("corpus")), _train(data.get("train"), seed), _quality(data.get("quality"))
     if model.weights == "trained" and model.args.vocab_size < 256:
         raise ConfigError(

@@ -51,6 +51,12 @@ def test_default_config_is_valid(compose_cfg):
         (["+isolat=true"], r"^isolat: unknown field; allowed: cache_dir, corpus, device, dtype, engine, isolate, "),
         (["roofline.bandwidth_gbs=0"], r"^roofline\.bandwidth_gbs: must be > 0\.0, got 0$"),
         (["roofline.tflops=0"], r"^roofline\.tflops: must be > 0\.0, got 0$"),
+        (["model.rope_base=abc"], r"^model\.rope_base: expected a number, got 'abc'$"),
+        (["model.norm_eps=0"], r"^model\.norm_eps: must be > 0\.0, got 0$"),
+        (["model.tie_embeddings=maybe"], r"^model\.tie_embeddings: expected true or false, got 'maybe'$"),
+        (["model.rope_scaling=5"], r"^model\.rope_scaling: expected null or a mapping of factor, low_freq_factor, "),
+        (["model=llama-3.2-1b", "model.rope_scaling.factor=-1"], r"^model\.rope_scaling\.factor: must be > 0"),
+        (["cache_dir=5"], r"^cache_dir: expected a directory path or null \(the default\), got 5$"),
         (
             ["engine=distilled", "engine.precision=half"],
             r"^engine: invalid parameters for 'distilled': engine\.precision: 'half' is not allowed; allowed: auto, ",
@@ -104,6 +110,14 @@ CLI_CASES = [
     (["workload.batch_size=[1"], "cannot parse override 'workload.batch_size=[1'"),
     (["+isolat=true"], "isolat: unknown field; allowed: cache_dir, corpus, device, dtype, engine, isolate, measure"),
     (["-m", "workload.batch_size=1,-2"], "workload.batch_size: must be an integer >= 1, got -2 (sweep point 2/2"),
+    # a group given no option's name: Hydra's ValueError, as one line naming the group
+    (["model=null"], "model: expected an option name, got 'null'; allowed: llama-3-8b, llama-3.2-1b, medium"),
+    (["-m", "model=tiny,null"], "model: expected an option name, got 'null'; allowed: llama-3-8b"),
+    # an unknown field lists the fields of the option the command chose, not of the default
+    (["engine=pruned", "engine.methd=wanda"], "engine.methd: unknown field; allowed: calibration_seed, "),
+    (["-m", "engine=pruned", "engine.methd=wanda"], "engine.methd: unknown field; allowed: calibration_seed, "),
+    (["model.dim=${oops}"], "Interpolation key 'oops' not found"),
+    (["--shell-completion"], "--shell-completion: Expecting one subcommand"),
 ]
 
 
