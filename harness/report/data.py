@@ -128,9 +128,8 @@ def varying_keys(df: pd.DataFrame) -> list[str]:
 
 def sweep_tags(df: pd.DataFrame) -> pd.Series:
     """Each row's sweep (``sweep_source``: the folder the report found it in, named by its last component, or
-    its path where two names agree) where some point was measured
-    in several sweeps in one environment; empty where none was (several sweeps of different points read as one:
-    eager in one, the variants in another)."""
+    its path where two names agree) where some point was measured in several sweeps in one environment; empty
+    where none was (several sweeps of different points read as one: eager in one, the variants in another)."""
     empty = pd.Series("", index=df.index, dtype=object)
     if df.empty or not {"sweep_source", "point_key", "fingerprint"} <= set(df.columns):
         return empty
