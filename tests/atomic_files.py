@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 
@@ -17,8 +18,12 @@ def old_file(out: Path, keep: Path) -> Path:
 
 
 def replaced_not_rewritten(out: Path, before: Path) -> None:
-    """``out`` was renamed over (a reader holding the old file still reads it whole), the temp file is gone and
-    another writer's temp file beside it was left alone."""
+    """``out`` was renamed over (a reader holding the old file still reads it whole), the temp file is gone,
+    another writer's temp file beside it was left alone, and the new file has the permissions any file written
+    here gets (a report or export is for others to read, not private to its writer as a mkstemp file is)."""
     assert before.read_text() == "old" and out.read_bytes() != b"old"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, f".{out.name}.tmp"])
     assert (out.parent / f".{out.name}.tmp").read_text() == "another writer's"

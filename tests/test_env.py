@@ -55,6 +55,20 @@ def test_fingerprint_records_huge_pages_and_keeps_older_ids():
     assert fingerprint_id({**fp, "huge_pages": {"in_use": True}}) != fingerprint_id(older)
 
 
+def test_the_fingerprint_id_follows_the_software_stack_and_threads_not_the_host_or_commit():
+    """What changes speed changes the id (torch and its thread count, triton, the device); what does not (the
+    host's name, the commit measured, the time) leaves it: the gate compares commits on one machine."""
+    fp = fingerprint(torch.device("cpu"))
+    assert fingerprint_id(fp) == fp["id"]
+    versions = fp.get("versions", {})
+    for changed in ({"torch_threads": (fp.get("torch_threads") or 1) + 7},
+                    {"versions": {**versions, "torch": "0.0.1"}}, {"versions": {**versions, "triton": "0.0.1"}},
+                    {"device_name": "another device"}, {"cpu_model": "another CPU"}):  # fmt: skip
+        assert fingerprint_id({**fp, **changed}) != fp["id"], changed
+    same = {"hostname": "elsewhere", "git": {"sha": "f" * 40, "dirty": True}, "timestamp": "2030-01-01T00:00:00"}
+    assert fingerprint_id({**fp, **same}) == fp["id"]
+
+
 def test_apply_threads_sets_and_restores(compose_cfg):
     from harness.config import validate
 

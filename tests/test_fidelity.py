@@ -51,6 +51,35 @@ def test_a_perturbed_engine_loses_agreement(model, tokens):
     assert 0.0 <= agree < 12.0
 
 
+def test_kl_is_reference_to_engine_per_position_and_top1_counts_argmax_matches(model, tokens):
+    """The figures against a direct computation: KL(reference || engine), not the reverse, averaged over every
+    position; top-1 agreement the fraction of positions whose argmax agrees."""
+    import torch.nn.functional as F
+
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+        lp_ref, lp = (torch.log_softmax(m(tokens).float(), dim=-1) for m in (model, noisy))
+    q = teacher_forced(model, noisy, tokens, with_ppl=False)
+    forward = float((lp_ref.exp() * (lp_ref - lp)).sum(-1).mean())
+    reverse = float((lp.exp() * (lp - lp_ref)).sum(-1).mean())
+    assert q["kl"] == pytest.approx(forward, rel=1e-4) and abs(forward - reverse) > 0.01 * forward
+    assert q["top1_agreement"] == pytest.approx(float((lp_ref.argmax(-1) == lp.argmax(-1)).float().mean()))
+    assert q["kl"] == pytest.approx(float(F.kl_div(lp, lp_ref, log_target=True, reduction="sum")) / tokens.numel(),
+                                    rel=1e-4)  # fmt: skip
+
+
+def test_greedy_agreement_counts_only_the_leading_run(model, monkeypatch):
+    """Tokens that match again after a first difference do not count: generation has diverged by then."""
+    expected = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
+    got = torch.tensor([[1, 9, 3, 4], [1, 2, 3, 9]])  # 1 leading match, then 3
+    monkeypatch.setattr(fidelity.ReferenceOutputs, "greedy", lambda self, prompts, n: expected)
+    monkeypatch.setattr(fidelity, "greedy", lambda m, prompts, n: got)
+    other = copy.deepcopy(model)
+    assert greedy_agreement(model, other, torch.zeros(2, 4, dtype=torch.long), 4) == 2.0  # (1 + 3) / 2
+
+
 def test_evaluate_is_memoized_per_prepared_engine(model, tokens):
     first = evaluate("k-memo", model, model, tokens, tokens[:2, :8], 4, trained=False)
     second = evaluate("k-memo", model, model, tokens, tokens[:2, :8], 4, trained=False)

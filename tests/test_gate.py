@@ -95,6 +95,24 @@ def test_overlapping_median_cis_veto_a_regression():
     assert v.change > 0.05 and v.p_value < 0.5 and v.verdict == NO_CHANGE and "CIs overlap" in v.reason
 
 
+def test_the_u_test_vetoes_a_change_of_medians_the_samples_do_not_bear_out():
+    """Medians 10 -> 11 (+10%), CIs apart, but most of BASE lies above most of CAND: the U test says no."""
+    x = np.r_[np.linspace(10, 10.01, 28), np.full(12, 100.0)]
+    y = np.r_[np.full(12, 1.0), np.linspace(11, 11.01, 28)]
+    v = decide_samples(x, y, higher_is_better=False, threshold=0.05)
+    assert v.change > 0.05 and v.verdict == NO_CHANGE and "U test p=" in v.reason
+
+
+def test_each_paired_test_can_veto():
+    """Paired by round: a +10.8% median ratio the signed-rank test accepts (p=0.002) but whose CI holds 1, and a
+    +22% one whose CI is clear but whose signed-rank p (0.02) is above alpha: neither is a regression."""
+    x = np.full(20, 2.0)
+    ci = decide_paired(x, x * np.exp(np.r_[np.full(6, -0.01), np.linspace(0.1, 0.11, 14)]), False, 0.05)
+    assert ci.verdict == NO_CHANGE and ci.p_value < 0.01 and "holds 1" in ci.reason
+    rank = decide_paired(x, x * np.exp(np.r_[np.full(9, -0.001), np.full(11, 0.2)]), False, 0.05)
+    assert rank.verdict == NO_CHANGE and rank.change > 0.2 and "signed-rank p=" in rank.reason
+
+
 def test_too_few_samples_is_unknown_and_direction_is_respected():
     v = decide_samples([1, 1.1, 1.2, 1.0], [2, 2.1, 2.2, 2.0], higher_is_better=False, threshold=0.05)
     assert v.verdict == UNKNOWN and "too few samples (4 vs 4; need 5)" in v.reason
@@ -244,6 +262,7 @@ def test_failures_in_the_candidate_are_regressions_and_skips_unknown(tmp_path, s
         point_samples(2.0, batch_size=1), point_samples(2.0, batch_size=2), point_samples(2.0, batch_size=4),
         {"batch_size": 8, "status": "failed", "error": "RuntimeError: boom"},
         {"batch_size": 16, "status": "skipped", "error": "needs CUDA"},
+        point_samples(2.0, batch_size=32),
     ])  # fmt: skip
     cand = write_side(tmp_path, "cand", synthetic_point, [
         {"batch_size": 1, "status": "oom", "error": "OutOfMemoryError: CUDA out of memory"},
@@ -251,6 +270,7 @@ def test_failures_in_the_candidate_are_regressions_and_skips_unknown(tmp_path, s
         point_samples(2.0, batch_size=4),
         point_samples(2.0, batch_size=8),
         point_samples(2.0, batch_size=16),
+        {"batch_size": 32, "status": "timeout", "error": "PointTimeout: over measure.timeout_s=60"},
     ])  # fmt: skip
     rows = compare(base, cand).rows.set_index("label")
     assert rows.loc["eager · tiny · b1", "verdict"] == REGRESSION
@@ -259,6 +279,8 @@ def test_failures_in_the_candidate_are_regressions_and_skips_unknown(tmp_path, s
         rows.loc["eager · tiny · b2", "verdict"] == UNKNOWN and "needs CUDA" in rows.loc["eager · tiny · b2", "reason"]
     )
     assert rows.loc["eager · tiny · b8", "verdict"] == IMPROVEMENT  # fixed
+    assert rows.loc["eager · tiny · b32", "verdict"] == REGRESSION  # a timeout is a failure too
+    assert rows.loc["eager · tiny · b32", "reason"].startswith("ok in BASE, timeout in CAND")
     # skipped in BASE (its engine could not run there): nothing was measured to improve on
     assert rows.loc["eager · tiny · b16", "verdict"] == UNKNOWN
     assert rows.loc["eager · tiny · b16", "reason"].startswith("skipped in BASE")

@@ -178,6 +178,16 @@ def test_paired_speedups_are_medians_of_per_round_ratios_and_lead_the_report():
     out = paired_speedups(eager, fast, 0.95)
     assert out["tpot_ms"]["median"] == pytest.approx(1.5) and out["ttft_ms"]["median"] == pytest.approx(2.0)
     assert out["tpot_ms"]["ci_low"] == pytest.approx(1.5) == out["tpot_ms"]["ci_high"]  # drift cancelled
+    # rounds pair up by index: with a point that varies against the drift, the median of per-round ratios is not
+    # the ratio of any re-ordering (sorted samples would pair the slow rounds of one with the fast of the other)
+    uneven = np.array([1.0, 1.4, 1.1, 1.8, 1.2, 2.0, 1.05, 1.6, 1.3])
+    wobble = np.array([1.2, 1.0, 1.2, 1.0, 1.2, 1.0, 1.2, 1.0, 1.2])
+    base = Repetitions(samples={"tpot_ms": list(3.0 * uneven), "ttft_ms": list(10.0 * uneven)})
+    odd = Repetitions(samples={"tpot_ms": list(2.0 * uneven * wobble), "ttft_ms": list(5.0 * uneven)})
+    paired = paired_speedups(base, odd, 0.95)["tpot_ms"]["median"]
+    assert paired == pytest.approx(1.25)  # 1.5 / 1.2 in five of the nine rounds
+    e, o = np.array(base.samples["tpot_ms"]), np.array(odd.samples["tpot_ms"])
+    assert np.median(np.sort(e) / np.sort(o)) == pytest.approx(1.346, abs=1e-3)  # what unpaired samples give
     row = dict(status="ok", engine="eager", variant="eager", model="tiny", batch_size=1, prompt_len=8, gen_len=4,
                decoding="greedy", num_beams=1, device="cpu", dtype="fp32", timing_representative=True,
                tpot_ms_p50=4.0, ttft_ms_p50=10.0, tpot_ms_ci_low=3.9, tpot_ms_ci_high=4.1, decode_tokens_per_s=250.0,

@@ -127,6 +127,24 @@ def test_warmup_absorbs_compilation_and_is_not_sampled():
     assert len(res.samples["list"]) == 2 * res.reps  # list-valued metrics are extended
 
 
+def test_warmup_waits_until_two_repetitions_agree():
+    """A warm-up that speeds up over several calls (caches filling, a JIT tiering up): it goes on until two
+    consecutive repetitions agree within warmup_stable_rel, so none of the slow calls is sampled."""
+    from dataclasses import replace
+
+    slow = [0.04, 0.02, 0.01]  # halving: no two consecutive ones agree within 10%
+    calls = []
+
+    def rep(i):
+        calls.append(i)
+        busy(slow[len(calls) - 1] if len(calls) <= len(slow) else 0.002)
+        return {"t": 1.0}
+
+    res = repeat(rep, replace(FAST, warmup_iters=2, warmup_s=0.0, warmup_stable_rel=0.1, warmup_max_s=30.0), ("t",))
+    assert len(res.warmup_times_s) >= len(slow) + 1  # the slow ones, then two that agree
+    assert all(i < 0 for i in calls[: len(slow)])
+
+
 def test_measure_callable_ratio_tracks_work():
     small, _ = measure_callable(lambda: busy(0.001), FAST)
     large, overhead = measure_callable(lambda: busy(0.003), FAST)
