@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sqlite3
 import zlib
 from collections import Counter
@@ -153,7 +154,7 @@ def read_sweep(directory: str | Path) -> Sweep:
             raise HistoryError(f"{d}: corrupted sweep, nothing stored: {exc}") from None
         if rec["status"] == "ok" and not (rec.get("samples") or {}).get("tpot_ms"):
             raise HistoryError(f"{d}: corrupted sweep, nothing stored: {path}: status ok but no raw samples")
-        records.append((path.relative_to(d).as_posix(), rec))
+        records.append((path.relative_to(os.path.abspath(d)).as_posix(), rec))
     missing = missing_points(d)
     if missing:
         first = " ".join(missing[0]["overrides"] or [])

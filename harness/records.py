@@ -217,15 +217,17 @@ def find_records(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     absolute paths."""
     if isinstance(paths, str | Path):
         paths = [paths]
-    found: set[Path] = set()
+    found: dict[Path, Path] = {}  # the file itself -> its path as first named (absolute, links kept)
     for p in map(Path, paths):
         if p.is_dir():
-            found.update(q.resolve() for q in p.rglob(RECORD_NAME))
+            named = list(p.rglob(RECORD_NAME))
         elif p.exists():
-            found.add(p.resolve())
+            named = [p]
         else:
             raise FileNotFoundError(f"{p}: no such file or directory")
-    return sorted(found)  # resolved: one directory named two ways (relative, absolute, a symlink) is read once
+        for q in named:  # one directory named two ways (relative, absolute, through a link) is read once
+            found.setdefault(q.resolve(), Path(os.path.abspath(q)))
+    return sorted(found.values())
 
 
 # directory -> point key -> its records there, as (path, status), in path order

@@ -249,6 +249,19 @@ def test_a_resumed_sweep_replaces_its_earlier_state_each_record_stored_once(
     assert _counts(db) == (1, 2, 0)
 
 
+def test_a_sweep_is_added_by_a_relative_path_or_through_a_link(tmp_path, synthetic_point, run_harness, capsys,
+                                                              monkeypatch):  # fmt: skip
+    """`harness history add results/sweeps/*`, as the README writes it: relative, and a symlink to a sweep."""
+    _sweep(tmp_path / "real", synthetic_point)
+    write_sweep_meta(tmp_path / "real", {"started_at": "2026-11-23T12:00:00+00:00", "total": 2})
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path)
+    assert run_harness("history", "add", "real", "--db", "h.sqlite") == 0
+    assert run_harness("history", "add", "link", "--db", "h2.sqlite") == 0
+    assert "2/2 ok points" in capsys.readouterr().out
+    assert _counts(tmp_path / "h.sqlite")[:2] == _counts(tmp_path / "h2.sqlite")[:2] == (1, 2)
+
+
 def test_a_resume_that_rewrote_every_record_replaces_only_the_state_it_resumed(
     tmp_path, synthetic_point, run_harness, capsys
 ):

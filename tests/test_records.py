@@ -195,6 +195,15 @@ def test_atomic_write_goes_through_symlinks_and_into_non_regular_files(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.md", "pipe", "real.md"]  # no temp files left
 
 
+def test_a_directory_named_two_ways_is_read_once(tmp_path, synthetic_point, monkeypatch):
+    """Relative and absolute, or the folder and a link to it: the same records, one row each."""
+    for b in (1, 2):
+        synthetic_point(tmp_path / "sweep" / str(b), ttft=[5.0] * 3, tpot=[1.0] * 3, batch_size=b)
+    (tmp_path / "link").symlink_to(tmp_path / "sweep")
+    monkeypatch.chdir(tmp_path)
+    assert len(load(["sweep", str(tmp_path / "sweep"), "link", "sweep/1/record.json"])) == 2
+
+
 def test_point_key_of_trained_weights_follows_what_made_them(compose_cfg, tmp_path):
     """Trained weights from other training steps or another corpus are other points (their checkpoints and ppl
     differ); the measure policy and a note are not; random-weight points keep the keys they had."""
