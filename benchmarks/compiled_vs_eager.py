@@ -2,8 +2,9 @@
 
 A sweep times each point minutes apart, so on a machine whose speed drifts (a shared VM) a 10% difference can
 come out either way. Here the eager model and each compiled variant take turns, eight decode steps each, for
-``--rounds`` rounds, the order rotating every round (each model runs first, second, ... equally often, so a
-model that slows or warms the next one's caches does not bias one variant); the ratio is taken per round
+``--rounds`` rounds, the order rotating every round (each model runs first, second, ... equally often when the
+rounds are a multiple of the five models, within one otherwise, so a model that slows or warms the next one's
+caches does not bias one variant); the ratio is taken per round
 (eager over variant, above 1: faster) and its median printed. The decoded token ids are random with a fixed
 seed (never zeros). Compilation happens before the first round and is printed separately.
 

@@ -81,33 +81,42 @@ def vary(base: dict[str, Any], model: str, variant: str, batch: int) -> dict[str
 
 
 def add_sections(rec: dict[str, Any], samples: int = 2000) -> None:
-    """The optional sections at full size, derived from the record's own numbers (for the size bound)."""
+    """The optional sections at full size (for the size bound): the record's own monitor timeline stretched to
+    ``samples`` samples per series (every series it has), its own roofline, and a profile breakdown; a section the
+    record lacks is built in the schema's shape from the record's own numbers."""
     tpot_s = rec["summary"]["tpot_ms"]["p50"] / 1000
-    weight_bytes, n_params = rec["metrics"]["weight_bytes"], rec["identity"]["n_params"]
-    flops = 2 * n_params * rec["identity"]["batch_size"]
-    rec["monitor"] = {
-        "backend": "psutil",
-        "interval_s": 0.05,
-        "timeline": {
-            "t_s": [i * 0.05 for i in range(samples)],
-            "cpu_util_process": [150.0 + (i % 17) for i in range(samples)],
-            "rss_mb": [rec["metrics"]["peak_memory_mb"] - (i % 5) for i in range(samples)],
-        },
-        "labels": {"cpu_util_process": "process CPU %", "rss_mb": "RSS (MB)"},
-    }
-    rec["roofline"] = {
-        "peaks": {"bandwidth_gbs": 20.0, "flops": 4e11, "source": "measured", "device": "cpu"},
-        "decode": {
-            "bytes_per_token": weight_bytes,
-            "flops_per_token": flops,
-            "intensity": flops / weight_bytes,
-            "achieved_gbs": weight_bytes / tpot_s / 1e9,
-            "achieved_gflops": flops / tpot_s / 1e9,
-            "mbu": weight_bytes / tpot_s / 1e9 / 20.0,
-        },
-    }
-    shares = {"matmul": 0.6, "attention": 0.15, "norm": 0.05, "elementwise": 0.1, "copy": 0.05, "other": 0.05}
-    rec["profile"] = {"breakdown_ms": {k: v * tpot_s * 1000 for k, v in shares.items()}, "total_ms": tpot_s * 1000}
+    ttft_s = rec["summary"]["ttft_ms"]["p50"] / 1000
+    monitor = rec.get("monitor") or {
+        "backend": "psutil", "interval_s": 0.05,
+        "timeline": {"t_s": [0.0], "cpu_util_process": [150.0], "cpu_util_system": [100.0],
+                     "rss_mb": [rec["metrics"]["peak_memory_mb"]]},
+        "labels": {"cpu_util_process": "process CPU %", "cpu_util_system": "system CPU %", "rss_mb": "RSS (MB)"},
+    }  # fmt: skip
+    timeline = monitor["timeline"]
+    step = monitor.get("interval_s") or 0.05
+    for name, values in list(timeline.items()):
+        values = values or [0.0]
+        timeline[name] = ([i * step for i in range(samples)] if name == "t_s"
+                          else [values[i % len(values)] for i in range(samples)])  # fmt: skip
+    rec["monitor"] = monitor
+    if not rec.get("roofline"):
+        weight_bytes, n_params = rec["metrics"]["weight_bytes"], rec["identity"]["n_params"]
+        rows, prompt = rec["identity"]["batch_size"], rec["identity"]["prompt_len"]
+        flops, pre_flops = 2 * n_params * rows, 2 * n_params * rows * prompt
+        rec["roofline"] = {
+            "peaks": {"bandwidth_gbs": 20.0, "flops": 4e11, "source": "measured", "bandwidth_source": "measured",
+                      "flops_source": "measured", "device": "cpu", "dtype": "float32", "cache": None},
+            "decode": {"bytes_per_step": weight_bytes, "flops_per_step": flops, "rows": rows,
+                       "mean_context": prompt + (rec["identity"]["gen_len"] - 2) / 2,
+                       "intensity": flops / weight_bytes, "achieved_gbs": weight_bytes / tpot_s / 1e9,
+                       "achieved_gflops": flops / tpot_s / 1e9, "mbu": weight_bytes / tpot_s / 1e9 / 20.0},
+            "prefill": {"bytes": weight_bytes, "flops": pre_flops, "intensity": pre_flops / weight_bytes,
+                        "achieved_gbs": weight_bytes / ttft_s / 1e9, "achieved_gflops": pre_flops / ttft_s / 1e9,
+                        "mfu": pre_flops / ttft_s / 4e11},
+        }  # fmt: skip
+    if not rec.get("profile"):
+        shares = {"matmul": 0.6, "attention": 0.15, "norm": 0.05, "elementwise": 0.1, "copy": 0.05, "other": 0.05}
+        rec["profile"] = {"breakdown_ms": {k: v * tpot_s * 1000 for k, v in shares.items()}, "total_ms": tpot_s * 1000}
 
 
 def make_points(bases: list[dict[str, Any]], root: Path, n: int, sections: bool) -> None:

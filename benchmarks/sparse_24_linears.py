@@ -7,8 +7,8 @@ the batch sizes given (decode rows). Timings are ``triton.testing.do_bench`` med
 before every repetition, so weights are read from HBM as in a real decode step. Prints a row per linear and
 batch (dense and 2:4 microseconds, the speedup, dense GB/s) and the whole layer's total, and with ``--json``
 writes the table too; ``--markdown`` writes it as a Markdown section (device, driver, versions, the command and
-the table) to paste into docs/gpu-results.md. CUDA sm_80+ only: anywhere else it prints why and exits with
-status 0.
+the table) to paste into docs/gpu-results.md (created with the first one). CUDA sm_80+ only: anywhere else it
+prints why and exits with status 0.
 
     python benchmarks/sparse_24_linears.py [--batch 1 64] [--dtype bf16] [--json out.json] [--markdown out.md]
 """
