@@ -65,22 +65,19 @@ def preflight(config: DictConfig, points: list[list[str]]) -> list[str]:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from harness.cli import GROUP_VALUE_ERROR, format_group_value_error, format_hydra_error
+    from harness.cli import composition_error
     from harness.point import identity
 
     keys = []
     for i, overrides in enumerate(points):
-        where = f"(sweep point {i + 1}/{len(points)}: {' '.join(overrides)})"
         try:
             keys.append(point_key(identity(_spec(config, overrides))))
-        except (ConfigError, HydraException, OmegaConfBaseException) as exc:
+        except (HydraException, OmegaConfBaseException, ValueError) as exc:  # ConfigError is a ValueError
             # an unknown group option or key is Hydra's (multi-line) error: one line naming it, as for ConfigError
-            text = str(exc) if isinstance(exc, ConfigError) else format_hydra_error(exc, overrides)
-            raise PreflightAbort(f"{text} {where}") from None
-        except ValueError as exc:  # model=null: Hydra's ValueError, not one of its own errors
-            if GROUP_VALUE_ERROR not in str(exc):
+            text = str(exc) if isinstance(exc, ConfigError) else composition_error(exc, overrides)
+            if text is None:
                 raise
-            raise PreflightAbort(f"{format_group_value_error(overrides, exc)} {where}") from None
+            raise PreflightAbort(f"{text} (sweep point {i + 1}/{len(points)}: {' '.join(overrides)})") from None
     return keys
 
 
@@ -184,17 +181,17 @@ def _write_report(directory: Path) -> None:
 
 class HarnessCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra.errors import HydraException
-        from omegaconf.errors import OmegaConfBaseException
-
-        from harness.cli import format_hydra_error
+        from harness.cli import composition_error
 
         try:
             validate(config)
         except ConfigError as exc:
             raise PreflightAbort(str(exc)) from None
-        except (HydraException, OmegaConfBaseException) as exc:  # model.dim=${oops}: as preflight says it
-            raise PreflightAbort(format_hydra_error(exc)) from None
+        except Exception as exc:  # model.dim=${oops}: one line, as preflight says it
+            text = composition_error(exc)
+            if text is None:
+                raise
+            raise PreflightAbort(text) from None
         forget_ok_index()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

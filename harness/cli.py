@@ -95,6 +95,19 @@ def format_group_value_error(args: Sequence[str], exc: BaseException) -> str:
     return _one_line(str(exc))
 
 
+def composition_error(exc: BaseException, overrides: Sequence[str] = ()) -> str | None:
+    """One line for an error raised while composing a config: Hydra's or OmegaConf's own, or the ValueError Hydra
+    raises for a group given no option's name (``model=null``). None for any other exception."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(exc, HydraException | OmegaConfBaseException):
+        return format_hydra_error(exc, overrides)
+    if isinstance(exc, ValueError) and GROUP_VALUE_ERROR in str(exc):
+        return format_group_value_error(overrides, exc)
+    return None
+
+
 def _allowed_keys(parent: str, overrides: Sequence[str] = ()) -> list[str]:
     """Keys of a config node with the config groups ``overrides`` choose (a sweep's first option), for error
     messages (empty when it cannot be composed)."""
@@ -117,7 +130,7 @@ def cmd_run(args: Sequence[str]) -> int:
     """Run the Hydra app with ``args`` as its command line."""
     # Let exceptions reach us instead of Hydra printing a traceback and exiting with 1.
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+    from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from harness import callbacks
@@ -132,13 +145,14 @@ def cmd_run(args: Sequence[str]) -> int:
         task()
     except (ConfigError, PreflightAbort) as exc:
         raise UsageError(str(exc)) from None
-    except (MissingConfigException, OverrideParseException, HydraException, OmegaConfBaseException) as exc:
+    except (HydraException, OmegaConfBaseException) as exc:
         raise UsageError(format_hydra_error(exc, args)) from None
     except Exception as exc:  # a launcher gave up mid-sweep: keep what was measured, say what is missing
         if _hydra_flag_error(exc):
             raise UsageError(format_flag_error(args, exc)) from None
-        if GROUP_VALUE_ERROR in str(exc):
-            raise UsageError(format_group_value_error(args, exc)) from None
+        text = composition_error(exc, args)
+        if text is not None:
+            raise UsageError(text) from None
         if "Expecting one subcommand from" in str(exc):  # Hydra's --shell-completion without what to do
             example = "(e.g. --shell-completion install=bash)"
             raise UsageError(f"--shell-completion: {_one_line(str(exc))} {example}") from None
@@ -304,12 +318,11 @@ def cmd_train(args: Sequence[str]) -> int:
         corpus = load_corpus(spec.corpus.path, spec.corpus.heldout_every)
     except (ConfigError, CorpusError) as exc:
         raise UsageError(str(exc)) from None
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise UsageError(format_hydra_error(exc, opts.overrides)) from None
-    except ValueError as exc:
-        if GROUP_VALUE_ERROR not in str(exc):
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        text = composition_error(exc, opts.overrides)
+        if text is None:
             raise
-        raise UsageError(format_group_value_error(opts.overrides, exc)) from None
+        raise UsageError(text) from None
     if spec.model.args.vocab_size < 256:
         raise UsageError(f"model.vocab_size: a byte-level corpus needs at least 256, got {spec.model.args.vocab_size}")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
