@@ -17,7 +17,7 @@ from harness.isolation import run_isolated
 from harness.paths import config_dir
 from harness.point import identity, run_point
 from harness.progress import progress, progress_text
-from harness.records import RECORD_NAME, RecordError, earlier_records, measured_ok, point_key, read_record
+from harness.records import RECORD_NAME, earlier_records, key_and_status, measured_ok, point_key
 
 log = logging.getLogger("harness")
 
@@ -72,10 +72,8 @@ def _record_key(path: Path) -> str | None:
     """The point key of the record at ``path``: None when there is none, "" when it cannot be read."""
     if not path.exists():
         return None
-    try:
-        return str(read_record(path).get("point_key") or "")
-    except RecordError:
-        return ""
+    held = key_and_status(path)
+    return held[0] if held else ""
 
 
 def record_dir(root: Path, job_dir: Path, key: str) -> Path:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.records import RecordError, find_records, read_record, write_json_atomic
+from harness.records import find_records, key_and_status, write_json_atomic
 
 SWEEP_META = "sweep.json"
 
@@ -67,8 +67,8 @@ def progress(sweep_dir: Path | None, job: int | None, resume: bool | None = None
         if new:
             fresh += 1
         elif resume:
-            key = _ok_key(path)
-            kept += key is not None and (not planned or key in planned)
+            held = key_and_status(path)  # a good record: a point resume will not run again
+            kept += held is not None and held[1] == "ok" and (not planned or held[0] in planned)
     done = fresh + kept
     elapsed = time.time() - started if started is not None else None
     eta = None
@@ -84,15 +84,6 @@ def progress(sweep_dir: Path | None, job: int | None, resume: bool | None = None
     }
 
 
-def _ok_key(path: Path) -> str | None:
-    """The point key of a good record at ``path`` (a point resume will not run again), else None."""
-    try:
-        rec = read_record(path)
-    except RecordError:
-        return None
-    return str(rec.get("point_key") or "") if rec.get("status") == "ok" else None
-
-
 def progress_text(p: dict[str, Any]) -> str:
     total = p["total"] if p["total"] else "?"
     return f"[{p['position']}/{total}] elapsed {format_duration(p['elapsed_s'])}, ETA {format_duration(p['eta_s'])}"
@@ -103,12 +94,8 @@ def missing_points(sweep_dir: Path) -> list[dict[str, Any]]:
     key: the traces of a process that died before writing, or of a launcher that gave up."""
     meta = read_sweep_meta(sweep_dir)
     keys, points = meta.get("point_keys") or [], meta.get("points") or []
-    present = set()
-    for path in find_records(sweep_dir) if Path(sweep_dir).is_dir() else []:
-        try:
-            present.add(read_record(path).get("point_key"))
-        except RecordError:
-            continue
+    held = (key_and_status(path) for path in (find_records(sweep_dir) if Path(sweep_dir).is_dir() else []))
+    present = {h[0] for h in held if h is not None}
     return [
         {"job": job, "overrides": overrides, "point_key": key}
         for job, (overrides, key) in enumerate(zip(points, keys, strict=False))

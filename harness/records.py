@@ -239,7 +239,7 @@ def forget_ok_index() -> None:
     _index.clear()
 
 
-def _holds(path: Path) -> tuple[str, str] | None:
+def key_and_status(path: Path) -> tuple[str, str] | None:
     """(point key, status) of the record at ``path``; None when there is none or it cannot be read."""
     try:
         rec = read_record(path)
@@ -260,7 +260,7 @@ def earlier_records(directory: Path, key: str) -> list[tuple[Path, str]]:
     def index() -> dict[str, list[tuple[Path, str]]]:
         found: dict[str, list[tuple[Path, str]]] = {}
         for path in find_records(directory) if directory.is_dir() else []:
-            held = _holds(path)
+            held = key_and_status(path)
             if held is not None:
                 found.setdefault(held[0], []).append((path, held[1]))
         return found
@@ -269,7 +269,7 @@ def earlier_records(directory: Path, key: str) -> list[tuple[Path, str]]:
     if directory not in _index:
         _index[directory] = index()
     hits = _index[directory].get(key, [])
-    if any(_holds(path) != (key, status) for path, status in hits):
+    if any(key_and_status(path) != (key, status) for path, status in hits):
         _index[directory] = index()
         hits = _index[directory].get(key, [])
     return hits
