@@ -156,8 +156,11 @@ def _linear_params(args: ModelArgs) -> int:
     return args.n_layers * per_layer + args.vocab_size * d
 
 
-def _embedding_table_bytes(args: ModelArgs, elem: int) -> int:
-    """An untied embedding table is stored but only B rows of it are read per step."""
+def _embedding_table_bytes(args: ModelArgs, elem: int, table_bytes: int | None) -> int:
+    """Stored embedding bytes a step reads only B rows of: ``table_bytes`` when the prepared model told
+    (``unread_table_bytes``), else an untied table of ``args``' shape."""
+    if table_bytes is not None:
+        return table_bytes
     return 0 if args.tie_embeddings else args.vocab_size * args.dim * elem
 
 
@@ -182,8 +185,7 @@ def decode_counts(
     new one. ``table_bytes``: the stored embedding bytes not read whole (``unread_table_bytes``; default from
     ``args.tie_embeddings``)."""
     kv_row = 2 * args.n_layers * args.n_kv_heads * args.head_dim * elem  # K and V of one position, all layers
-    table = _embedding_table_bytes(args, elem) if table_bytes is None else table_bytes
-    weights = weight_bytes - table + rows * args.dim * elem
+    weights = weight_bytes - _embedding_table_bytes(args, elem, table_bytes) + rows * args.dim * elem
     bytes_ = weights + rows * kv_row * (context + 1)
     attn = 4 * args.n_layers * args.n_heads * args.head_dim * (context + 1)  # QK^T and AV over the positions
     return PhaseCounts(bytes=float(bytes_), flops=float(rows * (2 * _linear_params(args) + attn)))
@@ -194,8 +196,7 @@ def prefill_counts(
 ) -> PhaseCounts:
     """Prefill of ``prompt`` tokens for ``rows`` sequences (causal attention: prompt^2 / 2 pairs)."""
     kv_row = 2 * args.n_layers * args.n_kv_heads * args.head_dim * elem
-    table = _embedding_table_bytes(args, elem) if table_bytes is None else table_bytes
-    bytes_ = weight_bytes - table + rows * prompt * (args.dim * elem + kv_row)
+    bytes_ = weight_bytes - _embedding_table_bytes(args, elem, table_bytes) + rows * prompt * (args.dim * elem + kv_row)
     attn = 2 * args.n_layers * args.n_heads * args.head_dim * prompt * prompt
     return PhaseCounts(bytes=float(bytes_), flops=float(rows * (2 * _linear_params(args) * prompt + attn)))
 
