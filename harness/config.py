@@ -425,7 +425,7 @@ def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
     profile_steps = _int(data.get("profile_steps", 8), "profile_steps", 1)
     profile = ProfileSpec(enabled=_bool(data.get("profile", False), "profile"), steps=profile_steps)
     if profile.enabled:
-        # harness/profiling.py sizes its caches to prompt_len + steps + 1 (it generates steps + 1 tokens)
+        # harness/profiling.py keeps the timed cache (prompt_len + gen_len) or, if longer, prompt_len + steps + 1
         size, limit = workload.prompt_len + profile.steps + 1, model.args.max_seq_len
         if size > limit:
             # prompt_len + gen_len <= limit and gen_len >= 2 (checked above) leave room for at least one step

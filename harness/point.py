@@ -97,9 +97,13 @@ def training_identity(spec: PointSpec) -> dict[str, Any]:
 DEFAULT_THREADS = torch.get_num_threads()
 
 
-def apply_threads(spec: PointSpec) -> None:
-    """Set torch's intra-op thread count for this point (auto: back to the process default)."""
+def apply_process_settings(spec: PointSpec) -> None:
+    """Set torch's intra-op thread count for this point (auto: back to the process default) and, on CUDA, the
+    current device: CUDA events record on the current device's stream and Triton launches on it, so
+    ``device=cuda:1`` with cuda:0 current would time an idle stream and run kernels on another GPU."""
     torch.set_num_threads(spec.threads or DEFAULT_THREADS)
+    if spec.device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.set_device(spec.device)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -291,7 +295,7 @@ def _profile(point: TimedPoint) -> dict[str, Any]:
     try:
         return profile_decode(
             point.prepared, _prompt(spec, 10**6, point.heldout), w.decoding, w.num_beams, point.rows,
-            spec.profile.steps, point.out_dir, spec.device,
+            spec.profile.steps, point.out_dir, spec.device, cache_len=w.prompt_len + w.gen_len,
         )  # fmt: skip
     except Exception as exc:  # not PointTimeout (a BaseException): the point's deadline still ends it
         if torch.autograd._profiler_enabled():  # failed between the profiler's start and stop: never leave it on
@@ -364,7 +368,7 @@ def run_point(
     started = time.time()
     record = new_record(spec, sweep)
     torch.manual_seed(spec.seed)
-    apply_threads(spec)
+    apply_process_settings(spec)
     try:
         with guarded(record), deadline(timeout_s):
             record["env"] = fingerprint(spec.device)

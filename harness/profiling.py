@@ -24,10 +24,13 @@ CATEGORIES = ("matmul", "attention", "norm", "elementwise", "copy", "other")
 _RULES = [
     # softmax of attention scores (SDPA's math path); not log_softmax, which beam search runs over the vocabulary
     ("attention", r"scaled_dot_product|flash|fmha|efficient_attention|(?<!log_)softmax|attn|attention"),
+    # cuBLAS 12.4+ names most sm_90 GEMMs nvjet_* (and their split-K reduction splitKreduce_kernel)
     ("matmul", r"(^|::)(mm|addmm|bmm|baddbmm|matmul|linear|dot|gemv|gemm)\b|_weight_int\d+pack_mm|quantized::linear|"
-               r"int8|int4|fp8|_scaled_mm|cutlass|cublas|gemm|gemv|xmma|sgemm|hgemm|wgmma|ampere_|sm90_"),
+               r"int8|int4|fp8|_scaled_mm|cutlass|cublas|gemm|gemv|xmma|sgemm|hgemm|wgmma|ampere_|sm90_|nvjet|"
+               r"splitkreduce"),
     ("norm", r"rsqrt|(^|::)mean\b|(^|::)pow\b|norm"),
-    ("copy", r"copy|(^|::)to\b|_to_copy|contiguous|clone|index_copy|index_select|cat|stack|memcpy|memset|empty"),
+    ("copy", r"copy|(^|::)to\b|_to_copy|contiguous|clone|index_copy|index_select|indexfunc|cat|stack|memcpy|"
+             r"memset|empty"),
     ("elementwise", r"(^|::)(add|mul|sub|div|silu|gelu|neg|exp|cos|sin|where|argmax|topk|masked_fill|fill_)|"
                     r"elementwise|vectorized|unrolled|log_softmax|swiglu|rope"),
 ]  # fmt: skip
@@ -96,12 +99,18 @@ def profile_decode(
     steps: int,
     out_dir: Path,
     device: torch.device,
+    cache_len: int | None = None,
 ) -> dict[str, Any]:
-    """Profile ``steps`` decode steps of one generation; returns the record's profile section."""
+    """Profile ``steps`` decode steps of one generation; returns the record's profile section.
+
+    ``cache_len`` is the timed run's KV-cache length: a cache of another length is another shape, which the
+    compiled engine recompiles for, CUDA graphs re-capture and autotuned kernels re-tune, all of it inside the
+    profiled steps. One unprofiled generation first absorbs whatever ``setup_caches`` resets (captured graphs)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     prof = profile(activities=activities, record_shapes=False)
     clock = _ProfilingClock(prof, steps, device)
-    setup_caches(model, rows, prompt.shape[1] + steps + 1)
+    setup_caches(model, rows, max(cache_len or 0, prompt.shape[1] + steps + 1))
+    generate(model, prompt, steps + 1, decoding, num_beams)
     generate(model, prompt, steps + 1, decoding, num_beams, clock)
     trace = Path(out_dir) / "trace.json"
     prof.export_chrome_trace(str(trace))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import types
 
 import numpy as np
 import pytest
@@ -140,6 +141,67 @@ def test_nvml_watches_the_gpu_torch_runs_on_under_cuda_visible_devices(monkeypat
     assert nvml_handle(_FakeNvml(uuid_lookup=False), torch.device("cuda", 1)) == ("handle", 1)
 
 
+class _FakeGpm:
+    """pynvml's GPM calls: each sample holds the fake clock; SM_UTIL is the span between two samples in ms."""
+
+    NVML_SUCCESS, NVML_GPM_METRICS_GET_VERSION, NVML_GPM_METRIC_SM_UTIL = 0, 1, 2
+
+    def __init__(self, metric_status: int = 0) -> None:
+        self.now, self.metric_status, self.freed = 0.0, metric_status, 0
+
+    def nvmlGpmQueryDeviceSupport(self, handle):
+        return types.SimpleNamespace(isSupportedDevice=True)
+
+    def nvmlGpmSampleAlloc(self):
+        return types.SimpleNamespace(t=None)
+
+    def nvmlGpmSampleGet(self, handle, sample):
+        sample.t = self.now
+
+    def nvmlGpmSampleFree(self, sample):
+        self.freed += 1
+
+    def c_nvmlGpmMetricsGet_t(self):
+        return types.SimpleNamespace(metrics=[types.SimpleNamespace()])
+
+    def nvmlGpmMetricsGet(self, m):
+        m.metrics[0].value = (m.sample2.t - m.sample1.t) * 1e3
+        m.metrics[0].nvmlReturn = self.metric_status
+
+
+def _gpm_reader(fake: _FakeGpm, monkeypatch):
+    from harness import monitor
+
+    monkeypatch.setattr(monitor.time, "perf_counter", lambda: fake.now)  # the reader's clock is the fake's
+    nv = object.__new__(monitor._Nvml)
+    nv.nv, nv.handle, nv.missing = fake, "h", {}
+    nv.gpm = nv._gpm_setup()
+    return nv
+
+
+def test_gpm_sm_activity_covers_the_window_and_spans_at_least_the_minimum(monkeypatch):
+    from harness.monitor import GPM_MIN_SPAN_S
+
+    fake = _FakeGpm()
+    nv = _gpm_reader(fake, monkeypatch)
+    fake.now = 5.0  # warm-up ran since the reader was made: the window's start re-takes the baseline
+    nv.start()
+    fake.now = 5.0 + GPM_MIN_SPAN_S / 2
+    assert nv._sm_active() == {}  # too close to the baseline: no value yet, the baseline kept
+    fake.now = 5.0 + 2 * GPM_MIN_SPAN_S
+    assert nv._sm_active() == {"sm_active": pytest.approx(2e3 * GPM_MIN_SPAN_S)}  # from 5.0, not from 0
+    fake.now += 1.5 * GPM_MIN_SPAN_S
+    assert nv._sm_active() == {"sm_active": pytest.approx(1.5e3 * GPM_MIN_SPAN_S)}
+
+
+def test_a_gpm_metric_nvml_could_not_compute_is_missing_not_a_value(monkeypatch):
+    fake = _FakeGpm(metric_status=3)
+    nv = _gpm_reader(fake, monkeypatch)
+    fake.now = 1.0
+    assert nv._sm_active() == {} and nv.gpm is None
+    assert nv.missing["sm_active"] == "GPM SM_UTIL metric returned NVML error 3"
+
+
 def test_without_rapl_energy_is_missing_with_the_reason(tmp_path):
     with Sampler(torch.device("cpu"), interval_s=0.02, rapl=tmp_path / "absent") as s:
         pass
@@ -162,6 +224,34 @@ def test_categories():
     assert categorize("_decode_attention_split_kernel") == categorize("_decode_attention_merge_kernel") == "attention"
     assert categorize("_add_rmsnorm_kernel") == "norm" and categorize("_int8_matmul_kernel") == "matmul"
     assert categorize("_swiglu_kernel") == categorize("_rope_kernel") == "elementwise"
+    # cuBLAS 12.4+ on sm_90: nvjet GEMMs and their split-K reduction; index_copy_'s CUDA kernel
+    assert categorize("nvjet_tst_64x8_64x16_2x1_v_bz_splitK_TNT") == categorize("splitKreduce_kernel") == "matmul"
+    assert categorize("void at::native::indexFuncLargeIndex<float, long>") == "copy"
+
+
+def test_profiling_keeps_the_timed_cache_and_warms_up_outside_the_profiled_steps(tmp_path, monkeypatch):
+    """A cache of another length is another shape (a recompile, a CUDA-graph capture, a re-tune); what
+    setup_caches resets is absorbed by an unprofiled generation before the profiler starts."""
+    from engines.llama import ModelArgs, Transformer
+    from harness import profiling
+
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, intermediate_size=64,
+                     max_seq_len=64)  # fmt: skip
+    model = Transformer.build(args).eval()
+    sizes, profiled = [], []
+    real_setup = profiling.setup_caches
+    monkeypatch.setattr(profiling, "setup_caches", lambda m, rows, n: (sizes.append(n), real_setup(m, rows, n)))
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: (profiled.append(torch.autograd._profiler_enabled()),
+                                                           real_forward(*a, **k))[1])  # fmt: skip
+    prompt = torch.randint(0, 64, (1, 8))
+    out = profiling.profile_decode(model, prompt, "greedy", 1, 1, 3, tmp_path, torch.device("cpu"), cache_len=40)
+    assert sizes == [40]  # the timed run's prompt_len + gen_len, not prompt_len + steps + 1 = 12
+    # 4 forwards (prefill + 3 decode steps) unprofiled, then the profiled generation: only its decode steps
+    assert profiled[:4] == [False] * 4 and profiled[4] is False and profiled[5:8] == [True] * 3
+    assert out["steps"] == 3 and (tmp_path / "trace.json").exists()
+    profiling.profile_decode(model, prompt, "greedy", 1, 1, 3, tmp_path, torch.device("cpu"), cache_len=10)
+    assert sizes[-1] == 12  # a longer profile than the timed generation gets the cache it needs
 
 
 def test_cuda_kernel_time_is_counted_once():
