@@ -25,6 +25,7 @@ import torch
 
 from harness.env import nvml_handle
 
+GPM_MIN_SPAN_S = 0.1  # the shortest span between two GPM samples a metric is computed over
 RAPL = Path("/sys/class/powercap/intel-rapl:0")  # package 0
 RAPL_SOURCE = "rapl (package 0, whole system: every process on the package, not this point alone)"
 LABELS = {
@@ -67,10 +68,21 @@ class _Nvml:
                 return None
             sample = nv.nvmlGpmSampleAlloc()
             nv.nvmlGpmSampleGet(self.handle, sample)
+            self.gpm_t = time.perf_counter()
             return sample
         except Exception as exc:
             self.missing["sm_active"] = f"GPM unavailable ({_reason(exc)})"
             return None
+
+    def start(self) -> None:
+        """The GPM baseline at the window's start: a value covers the window, not what ran before it."""
+        if self.gpm is not None:
+            try:
+                self.nv.nvmlGpmSampleGet(self.handle, self.gpm)
+                self.gpm_t = time.perf_counter()
+            except Exception as exc:
+                self.missing["sm_active"] = f"GPM: {_reason(exc)}"
+                self.gpm = None
 
     def energy_mj(self) -> float | None:
         try:
@@ -104,10 +116,15 @@ class _Nvml:
         return out
 
     def _sm_active(self) -> dict[str, float]:
+        """SM activity between the stored GPM sample and now, once they are GPM_MIN_SPAN_S apart: closer samples
+        give unreliable values (NVIDIA's tools sample GPM at 100 ms or more); until then the row has none."""
         nv = self.nv
+        if time.perf_counter() - self.gpm_t < GPM_MIN_SPAN_S:
+            return {}
         try:
             sample = nv.nvmlGpmSampleAlloc()
             nv.nvmlGpmSampleGet(self.handle, sample)
+            now = time.perf_counter()
             metrics = nv.c_nvmlGpmMetricsGet_t()
             metrics.version = nv.NVML_GPM_METRICS_GET_VERSION
             metrics.numMetrics = 1
@@ -115,7 +132,13 @@ class _Nvml:
             metrics.metrics[0].metricId = nv.NVML_GPM_METRIC_SM_UTIL
             nv.nvmlGpmMetricsGet(metrics)
             nv.nvmlGpmSampleFree(self.gpm)
-            self.gpm = sample
+            self.gpm, self.gpm_t = sample, now
+            status = metrics.metrics[0].nvmlReturn
+            if status != nv.NVML_SUCCESS:  # the value is undefined then
+                self.missing["sm_active"] = f"GPM SM_UTIL metric returned NVML error {status}"
+                nv.nvmlGpmSampleFree(self.gpm)
+                self.gpm = None
+                return {}
             return {"sm_active": float(metrics.metrics[0].value)}
         except Exception as exc:
             self.missing["sm_active"] = f"GPM: {_reason(exc)}"
@@ -203,6 +226,8 @@ class Sampler:
     def __enter__(self) -> Sampler:
         self._proc.cpu_percent(None)  # prime the counters: the first call has no interval to measure
         psutil.cpu_percent(None)
+        if self._nvml is not None:
+            self._nvml.start()
         self._e0 = self._energy()
         self._t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._run, args=(self._t0,), name="harness-sampler", daemon=True)
