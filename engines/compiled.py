@@ -34,6 +34,7 @@ of the timed shape (compiled in warm-up).
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import time
 from dataclasses import dataclass
@@ -129,6 +130,18 @@ def _prefill(model: nn.Module, tokens: Tensor, input_pos: Tensor) -> Tensor:
     return model(tokens, input_pos)
 
 
+def recompile_kwargs() -> dict[str, Any]:
+    """``torch.compile``'s per-function recompile limit where this torch has it (2.12+); before that, the
+    process-wide dynamo limit is raised instead. Under ``fullgraph=True`` the default limit (8) is an error, and
+    a sweep gives one compiled function a shape per quality pass and per batch size."""
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        return {"recompile_limit": RECOMPILE_LIMIT, "isolate_recompiles": True}
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+    return {}
+
+
 def _graphs_compiled() -> int:
     from torch._dynamo.utils import counters
 
@@ -147,8 +160,7 @@ class CompiledModel(nn.Module):
         self.gemv = params.gemv_for(device)
         if self.gemv == "reduction":
             use_reduction_gemv(model, params.gemv_max_rows)
-        compile_kw = dict(fullgraph=True, dynamic=params.dynamic, options=self.options,
-                          recompile_limit=RECOMPILE_LIMIT, isolate_recompiles=True)  # fmt: skip
+        compile_kw = dict(fullgraph=True, dynamic=params.dynamic, options=self.options, **recompile_kwargs())
         self._decode = torch.compile(_decode_step, **compile_kw)
         self._prefill = torch.compile(_prefill, **compile_kw) if params.prefill else _prefill
         self._weight_bytes = plain_weight_bytes(model)

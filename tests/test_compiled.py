@@ -189,6 +189,23 @@ def test_options_modes_and_availability():
         make_engine({"name": "compiled", "mode": "fast"})
 
 
+def test_a_torch_without_per_function_recompile_limits_gets_the_global_one(monkeypatch):
+    """torch 2.11's torch.compile has no recompile_limit/isolate_recompiles: the engine still compiles, with
+    dynamo's process-wide limit raised (under fullgraph=True the default 8 is an error, not a fallback)."""
+    from engines import compiled
+
+    assert compiled.recompile_kwargs() == {"recompile_limit": compiled.RECOMPILE_LIMIT, "isolate_recompiles": True}
+
+    def old_compile(model=None, *, fullgraph=False, dynamic=None, backend="inductor", mode=None, options=None,
+                    disable=False):  # torch 2.11's signature
+        return model
+
+    monkeypatch.setattr(torch, "compile", old_compile)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    assert compiled.recompile_kwargs() == {} and torch._dynamo.config.recompile_limit == compiled.RECOMPILE_LIMIT
+    CompiledModel(Transformer.build(ARGS, seed=0), make_engine({"name": "compiled"}).params, CPU)
+
+
 def test_the_mode_options_list_beside_eager(compose_cfg):
     from omegaconf import OmegaConf
 
