@@ -168,6 +168,19 @@ def test_int8_matmul_matches_the_dequantized_weight(m, k, n):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * math.sqrt(k))
 
 
+@pytest.mark.skipif(DEV.type != "cuda", reason="needs CUDA: the output is 4 GiB and more (2**31 elements)")
+def test_int8_matmul_addresses_outputs_past_2_to_the_31_elements():
+    """A prefill through Llama-3's output head: 16800 rows x 128256 outputs overflow 32-bit offsets."""
+    m, k, n = 16800, 64, 128256
+    x = rand(m, k, seed=3, dtype=torch.bfloat16)
+    q, scale = quantize_int8(rand(n, k, seed=4, scale=0.05))
+    q, scale = q.to(DEV), scale.to(DEV, torch.bfloat16)
+    got = int8_weight_only_matmul(x, q, scale)
+    for rows in (slice(0, 8), slice(m - 8, m)):  # the last rows sit past element 2**31
+        want = x[rows].float() @ dequantize_int8(q, scale).float().T
+        torch.testing.assert_close(got[rows].float(), want, rtol=2e-2, atol=2e-2)
+
+
 def test_quantized_engine_reuses_the_int8_kernel_with_backend_triton():
     args = ModelArgs(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=150,
                      max_seq_len=64)  # fmt: skip

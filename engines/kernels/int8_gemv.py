@@ -40,16 +40,18 @@ def _int8_matmul_kernel(
 ):  # fmt: skip
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # int64 row offsets: a prefill through the output head has M * N past 2**31 (32768 rows x 128256)
+    row_x, row_w, row_y = rm.to(tl.int64) * stride_xm, rn.to(tl.int64) * stride_wn, rm.to(tl.int64) * stride_ym
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(X + rm[:, None] * stride_xm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
-        w = tl.load(W + rn[None, :] * stride_wn + rk[:, None], mask=(rn < N)[None, :] & (rk < K)[:, None], other=0)
+        x = tl.load(X + row_x[:, None] + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
+        w = tl.load(W + row_w[None, :] + rk[:, None], mask=(rn < N)[None, :] & (rk < K)[:, None], other=0)
         acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)  # int8 -> activation dtype in registers
     scale = tl.load(S + rn, mask=rn < N, other=0.0).to(tl.float32)
     y = acc * scale[None, :]
     out_mask = (rm < M)[:, None] & (rn < N)[None, :]
-    tl.store(Y + rm[:, None] * stride_ym + rn[None, :], y.to(Y.dtype.element_ty), mask=out_mask)
+    tl.store(Y + row_y[:, None] + rn[None, :], y.to(Y.dtype.element_ty), mask=out_mask)
 
 
 def int8_weight_only_matmul(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
