@@ -84,7 +84,7 @@ def preflight(config: DictConfig, points: list[list[str]]) -> list[str]:
 def record_missing(config: DictConfig, sweep_dir: Path) -> int:
     """Write a ``failed`` record for each planned point that has none, saying why; returns how many."""
     from harness.env import fingerprint
-    from harness.point import apply_threads, identity
+    from harness.point import apply_process_settings, identity
 
     missing = missing_points(sweep_dir)
     for point in missing:
@@ -93,7 +93,7 @@ def record_missing(config: DictConfig, sweep_dir: Path) -> int:
         if (job_dir / RECORD_NAME).exists():  # another point's record (a resumed sweep in another order)
             record_dir = sweep_dir / "missing" / point["point_key"]
         log.warning("point %d has no record: %s", point["job"], " ".join(point["overrides"]))
-        apply_threads(spec)  # the fingerprint counts torch's threads: the point's, as its own record would have
+        apply_process_settings(spec)  # the fingerprint counts torch's threads: the point's, as its own record would have
         write_record(
             record_dir,
             {

@@ -36,7 +36,7 @@ from harness.monitor import Sampler
 from harness.point import (
     CONVERGE_ON,
     TimedPoint,
-    apply_threads,
+    apply_process_settings,
     close_record,
     finish,
     guarded,
@@ -206,7 +206,7 @@ def _prepare(job: Job) -> _Entry:
     entry = _Entry(job, new_record(spec, job.sweep), time.time())
     record = entry.record
     torch.manual_seed(spec.seed)
-    apply_threads(spec)  # one count for the whole group: threads is part of the point, so of the group key
+    apply_process_settings(spec)  # one count for the whole group: threads is part of the point, so of the group key
     with guarded(record), _budget(entry):
         record["env"] = fingerprint(spec.device)
         reason = spec.engine.available(spec.device, spec.dtype)

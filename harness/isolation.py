@@ -82,7 +82,7 @@ def _death(exitcode: int | None) -> str:
 def run_isolated(spec: PointSpec, out_dir: Path, sweep: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
     """Run the point in a child process and return its record (written by the child, or here if it died)."""
     from harness.env import fingerprint
-    from harness.point import apply_threads, identity
+    from harness.point import apply_process_settings, identity
     from harness.records import point_key
 
     record_path = Path(out_dir) / RECORD_NAME
@@ -122,7 +122,7 @@ def run_isolated(spec: PointSpec, out_dir: Path, sweep: dict[str, Any], timeout_
     else:
         error = _death(child.exitcode)
     ident = identity(spec)
-    apply_threads(spec)  # the fingerprint counts torch's threads: the child's, as its own record would have
+    apply_process_settings(spec)  # the fingerprint counts torch's threads: the child's, as its own record would have
     record = {
         "status": status,
         "error": error,

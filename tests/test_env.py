@@ -11,7 +11,7 @@ import torch
 
 import harness.env
 from harness.env import fingerprint, fingerprint_id, git_state, huge_pages
-from harness.point import DEFAULT_THREADS, apply_threads
+from harness.point import DEFAULT_THREADS, apply_process_settings
 
 PROBE = "from harness.env import huge_pages; import json; print(json.dumps(huge_pages()))"
 
@@ -69,17 +69,35 @@ def test_the_fingerprint_id_follows_the_software_stack_and_threads_not_the_host_
     assert fingerprint_id({**fp, **same}) == fp["id"]
 
 
-def test_apply_threads_sets_and_restores(compose_cfg):
+def test_apply_process_settings_sets_and_restores(compose_cfg):
     from harness.config import validate
 
     try:
-        apply_threads(validate(compose_cfg("threads=1")))
+        apply_process_settings(validate(compose_cfg("threads=1")))
         assert torch.get_num_threads() == 1
         assert fingerprint(torch.device("cpu"))["torch_threads"] == 1
-        apply_threads(validate(compose_cfg()))
+        apply_process_settings(validate(compose_cfg()))
         assert torch.get_num_threads() == DEFAULT_THREADS
     finally:
         torch.set_num_threads(DEFAULT_THREADS)
+
+
+def test_a_cuda_point_makes_its_gpu_the_current_device(compose_cfg, monkeypatch):
+    """CUDA events record on the current device's stream and Triton launches on it: device=cuda:1 must be it."""
+    import dataclasses
+
+    from harness.config import validate
+
+    cpu_spec = validate(compose_cfg("device=cpu"))
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    try:
+        apply_process_settings(dataclasses.replace(cpu_spec, device=torch.device("cuda", 1)))
+        apply_process_settings(cpu_spec)  # a CPU point leaves the current GPU alone
+    finally:
+        torch.set_num_threads(DEFAULT_THREADS)
+    assert chosen == [torch.device("cuda", 1)]
 
 
 def _git(cwd: Path, *args: str) -> str:
