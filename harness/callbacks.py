@@ -93,7 +93,7 @@ def record_missing(config: DictConfig, sweep_dir: Path) -> int:
         if (job_dir / RECORD_NAME).exists():  # another point's record (a resumed sweep in another order)
             record_dir = sweep_dir / "missing" / point["point_key"]
         log.warning("point %d has no record: %s", point["job"], " ".join(point["overrides"]))
-        apply_process_settings(spec)  # the fingerprint counts torch's threads: the point's, as its own record would have
+        apply_process_settings(spec)  # the fingerprint counts the point's threads, as its own record would
         write_record(
             record_dir,
             {
