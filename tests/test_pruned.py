@@ -96,6 +96,15 @@ def test_two_four_masks_keep_exactly_two_of_every_four_chosen_by_the_score():
     input_sq = torch.tensor([100.0, 100.0, 0.01, 0.01])  # norms 10, 10, 0.1, 0.1
     assert pruning.two_four_mask(pruning.weight_score(w)).tolist() == [[False, False, True, True]]
     assert pruning.two_four_mask(pruning.weight_score(w, input_sq)).tolist() == [[True, True, False, False]]
+    # the input's L2 norm, not its sum of squares: norms 4, 4, 1, 1 make scores 4, 4, 5, 5 (squares: 16, 16, 5, 5)
+    w, input_sq = torch.tensor([[1.0, 1.0, 5.0, 5.0]]), torch.tensor([16.0, 16.0, 1.0, 1.0])
+    assert pruning.two_four_mask(pruning.weight_score(w, input_sq)).tolist() == [[False, False, True, True]]
+
+
+def test_row_granularity_takes_the_extra_weights_from_the_rows_whose_next_weight_scores_lowest():
+    # 3 of 4 removed over 2 rows: one each, and the third from row 1, whose next weight (3) is below row 0's (5)
+    keep = pruning.unstructured_mask(torch.tensor([[1.0, 5.0], [2.0, 3.0]]), 0.75, "row")
+    assert keep.tolist() == [[False, True], [False, False]]
 
 
 def test_two_four_engine_masks_dense_weights_and_reports_layers_it_cannot_take(corpus, ref):
@@ -153,6 +162,45 @@ def test_structured_removes_what_contributes_nothing_and_keeps_gqa_groups_consis
     with torch.inference_mode():
         torch.testing.assert_close(small(x), teacher(x), rtol=1e-5, atol=1e-5)
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())  # the reference is untouched
+
+
+def test_structured_importance_is_what_a_unit_adds_to_the_residual_stream_not_its_weights(corpus):
+    """Units silenced through their activations, with the largest weights of their layer: the norms before
+    attention and FFN zero the first half of the features, and the silenced FFN channels (w1, w3 rows) and KV
+    groups (wv rows) read only those, with weights 100x the others. Any weight-only score keeps them; the
+    calibrated contribution to the residual stream removes exactly them (and the small model computes what the
+    teacher computes)."""
+    teacher = Transformer.build(ARGS, seed=5)
+    a = teacher.args
+    half = a.dim // 2
+    span = a.n_heads // a.n_kv_heads * a.head_dim
+    gen = torch.Generator().manual_seed(6)
+    dead_ffn, dead_kv = [], []
+    with torch.no_grad():
+        for layer in teacher.layers:
+            ff, attn = layer.feed_forward, layer.attention
+            layer.ffn_norm.weight[:half] = 0
+            layer.attention_norm.weight[:half] = 0
+            ch = torch.randperm(a.intermediate_size, generator=gen)[: a.intermediate_size // 2]
+            for w in (ff.w1.weight, ff.w3.weight):
+                w[ch, half:] = 0
+                w[ch, :half] *= 100
+            ff.w2.weight[:, ch] *= 100
+            groups = torch.randperm(a.n_kv_heads, generator=gen)[: a.n_kv_heads // 2].tolist()
+            for g in groups:
+                rows = slice(g * a.head_dim, (g + 1) * a.head_dim)
+                attn.wv.weight[rows, half:] = 0
+                attn.wv.weight[rows, :half] *= 100
+                attn.wo.weight[:, g * span : (g + 1) * span] *= 100
+            dead_ffn.append(set(ch.tolist()))
+            dead_kv.append(set(groups))
+    small = pruned("structured", sparsity=0.5).prepare(teacher, ctx(corpus))
+    for i in range(a.n_layers):
+        assert set(small.engine_info["ffn_kept"][i]) == set(range(a.intermediate_size)) - dead_ffn[i]
+        assert set(small.engine_info["kv_groups_kept"][i]) == set(range(a.n_kv_heads)) - dead_kv[i]
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(small(x), teacher(x), rtol=1e-4, atol=1e-4)
 
 
 def test_structured_parts_follow_engine_layers(corpus):
@@ -214,6 +262,80 @@ def test_csr_forward_equals_the_dense_masked_forward(corpus, ref):
             nnz = w.numel() - round(0.6 * w.numel())
             expected += nnz * 4 + nnz * 4 + (w.shape[0] + 1) * 4 - w.numel() * 4
     assert weight_bytes(csr) == expected == csr.engine_info["weight_bytes"]
+
+
+def _input_norms(model: nn.Module, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each linear's input L2 norm per feature over the windows, by hooks of this test's own."""
+    sq: dict[str, torch.Tensor] = {}
+
+    def hook(name, module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        sq[name] = sq.get(name, 0) + x.pow(2).sum(0)
+
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: hook(n, m, a))
+               for n, m in model.named_modules() if isinstance(m, nn.Linear)]  # fmt: skip
+    with torch.inference_mode():
+        for batch in windows.split(4):
+            model(batch)
+    for h in handles:
+        h.remove()
+    return {n: v.sqrt() for n, v in sq.items()}
+
+
+@pytest.mark.parametrize("granularity", ["row", "layer"])
+def test_wanda_removes_the_lowest_weight_times_input_norm(corpus, ref, granularity):
+    """Wanda's score |W_ij| * ||X_j||_2 over the calibration windows, recomputed independently: the engine zeroes
+    exactly the lowest-scored half of every row (the paper's comparison group) or of every layer."""
+    windows = pruning.calibration_windows(corpus.tokens("train"), CAL["calibration_seqs"],
+                                          CAL["calibration_seq_len"], 0)  # fmt: skip
+    norms = _input_norms(ref, windows)
+    model = pruned("wanda", sparsity=0.5, granularity=granularity).prepare(ref, ctx(corpus))
+    for name, w in linear_weights(ref).items():
+        if name == "output":
+            continue
+        score = w.double().abs() * norms[name][None, :]
+        got = linear_weights(model)[name] == 0
+        if granularity == "row":
+            want = torch.zeros_like(got)
+            want.scatter_(1, score.argsort(dim=1)[:, : w.shape[1] // 2], True)
+        else:
+            want = torch.zeros(w.numel(), dtype=torch.bool)
+            want[score.flatten().argsort()[: w.numel() // 2]] = True
+            want = want.view(w.shape)
+        assert int((got != want).sum()) == 0, name
+
+
+def test_masks_are_cached_apart_for_every_parameter_that_changes_them(corpus, tmp_path, ref):
+    """One cache directory, one reference: each change of sparsity, granularity or layers computes its own masks
+    (a key missing one of them would serve the other's masks, their zeros looking just as plausible)."""
+    seen = set()
+    for params, layers_zeroed, fraction in [
+        ({"sparsity": 0.3}, 14, 0.3),
+        ({"sparsity": 0.5}, 14, 0.5),
+        ({"sparsity": 0.5, "granularity": "row"}, 14, 0.5),
+        ({"sparsity": 0.5, "layers": ["attention"]}, 8, 0.5),
+    ]:
+        model = pruned("magnitude", **params).prepare(ref, ctx(corpus, tmp_path, key="ref"))
+        info = model.engine_info
+        assert info["cached"] is False and info["cache_key"] not in seen, params
+        seen.add(info["cache_key"])
+        zeroed = {n: int((w == 0).sum()) for n, w in linear_weights(model).items() if (w == 0).any()}
+        assert len(zeroed) == layers_zeroed and all(
+            z == round(fraction * linear_weights(ref)[n].numel()) for n, z in zeroed.items()
+        ), params
+        assert pruned("magnitude", **params).prepare(ref, ctx(corpus, tmp_path, key="ref")).engine_info["cached"]
+
+
+def test_csr_layers_multiply_through_torch_sparse(corpus, ref, monkeypatch):
+    model = pruned("magnitude", sparsity=0.6, format="csr").prepare(ref, ctx(corpus))
+    layers = [m for m in model.modules() if isinstance(m, CSRLinear)]
+    assert layers and all(m.weight.layout == torch.sparse_csr for m in layers)
+    calls = []
+    real_mm = torch.sparse.mm
+    monkeypatch.setattr(torch.sparse, "mm", lambda a, b: (calls.append(a.layout), real_mm(a, b))[1])
+    with torch.inference_mode():
+        model(torch.randint(0, 256, (1, 8)))
+    assert calls == [torch.sparse_csr] * len(layers)
 
 
 def test_calibration_cache_key_changes_with_its_inputs(corpus):
