@@ -7,7 +7,6 @@ message and traceback, and the record is written in every case.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -188,10 +187,9 @@ def setup(spec: PointSpec, record: dict[str, Any], out_dir: Path, keep_reference
     if prepared is None or (spec.quality.enabled and quality is None):
         model, ref_info = reference.reference_model(spec)
         if prepared is None:
-            ref_key = hashlib.sha256(reference.reference_key(spec).encode()).hexdigest()[:16]
             ctx = PrepareContext(
                 spec.device, spec.dtype, spec.seed, spec.model.name, spec.model.args, spec.cache_dir,
-                reference_key=ref_key, trained=trained,
+                reference_key=reference.weights_key(spec, ref_info), trained=trained,
                 train_tokens=corpus.tokens("train"), heldout_tokens=corpus.tokens("heldout"),
             )  # fmt: skip
             prepared, prepare_s = reference.prepare(spec, model, ctx)

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import hashlib
 import json
 import time
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +27,7 @@ from engines.llama import Transformer
 from harness import fidelity
 from harness.config import PointSpec
 from harness.corpus import load_corpus
-from harness.training import ensure_trained, load_trained
+from harness.training import ensure_trained, load_trained, resolved_train
 
 _reference: tuple[str, Transformer] | None = None
 _reference_info: dict[str, dict[str, Any]] = {}
@@ -33,13 +36,25 @@ _held: set[str] = set()
 
 
 def reference_key(spec: PointSpec) -> str:
-    """Identity of the reference weights: shape, weights kind, seed, device, dtype (and training setup)."""
+    """Identity of the reference weights: shape, weights kind, seed, device, dtype (and the training setup as it
+    runs on this device: ``precision=auto`` trains in bf16 on one machine and fp32 on another)."""
     parts: list[Any] = [spec.model.name, spec.model.weights, spec.model.args.to_dict(), spec.seed, str(spec.device)]
     parts.append(str(spec.dtype))
     if spec.model.weights == "trained":
         corpus = load_corpus(spec.corpus.path, spec.corpus.heldout_every)
-        parts += [corpus.sha256, spec.train.__dict__]
+        parts += [corpus.sha256, asdict(resolved_train(spec.train, spec.device))]
     return json.dumps(parts, sort_keys=True, default=str)
+
+
+def weights_key(spec: PointSpec, info: dict[str, Any]) -> str:
+    """The name engines' own caches (calibration statistics, masks, students) give the reference weights: its
+    identity and, for trained weights, the checkpoint file as written (size, mtime), so a checkpoint trained
+    again (``harness train --force``) is not pruned or distilled from statistics of the one it replaced."""
+    parts: list[Any] = [reference_key(spec)]
+    if checkpoint := info.get("checkpoint"):
+        stat = Path(checkpoint).stat()
+        parts.append([stat.st_size, stat.st_mtime_ns])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def prepared_key(spec: PointSpec) -> str:

@@ -204,6 +204,30 @@ def test_a_directory_named_two_ways_is_read_once(tmp_path, synthetic_point, monk
     assert len(load(["sweep", str(tmp_path / "sweep"), "link", "sweep/1/record.json"])) == 2
 
 
+def test_engine_caches_name_the_trained_weights_they_were_made_from(compose_cfg, tmp_path, monkeypatch):
+    """Pruning statistics, masks and distilled students are cached under the reference's weights key: a bf16-
+    and an fp32-trained checkpoint (precision=auto on two machines sharing a cache) are other weights, and so is
+    a checkpoint trained again in place (harness train --force)."""
+    import engines.train as train_module
+    from harness import reference
+    from harness.config import validate
+
+    spec = validate(compose_cfg("model=tiny", "model.weights=trained"))
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: True)
+    bf16 = reference.reference_key(spec)
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: False)
+    assert reference.reference_key(spec) != bf16
+    ckpt = tmp_path / "tiny.safetensors"
+    ckpt.write_bytes(b"weights")
+    first = reference.weights_key(spec, {"checkpoint": str(ckpt)})
+    assert reference.weights_key(spec, {"checkpoint": str(ckpt)}) == first  # the same file: the same key
+    ckpt.write_bytes(b"retrained")
+    os.utime(ckpt, ns=(1, 2))
+    assert reference.weights_key(spec, {"checkpoint": str(ckpt)}) != first
+    random_spec = validate(compose_cfg("model=tiny", "model.weights=random"))
+    assert reference.weights_key(random_spec, {}) == reference.weights_key(random_spec, {})
+
+
 def test_point_key_of_trained_weights_follows_what_made_them(compose_cfg, tmp_path):
     """Trained weights from other training steps or another corpus are other points (their checkpoints and ppl
     differ); the measure policy and a note are not; random-weight points keep the keys they had."""
