@@ -52,6 +52,27 @@ class Verdict:
     threshold: float = math.nan
 
 
+def within(change: float, threshold: float) -> bool:
+    """Whether a relative change is within the threshold as a ratio, either way: ``1/(1+t) <= ratio <= 1+t``.
+    Symmetric in the logarithm, so TPOT x1.051 and tokens/s x1/1.051 (-4.9%), the same data, get one verdict."""
+    if change <= -1:
+        return False
+    return abs(math.log1p(change)) <= math.log1p(threshold)
+
+
+def min_p_value(n_base: int, n_cand: int | None = None) -> float:
+    """The smallest two-sided p-value the rank test can give at these sample counts (exact, no ties): 2 / 2**n
+    for the signed-rank test on n pairs, 2 / C(n_base + n_cand, n_base) for the U test. At or above alpha, no
+    change can be significant, however large: the verdict is unknown, not no change."""
+    if n_cand is None:
+        return 2.0 / 2.0**n_base
+    return 2.0 / math.comb(n_base + n_cand, n_base)
+
+
+def _pairs_needed(alpha: float) -> int:
+    return next(n for n in range(1, 64) if min_p_value(n) < alpha)
+
+
 def _pct(x: float) -> str:
     return f"{x:+.1%}"
 
@@ -83,8 +104,11 @@ def decide_samples(
     apart = clo > bhi or chi < blo
     if not math.isfinite(change):
         v.verdict, v.reason = UNKNOWN, "base median is zero"
-    elif abs(change) <= threshold:
+    elif within(change, threshold):
         v.reason = f"{_pct(change)} within ±{threshold:.1%}"
+    elif min_p_value(x.size, y.size) >= alpha:
+        v.verdict = UNKNOWN
+        v.reason = f"{_pct(change)} but {x.size} vs {y.size} samples cannot reach U test p < {alpha:g}"
     elif p >= alpha:
         v.reason = f"{_pct(change)} but U test p={p:.2g} >= {alpha:g}"
     elif not apart:
@@ -124,8 +148,12 @@ def decide_paired(
                 y.size, mode="paired")  # fmt: skip
     worse = change < 0 if higher_is_better else change > 0
     ci = f"ratio CI [{math.exp(lo):.3f}, {math.exp(hi):.3f}]"
-    if abs(change) <= threshold:
+    if within(change, threshold):
         v.reason = f"{_pct(change)} within ±{threshold:.1%} (paired by round)"
+    elif min_p_value(x.size) >= alpha:
+        v.verdict = UNKNOWN
+        v.reason = (f"{_pct(change)} but {x.size} paired samples cannot reach signed-rank p < {alpha:g} "
+                    f"(it takes {_pairs_needed(alpha)})")  # fmt: skip
     elif p >= alpha:
         v.reason = f"{_pct(change)} but signed-rank p={p:.2g} >= {alpha:g} (paired by round)"
     elif lo <= 0 <= hi:
@@ -147,7 +175,7 @@ def decide_intervals(
     change = (cy - bx) / abs(bx)
     v = Verdict(NO_CHANGE, "", bx, cy, change, base_ci=(blo, bhi), cand_ci=(clo, chi), mode="table")
     note = " (no raw samples: threshold and CIs only)"
-    if abs(change) <= threshold:
+    if within(change, threshold):
         v.reason = f"{_pct(change)} within ±{threshold:.1%}{note}"
     elif not (clo > bhi or chi < blo):
         v.reason = f"{_pct(change)} but the medians' CIs overlap{note}"
@@ -172,7 +200,7 @@ def decide_value(base: float, cand: float, metric: Metric, threshold: float) -> 
     v = Verdict(NO_CHANGE, "", base, cand, change, n_base=1, n_cand=1, mode=mode)
     if not math.isfinite(change):
         v.verdict, v.reason = UNKNOWN, "base value is zero"
-    elif abs(change) <= threshold:
+    elif within(change, threshold) if mode != "absolute" else abs(change) <= threshold:
         v.reason = f"{shown} within ±{limit}"
     else:
         worse = change < 0 if metric.higher_is_better else change > 0

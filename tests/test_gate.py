@@ -121,6 +121,36 @@ def test_too_few_samples_is_unknown_and_direction_is_respected():
     assert decide_samples(slow, fast, higher_is_better=True, threshold=0.05).verdict == IMPROVEMENT
 
 
+def test_sample_counts_no_rank_test_can_reject_at_are_unknown_not_no_change():
+    """5 to 7 pairs: the signed-rank test's smallest two-sided p is 2/2**n = 0.0625, 0.031, 0.016, never below
+    alpha 0.01, so even a 2x slowdown in every round would read 'no change'; 8 pairs can reach it."""
+    rng = np.random.default_rng(0)
+    for n in (5, 6, 7):
+        x = rng.uniform(1.0, 1.1, n)
+        v = decide_paired(x, 2 * x * rng.uniform(0.99, 1.01, n), False, 0.05)
+        assert v.verdict == UNKNOWN and f"{n} paired samples cannot reach signed-rank p < 0.01 (it takes 8)" in v.reason
+        assert decide_paired(x, x * 1.01, False, 0.05).verdict == NO_CHANGE  # within the threshold it still says so
+    x = rng.uniform(1.0, 1.1, 8)
+    assert decide_paired(x, 2 * x * rng.uniform(0.99, 1.01, 8), False, 0.05).verdict == REGRESSION
+    # the U test: 5 vs 5 reaches p = 2/252 = 0.008, under 0.01 but not under 0.001
+    fast, slow = np.linspace(1.0, 1.01, 5), np.linspace(2.0, 2.01, 5)
+    assert decide_samples(fast, slow, False, 0.05).verdict == REGRESSION
+    v = decide_samples(fast, slow, False, 0.05, alpha=0.001)
+    assert v.verdict == UNKNOWN and "5 vs 5 samples cannot reach U test p < 0.001" in v.reason
+
+
+def test_the_threshold_is_a_ratio_either_way_so_latency_and_throughput_agree():
+    """y = 1.051 x: TPOT +5.1% and tokens/s -4.9% are the same change, one verdict at a 5% threshold."""
+    x = np.linspace(10.0, 10.2, 20)
+    tpot = decide_samples(x, 1.051 * x, higher_is_better=False, threshold=0.05)
+    tps = decide_samples(1000 / x, 1000 / (1.051 * x), higher_is_better=True, threshold=0.05)
+    assert tpot.verdict == tps.verdict == REGRESSION
+    near = decide_samples(x, 1.049 * x, higher_is_better=False, threshold=0.05)
+    assert near.verdict == decide_samples(1000 / x, 1000 / (1.049 * x), True, 0.05).verdict == NO_CHANGE
+    paired = decide_paired(1000 / x, 1000 / (1.051 * x), True, 0.05)
+    assert paired.verdict == REGRESSION and decide_paired(x, 1.051 * x, False, 0.05).verdict == REGRESSION
+
+
 def test_single_values_are_gated_by_threshold_only():
     mem, top1, ppl = METRICS["peak_memory_mb"], METRICS["fidelity_top1"], METRICS["ppl"]
     assert decide_value(100.0, 115.0, mem, 0.10).verdict == REGRESSION
