@@ -259,14 +259,30 @@ def _timed_loop(fn: RepFn, policy: Policy, converge_on: tuple[str, ...], res: Re
                 break
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """A Williams design: orders of ``n`` points in which every point runs right after every other equally often
+    (once over ``n`` rounds for even ``n``, twice over ``2n`` for odd) and in every position equally often. A
+    plain rotation keeps the cyclic order, so with three or more points each runs after the same neighbour
+    nearly always, and whatever one point leaves behind (caches, clocks) would bias its successor's ratio."""
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    rows = [[(x + r) % n for x in first] for r in range(n)]
+    return rows + [row[::-1] for row in rows] if n % 2 and n > 1 else rows
+
+
 def repeat_in_turns(
     fns: list[RepFn], policy: Policy, converge_on: tuple[str, ...], warmed: list[Repetitions]
 ) -> list[Repetitions | BaseException]:
     """Timed repetitions of several already warmed-up points taken in turns: one repetition of each per round.
 
     Drift of the machine (clock changes, other tenants) then lands on every point alike, so their ratios hold
-    even where the absolute speed wanders between rounds. The order rotates every round so that no point always
-    runs right after the same neighbour. All points take the same number of rounds: the group stops when every
+    even where the absolute speed wanders between rounds. The order follows ``balanced_orders``: every point
+    runs right after every other equally often. All points take the same number of rounds: the group stops when every
     point's CI is within the target (after ``min_reps``), at ``max_reps`` rounds, or when ``max_time_s`` per
     point (the group's budget is the points' budgets together) is spent. A point whose repetition raises leaves
     the rotation and its slot holds the exception; the others go on.
@@ -278,8 +294,8 @@ def repeat_in_turns(
     gc.collect()
     t0 = time.perf_counter()
     while active:
-        shift = rounds % len(active)
-        for k in active[shift:] + active[:shift]:
+        orders = balanced_orders(len(active))
+        for k in (active[i] for i in orders[rounds % len(orders)]):
             res = out[k]
             assert isinstance(res, Repetitions)
             try:

@@ -33,13 +33,28 @@ def _fns(calls: list[str], names: str, fail: dict[str, int] | None = None):
     return [make(n) for n in names]
 
 
-def test_rounds_take_one_repetition_each_and_rotate():
+def test_rounds_take_one_repetition_each_in_balanced_orders():
     calls: list[str] = []
     out = repeat_in_turns(_fns(calls, "abc"), _policy(), ("t",), [Repetitions() for _ in range(3)])
     assert [r.reps for r in out] == [6, 6, 6]  # every point the same number of rounds (max_reps)
     rounds = ["".join(calls[i : i + 3]) for i in range(0, len(calls), 3)]
-    assert rounds == ["abc", "bca", "cab", "abc", "bca", "cab"]  # no point always follows the same one
+    assert rounds == ["abc", "bca", "cab", "cba", "acb", "bac"]
     assert all(r.stop_reason == "max_reps" and not r.converged for r in out)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
+def test_every_point_runs_right_after_every_other_equally_often(n):
+    """A rotation (abc, bca, cab) keeps the cyclic order: a follows c twice as often as b. The Williams design
+    balances who runs first and who runs after whom."""
+    from collections import Counter
+
+    from harness.timing import balanced_orders
+
+    orders = balanced_orders(n)
+    assert all(sorted(o) == list(range(n)) for o in orders)
+    after = Counter((o[i - 1], o[i]) for o in orders for i in range(1, n))
+    assert len(after) == n * (n - 1) and len(set(after.values())) <= 1
+    assert all(len({o[pos] for o in orders}) == n for pos in range(n))  # every point in every position
 
 
 def test_group_stops_when_every_point_converges():
