@@ -4,7 +4,8 @@ A sweep's points normally run one after another, each timed in its own window. O
 machine the speed wanders over seconds to minutes, and a ratio between two points timed minutes apart carries
 that drift. Here the points of a group (by default those that differ only in their engine: same model,
 workload, device, dtype, seed and policy) are prepared together, warmed up one by one, and then timed one
-repetition each per round, in balanced orders (``timing.balanced_orders``). Drift then lands on every point of the group alike.
+repetition each per round, in balanced orders (``timing.balanced_orders``). Drift then lands on every point
+of the group alike.
 
 The cost: the group's engines are resident together, so a point's peak memory and its utilization and energy
 window are the group's, and the records say so. Time a sweep point by point (the basic launcher) where those
