@@ -6,6 +6,7 @@ multirun: for every point of the sweep before the first one runs).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, fields
@@ -121,6 +122,9 @@ class PointSpec:
         return Path(self.cfg.get("cache_dir") or DEFAULT_CACHE_DIR).expanduser()
 
 
+SEED_MAX = 2**32 - 1
+
+
 def _int(value: Any, field: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{field}: expected an integer >= {minimum}, got {value!r}")
@@ -132,6 +136,8 @@ def _int(value: Any, field: str, minimum: int) -> int:
 def _number(value: Any, field: str, minimum: float, strict: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{field}: expected a number, got {value!r}")
+    if not math.isfinite(value):  # nan passes every comparison; inf is no limit nor a size (null means none)
+        raise ConfigError(f"{field}: must be a finite number, got {value}")
     if value < minimum or (strict and value == minimum):
         raise ConfigError(f"{field}: must be {'>' if strict else '>='} {minimum}, got {value}")
     return float(value)
@@ -406,6 +412,8 @@ def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
     device = resolve_device(data.get("device", "auto"))
     dtype = resolve_dtype(data.get("dtype", "auto"), device)
     seed = _int(data.get("seed", 0), "seed", 0)
+    if seed > SEED_MAX:  # prompts and calibration draw generators seeded from it, which take 64-bit seeds
+        raise ConfigError(f"seed: must be an integer in 0..{SEED_MAX}, got {seed}")
     if data.get("cache_dir") is not None and not (isinstance(data["cache_dir"], str) and data["cache_dir"].strip()):
         raise ConfigError(f"cache_dir: expected a directory path or null (the default), got {data['cache_dir']!r}")
     corpus, train, quality = _corpus(data.get("corpus")), _train(data.get("train"), seed), _quality(data.get("quality"))

@@ -42,6 +42,13 @@ def test_default_config_is_valid(compose_cfg):
         (["measure.target_ci=0"], r"^measure\.target_ci: must be > 0"),
         (["measure.warmup_max_s=0.1"], r"^measure\.warmup_max_s: 0\.1 is below measure\.warmup_s=0\.5, the least "),
         (["seed=-3"], r"^seed: must be an integer >= 0, got -3$"),
+        (["seed=18446744073709551616"], r"^seed: must be an integer in 0\.\.4294967295, got 18446744073709551616$"),
+        # nan passes every comparison (a warm-up that never ends, a sampler that never waits), inf is no size
+        (["measure.warmup_stable_rel=nan"], r"^measure\.warmup_stable_rel: must be a finite number, got nan$"),
+        (["measure.timeout_s=inf"], r"^measure\.timeout_s: must be a finite number, got inf$"),
+        (["monitor.interval_s=nan"], r"^monitor\.interval_s: must be a finite number, got nan$"),
+        (["model.rope_base=nan"], r"^model\.rope_base: must be a finite number, got nan$"),
+        (["train.lr=inf"], r"^train\.lr: must be a finite number, got inf$"),
         (["threads=0"], r"^threads: 0 is not allowed; allowed: auto, or an integer 1\.\.\d+ \(usable CPUs\)$"),
         (["threads=many"], r"^threads: 'many' is not allowed; allowed: auto, or an integer 1\.\.\d+"),
         (["threads=4096"], r"^threads: 4096 is not allowed; allowed: auto, or an integer 1\.\.\d+"),
