@@ -82,8 +82,15 @@ def record_dir(root: Path, job_dir: Path, key: str) -> Path:
     Its job folder when that holds no record or this point's earlier attempt; else the folder of this point's
     earlier attempt elsewhere under ``root``, which it replaces (one record per point, as the report, history
     and missing points expect); else ``root/points/<key>`` (a sweep resumed in another order: its job folder
-    holds the record of another point)."""
+    holds the record of another point). An unreadable record there (a file cut short) is whose no one can tell:
+    it is moved aside to ``record.json.corrupt``, so that the sweep's readers (history, compare) no longer stop
+    on it, and the folder takes this point's record."""
     here = _record_key(job_dir / RECORD_NAME)
+    if here == "":
+        broken = job_dir / RECORD_NAME
+        broken.replace(broken.with_name(RECORD_NAME + ".corrupt"))
+        log.warning("  %s could not be read: moved aside to %s.corrupt", broken, RECORD_NAME)
+        here = None
     if here == key:
         return job_dir
     earlier = earlier_records(root, key)

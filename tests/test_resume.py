@@ -113,6 +113,13 @@ def test_one_index_serves_skips_and_replacements(tmp_path, synthetic_point):
     forget_ok_index()  # the next run indexes what this one wrote
     assert measured_ok(tmp_path, four["point_key"]) == (tmp_path / "4" / RECORD_NAME).resolve()
     forget_ok_index()
+    # a record cut short in the job folder: whose it was no one can tell; moved aside, the folder takes the point
+    cut = tmp_path / "6" / RECORD_NAME
+    cut.parent.mkdir()
+    cut.write_text('{"schema_version": 1, "point_key": "ab')
+    assert record_dir(tmp_path, tmp_path / "6", "k" * 16) == tmp_path / "6"
+    assert not cut.exists() and (tmp_path / "6" / (RECORD_NAME + ".corrupt")).read_text().startswith('{"schema')
+    forget_ok_index()
 
 
 def test_a_missing_point_names_the_log_of_its_own_job(tmp_path, synthetic_point):
