@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,10 @@ def measure_flops(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     return {"flops": 2 * n**3 / seconds, "matmul_n": n}
 
 
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def device_peaks(
     device: torch.device,
     dtype: torch.dtype,
@@ -116,11 +121,15 @@ def device_peaks(
             cached = data
     except (OSError, ValueError):
         pass
+    for name in ("bandwidth_gbs", "flops"):  # a peak a broken or edited cache holds as 0, < 0 or nan: measured again
+        if name in cached and not _positive(cached[name]):
+            log.warning("peaks cache %s holds %s=%r: measured again", path, name, cached[name])
+            cached.pop(name)
     measured: dict[str, Any] = {}
-    if not bw_given and (remeasure or not isinstance(cached.get("bandwidth_gbs"), int | float)):
+    if not bw_given and (remeasure or "bandwidth_gbs" not in cached):
         log.info("measuring %s copy bandwidth once for this device", device.type)
         measured.update(measure_bandwidth(device))
-    if not flops_given and (remeasure or not isinstance(cached.get("flops"), int | float)):
+    if not flops_given and (remeasure or "flops" not in cached):
         log.info("measuring %s %s matmul FLOP/s once for this device", device.type, dtype_name)
         measured.update(measure_flops(device, dtype))
     peaks = {"version": CACHE_VERSION, "device": device.type, "dtype": dtype_name, "fingerprint": fingerprint_id,

@@ -121,6 +121,18 @@ def test_peaks_are_measured_once_cached_and_overridable(tmp_path, peak_calls):
     assert calls == ["bw", "fl"] * 3
 
 
+def test_a_cached_peak_that_is_no_rate_is_measured_again(tmp_path, peak_calls):
+    """0 (a division by zero in every point's MFU), a negative or a non-numeric peak in the cache file."""
+    cpu, cache = torch.device("cpu"), tmp_path / "peaks" / "fp1-float32.json"
+    device_peaks(cpu, torch.float32, "fp1", tmp_path, {})
+    for bad in (0, -5.0, True, "fast"):
+        data = json.loads(cache.read_text())
+        cache.write_text(json.dumps({**data, "flops": bad, "bandwidth_gbs": 20.0}))
+        peaks = device_peaks(cpu, torch.float32, "fp1", tmp_path, {})
+        assert peaks["flops"] == 1e11 and json.loads(cache.read_text())["flops"] == 1e11, bad
+    assert peak_calls == ["bw", "fl"] + ["fl"] * 4  # the bandwidth the cache held stands
+
+
 def test_overridden_peaks_are_neither_measured_nor_cached(tmp_path, peak_calls):
     calls = peak_calls
     cpu, cache = torch.device("cpu"), tmp_path / "peaks" / "fp1-float32.json"
