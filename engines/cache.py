@@ -10,14 +10,18 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def cache_key(payload: Any) -> str:
@@ -57,4 +61,19 @@ def load_weights(model: nn.Module, path: Path, device: str) -> dict[str, Any]:
 
 
 def cached(path: Path) -> bool:
-    return path.exists() and path.with_suffix(".json").exists()
+    """Whether the cache entry at ``path`` (safetensors and its JSON sidecar) is there and reads. One that does not
+    (a file cut short by a full disk or a killed copy, or overwritten) is removed with a warning naming it, so the
+    caller builds it again instead of failing on it in every later run. Call it under the entry's lock."""
+    sidecar = path.with_suffix(".json")
+    if not (path.exists() and sidecar.exists()):
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:  # the header, checked against the file's size
+            f.keys()
+        json.loads(sidecar.read_text())
+        return True
+    except Exception as exc:  # SafetensorError, OSError, ValueError: whatever the damage, the entry is rebuilt
+        log.warning("cache entry %s cannot be read (%s): removed, it is built again", path, " ".join(str(exc).split()))
+        path.unlink(missing_ok=True)
+        sidecar.unlink(missing_ok=True)
+        return False

@@ -30,6 +30,8 @@ the exact calibration tokens) and masks (bit-packed, keyed by that and the param
 
 from __future__ import annotations
 
+import logging
+import math
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +43,11 @@ from torch import nn
 from engines import pruning, sparse_formats
 from engines.base import Engine, PrepareContext, choice, register
 from engines.base import weight_bytes as plain_weight_bytes
-from engines.cache import cache_key, file_lock
+from engines.cache import cache_key, cached, file_lock
 from engines.quantized import check_layers, select_linears
 from engines.surgery import clone, kept_width, shrink, top_k_sorted
+
+log = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "wanda", "2:4", "structured")
 SCORES = ("magnitude", "wanda")
@@ -201,12 +205,24 @@ class PrunedEngine(Engine):
         if path is None:
             return self._compute_masks(model, names, cal), {**meta, "cached": False}
         with file_lock(path.with_suffix(".lock")):
-            if path.exists() and path.with_suffix(".json").exists():
+            if cached(path):
                 packed, _ = pruning.load_tensors(path)
-                return packed, {**meta, "cached": True}
+                if self._complete(model, names, packed):
+                    return packed, {**meta, "cached": True}
             packed = self._compute_masks(model, names, cal)
             pruning.save_tensors(path, packed, meta)
         return packed, {**meta, "cached": False}
+
+    def _complete(self, model: nn.Module, names: list[str], packed: dict) -> bool:
+        """Whether cached masks are those ``_compute_masks`` writes: one per selected layer (2:4: each whose inputs
+        are a multiple of 4) of its size. Any other set is computed again, never read as layers left dense."""
+        want = {n: model.get_submodule(n).weight.shape for n in names}
+        if self.params.method == "2:4":
+            want = {n: shape for n, shape in want.items() if shape[1] % 4 == 0}
+        ok = set(packed) == set(want) and all(packed[n].numel() == -(-math.prod(want[n]) // 8) for n in want)
+        if not ok:
+            log.warning("cached masks do not match the selected layers: computed again")
+        return ok
 
     def _compute_masks(self, model: nn.Module, names: list[str], cal: pruning.Calibration | None) -> dict:
         p, packed = self.params, {}

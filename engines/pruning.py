@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from engines.cache import cache_key
+from engines.cache import cache_key, cached
 from engines.llama import Attention
 from engines.train import random_windows
 
@@ -159,7 +159,7 @@ def collect(model: nn.Module, windows: Tensor, batch_size: int = 4) -> tuple[dic
 def calibrate(model: nn.Module, windows: Tensor, key: str, path: Path | None) -> Calibration:
     """Calibration statistics of ``model`` on ``windows``, read from ``path`` when cached there, else collected
     (and saved to ``path`` unless it is None)."""
-    if path is not None and path.exists() and path.with_suffix(".json").exists():
+    if path is not None and cached(path):
         tensors, meta = load_tensors(path)
         split = _split_prefixed(tensors)
         return Calibration(key, meta["n_tokens"], split["input_sq"], split["group_sq"], cached=True, info=meta)

@@ -369,6 +369,23 @@ def test_calibration_and_masks_are_cached_on_disk(corpus, tmp_path, ref):
     ]  # fmt: skip
 
 
+def test_a_broken_cache_entry_is_computed_again(corpus, tmp_path, ref):
+    """Calibration statistics cut short, and masks missing a layer: neither fails the point nor is used."""
+    from safetensors.torch import load_file, save_file
+
+    first = pruned("wanda").prepare(ref, ctx(corpus, tmp_path, key="ref")).engine_info
+    calibration = next((tmp_path / "pruning").glob("calibration-*.safetensors"))
+    calibration.write_bytes(calibration.read_bytes()[:100])
+    again = pruned("wanda").prepare(ref, ctx(corpus, tmp_path, key="ref")).engine_info
+    assert again["calibration"]["cached"] is False and again["calibration"]["key"] == first["calibration"]["key"]
+    masks = next((tmp_path / "pruning").glob("masks-*.safetensors"))
+    save_file({k: v for k, v in load_file(masks).items() if not k.startswith("layers.0.")}, masks)
+    model = pruned("wanda").prepare(ref, ctx(corpus, tmp_path, key="ref"))
+    assert model.engine_info["cached"] is False and model.engine_info["sparsity"] == pytest.approx(0.5, abs=1e-4)
+    assert model.engine_info["layers_not_pruned"] == []
+    assert pruned("wanda").prepare(ref, ctx(corpus, tmp_path, key="ref")).engine_info["cached"] is True
+
+
 def test_the_reference_is_left_untouched(corpus, ref):
     before = {k: v.clone() for k, v in ref.state_dict().items()}
     for params in ({"method": "wanda", "format": "csr"}, {"method": "structured"}, {"method": "2:4", "format": "dense"},

@@ -61,6 +61,13 @@ def test_checkpoint_cache_hit_and_invalidation(tmp_path, monkeypatch):
     loaded = training.load_trained(MICRO, path, cpu, torch.float32)
     trained_again, _ = real("micro", MICRO, corpus, FEW, 0, cpu)
     assert all(torch.equal(p, q) for p, q in zip(loaded.parameters(), trained_again.parameters(), strict=True))
+    # a checkpoint cut short (a full disk, a killed copy), then a sidecar overwritten: trained again, not failed on
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert training.ensure_trained("micro", MICRO, corpus, FEW, 0, cpu, tmp_path)[1]["cached"] is False
+    path.with_suffix(".json").write_text("{not json")
+    assert training.ensure_trained("micro", MICRO, corpus, FEW, 0, cpu, tmp_path)[1]["cached"] is False
+    assert calls == [6, 7, 6, 6, 6]
+    assert training.ensure_trained("micro", MICRO, corpus, FEW, 0, cpu, tmp_path)[1]["cached"] is True
 
 
 def test_trained_tiny_beats_the_unigram_baseline(trained_tiny):
