@@ -303,6 +303,7 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
         row[f"model.{key}"] = value
     row["model_id"] = model_id(record.get("identity"))
     row["noisy"] = any(bool((summary.get(m) or {}).get("noisy")) for m in ("ttft_ms", "tpot_ms"))
+    row["drifting"] = any(bool((summary.get(m) or {}).get("drifting")) for m in ("ttft_ms", "tpot_ms"))
     row["record_path"] = record.get("_path")
     return row
 

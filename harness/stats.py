@@ -15,6 +15,12 @@ import numpy as np
 from scipy import stats as _sps
 
 NOISE_IQR_OVER_MEDIAN = 0.10
+# a trend through the timed window: Spearman's test of value against repetition order at this level, and the
+# second half's median this far from the first's (a warm-up that ended inside a slow transient, a machine whose
+# speed moved): the median then stands for neither end
+DRIFT_ALPHA = 0.01
+DRIFT_HALVES_REL = 0.02
+DRIFT_MIN_SAMPLES = 10
 PERCENTILES = (50, 90, 95, 99)
 
 
@@ -63,10 +69,24 @@ def summarize(samples: Sequence[float], confidence: float = 0.95) -> dict[str, f
         "ci_coverage": coverage,
         "ci_rel_halfwidth": ci_relative_halfwidth(lo, hi, median),
         "noisy": bool(median > 0 and iqr / median > NOISE_IQR_OVER_MEDIAN),
+        **drift(x),
     }
     for p, v in zip(PERCENTILES, q[2:], strict=True):
         out[f"p{p}"] = float(v)
     return out
+
+
+def drift(x: np.ndarray) -> dict[str, float | bool | None]:
+    """Whether samples (in the order taken) trend: ``drift_halves_ratio`` is the second half's median over the
+    first's, ``drift_p`` Spearman's p-value of value against order; ``drifting`` when both say so."""
+    if x.size < DRIFT_MIN_SAMPLES or np.all(x == x[0]):
+        return {"drift_halves_ratio": None, "drift_p": None, "drifting": False}
+    half = x.size // 2
+    first, second = float(np.median(x[:half])), float(np.median(x[-half:]))
+    ratio = second / first if first else math.nan
+    p = float(_sps.spearmanr(np.arange(x.size), x).pvalue)
+    drifting = bool(p < DRIFT_ALPHA and math.isfinite(ratio) and abs(ratio - 1) > DRIFT_HALVES_REL)
+    return {"drift_halves_ratio": ratio, "drift_p": p, "drifting": drifting}
 
 
 def ci_relative_halfwidth(lo: float, hi: float, median: float) -> float:

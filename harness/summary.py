@@ -66,8 +66,8 @@ def summary_table(df: pd.DataFrame) -> str:
         row = {label: _fmt(r.get(col)) for col, label in columns.items()}
         if r.get("status") != "ok" and r.get("error"):
             row["status"] = f"{r['status']}: {str(r['error'])[:80]}"
-        elif r.get("noisy"):
-            row["status"] = "ok (noisy)"
+        elif flags := [f for f in ("noisy", "drifting") if r.get(f) is True]:
+            row["status"] = f"ok ({', '.join(flags)})"
         if r.get("timing_representative") is False:
             row["status"] += " [timing not representative]"
         rows.append(row)

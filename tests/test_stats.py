@@ -64,6 +64,23 @@ def test_noise_flag_follows_iqr_over_median():
     assert noisy["noisy"] is True
 
 
+def test_drift_flag_marks_a_trend_through_the_window_not_noise_around_a_level():
+    """A warm-up that ended inside a slow transient (30% decaying over ~10 repetitions): the timings trend, and
+    their median stands for neither end. Noise of the same spread in no order is not drift."""
+    rng = np.random.default_rng(0)
+    k = np.arange(40)
+    transient = 10 * (1 + 0.3 * np.exp(-k / 10)) * rng.lognormal(0, 0.01, k.size)
+    out = summarize(transient.tolist())
+    assert out["drifting"] is True and out["drift_p"] < 1e-6 and out["drift_halves_ratio"] < 0.95
+    shuffled = summarize(rng.permutation(transient).tolist())
+    assert shuffled["drifting"] is False and 0.95 < shuffled["drift_halves_ratio"] < 1.05
+    steady = summarize((10 * rng.lognormal(0, 0.05, 40)).tolist())
+    assert steady["drifting"] is False
+    # a significant but tiny trend (0.5% over the window) is below the 2% that would move a verdict
+    assert summarize((10 * (1 + 0.005 * k / 40) * rng.lognormal(0, 0.0005, 40)).tolist())["drifting"] is False
+    assert summarize([1.0] * 9 + [2.0])["drifting"] is False and summarize([3.0] * 20)["drift_p"] is None
+
+
 def test_degenerate_inputs():
     assert summarize([]) == {"n": 0}
     one = summarize([4.0])

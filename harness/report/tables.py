@@ -160,6 +160,8 @@ def points_table(df: pd.DataFrame) -> str:
         notes = [] if r["representative"] else [_caveat(r)]
         if r.get("noisy") is True:
             notes.append("noisy (IQR/median > 10%)")
+        if r.get("drifting") is True:
+            notes.append("drifting (the timings trend through the window: its median stands for neither end)")
         rows.append(
             [
                 r["scenario"],
