@@ -405,6 +405,7 @@ def compare(base: pd.DataFrame, cand: pd.DataFrame, settings: Settings | None = 
         )
     rows, points = [], []
     unmeasured: dict[str, int] = {}
+    judged = []
     for key in common:
         rb, rc = b.loc[key].to_dict(), c.loc[key].to_dict()
         ident = {"key": key, "label": rb["_label"], "point_key": rc.get("point_key")}
@@ -419,6 +420,12 @@ def compare(base: pd.DataFrame, cand: pd.DataFrame, settings: Settings | None = 
                     unmeasured[m.name] = unmeasured.get(m.name, 0) + 1
                 else:
                     verdicts.append((m.name, v))
+        judged.append((ident, rb, rc, verdicts))
+    if settings.correction == "holm":
+        notes.append(holm(
+            [v for *_, verdicts in judged for _, v in verdicts], settings.alpha,
+        ))  # fmt: skip
+    for ident, rb, rc, verdicts in judged:
         for name, v in verdicts:
             row = {**ident, "metric": name, **asdict(v)}
             row["base_ci_low"], row["base_ci_high"] = row.pop("base_ci")
@@ -444,6 +451,24 @@ def compare(base: pd.DataFrame, cand: pd.DataFrame, settings: Settings | None = 
         notes=notes,
         settings=settings,
     )
+
+
+def holm(verdicts: list[Verdict], alpha: float) -> str:
+    """Holm-Bonferroni over the verdicts a rank test decided (those with a p-value): the i-th smallest p of m
+    must be below alpha / (m - i), and from the first that is not, none is significant. A regression or
+    improvement that does not hold is no change, or unknown where its sample counts cannot reach that level.
+    Returns the note that says what was corrected."""
+    tested = sorted((v for v in verdicts if math.isfinite(v.p_value)), key=lambda v: v.p_value)
+    m, held = len(tested), True
+    for i, v in enumerate(tested):
+        level = alpha / (m - i)
+        held = held and v.p_value < level
+        if held or v.verdict not in (REGRESSION, IMPROVEMENT):
+            continue
+        reach = min_p_value(v.n_base) if v.mode == "paired" else min_p_value(v.n_base, v.n_cand)
+        v.verdict = UNKNOWN if reach >= level else NO_CHANGE
+        v.reason = f"{_pct(v.change)} but p={v.p_value:.2g} is not below Holm's {level:.2g} (test {i + 1} of {m})"
+    return f"Holm-Bonferroni over {m} rank test(s): alpha {alpha:g} bounds the chance of any false verdict"
 
 
 def _unmatched(side: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:

@@ -32,6 +32,7 @@ from harness.export import (
 from harness.gate import compare
 from harness.gate_report import Sources, exit_code, render_markdown, render_terminal, to_json
 from harness.gate_settings import (
+    CORRECTIONS,
     DEFAULT_MATCH,
     DEFAULT_METRICS,
     METRICS,
@@ -125,6 +126,11 @@ def compare_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--min-samples", type=int, default=5, help="fewer samples on a side: unknown (default 5)")
     p.add_argument(
+        "--correction", choices=CORRECTIONS, default="none",
+        help="holm: Holm-Bonferroni over all rank tests of the comparison, so that --alpha bounds the chance that "
+        "any point of a same-code run is flagged (not each one's); default none",
+    )  # fmt: skip
+    p.add_argument(
         "--allow-env-mismatch",
         action="store_true",
         help="gate points whose environment fingerprints differ (said in every such reason)",
@@ -171,6 +177,7 @@ def settings_from(opts: argparse.Namespace) -> Settings:
         min_samples=opts.min_samples,
         allow_env_mismatch=opts.allow_env_mismatch,
         match=match,
+        correction=opts.correction,
     )
 
 

@@ -147,6 +147,9 @@ def _metric_thresholds(data: Any, where: str) -> dict[str, float]:
     return {check_metric(str(k), where).name: check_threshold(v, f"{where}.{k}") for k, v in data.items()}
 
 
+CORRECTIONS = ("none", "holm")
+
+
 @dataclass
 class Settings:
     metrics: tuple[str, ...] = DEFAULT_METRICS
@@ -156,6 +159,7 @@ class Settings:
     confidence: float = 0.95
     allow_env_mismatch: bool = False
     match: tuple[str, ...] = DEFAULT_MATCH
+    correction: str = "none"  # none | holm: Holm-Bonferroni over every rank-tested metric of every point
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

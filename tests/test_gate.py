@@ -246,6 +246,25 @@ def test_compare_matches_points_and_gives_each_metric_a_verdict(tmp_path, synthe
     assert rows.iloc[0]["verdict"] == REGRESSION  # most severe first
 
 
+def test_holm_bounds_the_chance_of_any_false_verdict_over_the_whole_comparison(tmp_path, synthetic_point):
+    """Five samples a side, all slower: U test p = 2/252 = 0.008 < alpha 0.01, a regression tested alone. Over
+    four rank tests Holm asks the second smallest p for 0.01/3: 0.008 cannot reach it with five a side (unknown);
+    twenty a side and the same slowdown still stand."""
+    five = {"tpot": [2.0, 2.01, 2.02, 2.03, 2.04], "ttft": [10.0, 10.1, 10.2, 10.3, 10.4]}
+    slower = {"tpot": [2.4, 2.41, 2.42, 2.43, 2.44], "ttft": [10.05, 10.15, 10.25, 10.35, 10.45]}
+    base = write_side(tmp_path, "base", synthetic_point, [five, point_samples(2.0, batch_size=2)])
+    cand = write_side(tmp_path, "cand", synthetic_point, [slower, point_samples(2.4, batch_size=2, seed_data=1)])
+    alone = compare(base, cand, Settings()).rows.set_index(["label", "metric"])
+    assert alone.loc[("eager · tiny · b1", "tpot_ms"), "verdict"] == REGRESSION
+    result = compare(base, cand, Settings(correction="holm"))
+    rows = result.rows.set_index(["label", "metric"])
+    small = rows.loc[("eager · tiny · b1", "tpot_ms")]
+    assert small["verdict"] == UNKNOWN and "is not below Holm's 0.0033 (test 2 of 4)" in small["reason"]
+    assert rows.loc[("eager · tiny · b2", "tpot_ms"), "verdict"] == REGRESSION
+    assert result.points.set_index("label").loc["eager · tiny · b1", "verdict"] == UNKNOWN
+    assert any(n.startswith("Holm-Bonferroni over 4 rank test(s)") for n in result.notes)
+
+
 def test_decode_throughput_is_tested_on_tpot_and_reported_as_tokens_per_second(tmp_path, synthetic_point):
     base = write_side(tmp_path, "base", synthetic_point, [point_samples(2.0, batch_size=4)])
     cand = write_side(tmp_path, "cand", synthetic_point, [point_samples(2.5, batch_size=4, seed_data=1)])
