@@ -143,6 +143,18 @@ def _number(value: Any, field: str, minimum: float, strict: bool = False) -> flo
     return float(value)
 
 
+def _check_cache_dir(path: Path) -> None:
+    """The cache directory exists (or is made now) and takes files: else every point would be measured and then
+    fail writing its peaks or checkpoint there."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cache_dir: cannot create {str(path)!r} ({exc.strerror or exc}); give a writable "
+                          "directory") from None  # fmt: skip
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"cache_dir: {str(path)!r} is not writable; give a writable directory")
+
+
 def resolve_device(value: Any) -> torch.device:
     text = str(value).strip().lower()
     if text == "auto":
@@ -416,6 +428,7 @@ def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
         raise ConfigError(f"seed: must be an integer in 0..{SEED_MAX}, got {seed}")
     if data.get("cache_dir") is not None and not (isinstance(data["cache_dir"], str) and data["cache_dir"].strip()):
         raise ConfigError(f"cache_dir: expected a directory path or null (the default), got {data['cache_dir']!r}")
+    _check_cache_dir(Path(data.get("cache_dir") or DEFAULT_CACHE_DIR).expanduser())
     corpus, train, quality = _corpus(data.get("corpus")), _train(data.get("train"), seed), _quality(data.get("quality"))
     if model.weights == "trained" and model.args.vocab_size < 256:
         raise ConfigError(

@@ -76,6 +76,20 @@ def test_bad_values_name_the_field(compose_cfg, overrides, message):
     assert "\n" not in str(info.value)
 
 
+def test_a_cache_dir_that_cannot_take_files_is_refused_before_any_work(compose_cfg, tmp_path):
+    """Else every point is measured, then fails writing its peaks or checkpoint there."""
+    from harness.config import ConfigError, validate
+
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(ConfigError, match=r"^cache_dir: cannot create '.*file/sub' \(Not a directory\); give a "):
+        validate(compose_cfg(f"cache_dir={a_file}/sub"))
+    with pytest.raises(ConfigError, match=r"^cache_dir: cannot create '.*file' "):
+        validate(compose_cfg(f"cache_dir={a_file}"))
+    validate(compose_cfg(f"cache_dir={tmp_path}/new/cache"))  # made on first use
+    assert (tmp_path / "new" / "cache").is_dir()
+
+
 def test_every_top_level_key_of_the_config_tree_is_known(compose_cfg):
     """The unknown-key check refuses typos, never a key the config tree itself uses (or a user's free-text note)."""
     import yaml
