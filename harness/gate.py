@@ -392,9 +392,10 @@ def compare(base: pd.DataFrame, cand: pd.DataFrame, settings: Settings | None = 
             notes.append(f"thresholds: points[{i}]: no column {', '.join(map(repr, absent))} in BASE or CAND: "
                          "the rule applies to no point")  # fmt: skip
     base, cand = _dedupe(base, on, "BASE", notes), _dedupe(cand, on, "CAND", notes)
-    both = pd.concat([base.assign(_side="base"), cand.assign(_side="cand")], ignore_index=True)
-    both["_label"] = point_labels(both)
-    both["_key"] = match_keys(both, on)
+    both = pd.concat([base, cand], ignore_index=True)
+    extra = pd.DataFrame({"_side": ["base"] * len(base) + ["cand"] * len(cand), "_label": point_labels(both),
+                          "_key": match_keys(both, on)}, index=both.index)  # fmt: skip
+    both = pd.concat([both, extra], axis=1)  # at once: column by column, pandas warns the frame is fragmented
     b = both[both["_side"] == "base"].set_index("_key")
     c = both[both["_side"] == "cand"].set_index("_key")
     common = [k for k in b.index if k in c.index]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -263,6 +264,20 @@ def test_holm_bounds_the_chance_of_any_false_verdict_over_the_whole_comparison(t
     assert rows.loc[("eager · tiny · b2", "tpot_ms"), "verdict"] == REGRESSION
     assert result.points.set_index("label").loc["eager · tiny · b1", "verdict"] == UNKNOWN
     assert any(n.startswith("Holm-Bonferroni over 4 rank test(s)") for n in result.notes)
+
+
+def test_wide_tables_are_compared_without_pandas_warnings_on_stderr(tmp_path, synthetic_point):
+    """Real tables have hundreds of columns (every engine parameter, model field, statistic)."""
+    base = write_side(tmp_path, "base", synthetic_point, [point_samples(2.0)])
+    cand = write_side(tmp_path, "cand", synthetic_point, [point_samples(2.0, seed_data=1)])
+    with warnings.catch_warnings():  # column by column, as a table grows: a fragmented frame
+        warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
+        for df in (base, cand):
+            for i in range(150):
+                df[f"extra_{i}"] = i
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.PerformanceWarning)
+        assert compare(base, cand, Settings()).regressions == 0
 
 
 def test_decode_throughput_is_tested_on_tpot_and_reported_as_tokens_per_second(tmp_path, synthetic_point):

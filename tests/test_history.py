@@ -170,6 +170,17 @@ def test_list_and_database_errors(tmp_path, synthetic_point, run_harness, capsys
     assert "0123abc" in out and out.rstrip().endswith(f"2 sweep(s) in {db}")
     assert run_harness("history", "list", "--db", str(db), "--json") == 0
     assert len(json.loads(capsys.readouterr().out)) == 2
+    single = tmp_path / "single-run"  # no sweep.json: no command; its field is null, never NaN (not JSON)
+    synthetic_point(single, ttft=[5.0] * 3, tpot=[1.0] * 3)
+    assert run_harness("history", "add", str(single), "--db", str(db)) == 0
+    capsys.readouterr()
+    assert run_harness("history", "list", "--db", str(db), "--json") == 0
+
+    def no_nan(name):
+        raise AssertionError(f"{name} in JSON output")
+
+    listed = json.loads(capsys.readouterr().out, parse_constant=no_nan)
+    assert len(listed) == 3 and any(r["command"] is None for r in listed)
 
     garbage = tmp_path / "garbage.sqlite"
     garbage.write_bytes(b"this is not a database" * 100)

@@ -100,7 +100,8 @@ def _list(opts: argparse.Namespace) -> int:
     finally:
         conn.close()
     if opts.json:
-        print(json.dumps(df.to_dict(orient="records"), indent=1, default=str))
+        rows = df.astype(object).where(df.notna(), None).to_dict(orient="records")  # NaN is not JSON: null
+        print(json.dumps(rows, indent=1, default=str, allow_nan=False))
         return EXIT_OK
     if df.empty:
         print(f"{opts.db}: no sweep stored")
