@@ -66,12 +66,17 @@ def preflight(config: DictConfig, points: list[list[str]]) -> list[str]:
     from omegaconf.errors import OmegaConfBaseException
 
     from harness.cli import composition_error
+    from harness.interleave import ISOLATE_REFUSED
     from harness.point import identity
 
+    interleaved = str(config.hydra.launcher.get("_target_", "")).endswith(".InterleavedLauncher")
     keys = []
     for i, overrides in enumerate(points):
         try:
-            keys.append(point_key(identity(_spec(config, overrides))))
+            spec = _spec(config, overrides)
+            if interleaved and spec.isolate:  # refused here, before sweep.json plans points nothing will run
+                raise ConfigError(ISOLATE_REFUSED)
+            keys.append(point_key(identity(spec)))
         except (HydraException, OmegaConfBaseException, ValueError) as exc:  # ConfigError is a ValueError
             # an unknown group option or key is Hydra's (multi-line) error: one line naming it, as for ConfigError
             text = str(exc) if isinstance(exc, ConfigError) else composition_error(exc, overrides)

@@ -148,14 +148,17 @@ def groups(jobs: Sequence[Job]) -> list[list[Job]]:
     return list(out.values())
 
 
+ISOLATE_REFUSED = (
+    "isolate: true cannot be combined with hydra/launcher=interleaved (the points of a group are timed in turns "
+    "in one process); use the basic or a submitit launcher to isolate points"
+)
+
+
 def check(jobs: Sequence[Job]) -> None:
-    """What cannot be timed in turns, as a one-line error before any work."""
+    """What cannot be timed in turns, as a one-line error before any work (the sweep's preflight says it first)."""
     for job in jobs:
         if job.spec.isolate:
-            raise ConfigError(
-                "isolate: true cannot be combined with hydra/launcher=interleaved (the points of a group are timed "
-                "in turns in one process); use the basic or a submitit launcher to isolate points"
-            )
+            raise ConfigError(ISOLATE_REFUSED)
 
 
 def run(jobs: Sequence[Job]) -> None:

@@ -178,6 +178,7 @@ def test_interleaved_launcher_resumes_and_refuses_isolation(run_harness, tmp_pat
     capsys.readouterr()
     assert run_harness(*args[:-1], f"hydra.sweep.dir={tmp_path / 'isolated'}", "isolate=true") == 2
     assert "isolate: true cannot be combined with hydra/launcher=interleaved" in capsys.readouterr().err
+    assert not (tmp_path / "isolated").exists()  # refused before the sweep folder plans points nothing runs
 
 
 def test_paired_speedups_are_medians_of_per_round_ratios_and_lead_the_report():
