@@ -13,7 +13,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import ConfigError, validate
-from harness.progress import missing_points, write_sweep_meta
+from harness.progress import missing_points, read_sweep_meta, write_sweep_meta
 from harness.records import RECORD_NAME, forget_ok_index, load, point_key, write_record
 from harness.summary import status_counts, summary_table
 
@@ -212,11 +212,16 @@ class HarnessCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         forget_ok_index()
         ACTIVE.update(config=config, sweep_dir=sweep_dir)
+        now = datetime.now(UTC).isoformat()
+        # resumed: the sweep started when it first did (history and the report date it so); started_unix is
+        # this run's own start (progress counts the records written since)
+        first = read_sweep_meta(sweep_dir).get("started_at") if config.get("resume") else None
         write_sweep_meta(
             sweep_dir,
             {
                 "command": ["harness", "run", *sys.argv[1:]],
-                "started_at": datetime.now(UTC).isoformat(),
+                "started_at": first or now,
+                **({"resumed_at": now} if first else {}),
                 "started_unix": time.time(),
                 "total": len(points) if points is not None else None,
                 "points": points,

@@ -173,8 +173,11 @@ def test_interleaved_launcher_resumes_and_refuses_isolation(run_harness, tmp_pat
             *QUICK, "hydra/launcher=interleaved", f"hydra.sweep.dir={sweep}"]  # fmt: skip
     assert run_harness(*args) == 0
     first = load(sweep).started_at.tolist()
+    began = json.loads((sweep / "sweep.json").read_text())["started_at"]
     assert run_harness(*args, "resume=true") == 0
     assert load(sweep).started_at.tolist() == first  # measured ok already: not measured again
+    meta = json.loads((sweep / "sweep.json").read_text())
+    assert meta["started_at"] == began and meta["resumed_at"] > began  # the sweep is dated by its first start
     capsys.readouterr()
     assert run_harness(*args[:-1], f"hydra.sweep.dir={tmp_path / 'isolated'}", "isolate=true") == 2
     assert "isolate: true cannot be combined with hydra/launcher=interleaved" in capsys.readouterr().err
