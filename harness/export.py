@@ -36,10 +36,12 @@ import pandas as pd
 from harness.progress import SWEEP_META, missing_points
 from harness.records import (
     NUMERIC_COLUMNS,
+    RECORD_NAME,
     STAT_COLUMNS,
     TIMED_METRICS,
     RecordError,
     find_records,
+    key_and_status,
     load,
     read_record,
     write_json_atomic,
@@ -156,7 +158,12 @@ def missing_errors(path: Path) -> list[str]:
         "has no record (the sweep stopped before it)"
         for sweep in sorted({meta.parent for meta in path.rglob(SWEEP_META)})
         for m in missing_points(sweep)
+        if not _unreadable(sweep / str(m["job"]) / RECORD_NAME)  # named once already, as unreadable
     ]
+
+
+def _unreadable(path: Path) -> bool:
+    return path.is_file() and key_and_status(path) is None
 
 
 def _is_record(path: Path) -> bool:

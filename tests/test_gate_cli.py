@@ -159,6 +159,13 @@ def test_cli_a_sweep_killed_part_way_cannot_pass(run_harness, two_sweeps, tmp_pa
     assert run_harness("compare", str(base), str(tmp_path / "results")) == 2
     assert f"{tmp_path / 'results' / 'sweeps' / 'cand'}: job 2" in capsys.readouterr().err
 
+    # a planned point whose record is there but cut short: one error (unreadable), not a second "no record"
+    (cand / "2" / RECORD_NAME).write_text('{"schema_version": 1, "point_')
+    assert run_harness("compare", str(base), str(cand)) == 2
+    captured = capsys.readouterr()
+    assert "unreadable record" in captured.err and "planned in sweep.json has no record" not in captured.err
+    assert captured.out.strip().splitlines()[-1].startswith("incomplete: 1 record(s) could not be read")
+
 
 def test_cli_a_record_whose_schema_version_is_not_an_integer_is_named(run_harness, two_sweeps, capsys):
     """It is named and skipped, never a traceback (exit 1 would read as a regression)."""
