@@ -106,6 +106,7 @@ NUMERIC_COLUMNS = {
     "mbu",
     "mfu",
     "decode_bytes_per_step",
+    "sparsity",
     "fidelity_top1",
     "fidelity_kl",
     "ppl",

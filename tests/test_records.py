@@ -271,3 +271,13 @@ def test_point_key_of_trained_weights_follows_what_made_them(compose_cfg, tmp_pa
     assert key(*wanda, f"corpus.path={text}")[0] != key(*wanda)[0]
     magnitude = ("model.weights=random", "engine=pruned", "engine.method=magnitude")
     assert key(*magnitude, f"corpus.path={text}")[0] == key(*magnitude)[0] and "corpus_sha256" not in key(*magnitude)[1]
+
+
+def test_unmeasured_figures_are_nan_in_numeric_columns(tmp_path, synthetic_point):
+    """A point that prunes nothing has no sparsity: NaN in a float column, like every figure not measured."""
+    from harness.records import load
+
+    synthetic_point(tmp_path / "0", ttft=[5.0] * 3, tpot=[1.0] * 3)
+    df = load(tmp_path)
+    for col in ("sparsity", "mbu", "ppl"):
+        assert df[col].dtype.kind == "f" and df[col].isna().all(), col
