@@ -107,6 +107,11 @@ class Engine:
         regression)."""
         return None
 
+    def check_model(self, args: Any, trained: bool) -> None:
+        """Raise ValueError (one line naming the field) for parameters this model shape cannot take (a layer index
+        past its depth, a length past its context): the sweep's preflight refuses the point before any work,
+        instead of a point that builds the model and then fails. ``trained``: the reference has trained weights."""
+
     def timing_caveat(self, device: torch.device) -> str | None:
         """None when timings on ``device`` are representative, else why not (e.g. an interpreted kernel)."""
         return None

@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,12 +92,20 @@ class DistilledEngine(Engine):
     Params = DistilledParams
     description = "Smaller student (fewer layers and/or narrower) distilled from the reference on its soft targets."
 
-    def derive(self, teacher: Transformer) -> tuple[Transformer, list[int]]:
-        p, args = self.params, teacher.args
+    def check_model(self, args: Any, trained: bool) -> None:
+        p = self.params
         if p.layers_kept is not None:
             layers = sorted(set(p.layers_kept))
             if not layers or layers[0] < 0 or layers[-1] >= args.n_layers:
                 raise ValueError(f"engine.layers_kept: indices must be in 0..{args.n_layers - 1}, got {p.layers_kept}")
+        if trained and p.steps > 0 and p.seq_len > args.max_seq_len:
+            raise ValueError(f"engine.seq_len: {p.seq_len} exceeds the teacher's context ({args.max_seq_len})")
+
+    def derive(self, teacher: Transformer) -> tuple[Transformer, list[int]]:
+        p, args = self.params, teacher.args
+        if p.layers_kept is not None:
+            self.check_model(args, trained=False)
+            layers = sorted(set(p.layers_kept))
         else:
             layers = evenly_spaced(args.n_layers, max(1, round(p.depth * args.n_layers)))
         ffn_keep = kv_keep = None

@@ -44,7 +44,7 @@ from engines import pruning, sparse_formats
 from engines.base import Engine, PrepareContext, choice, register
 from engines.base import weight_bytes as plain_weight_bytes
 from engines.cache import cache_key, cached, file_lock
-from engines.quantized import check_layers, select_linears
+from engines.quantized import check_layers, meta_model, select_linears
 from engines.surgery import clone, kept_width, shrink, top_k_sorted
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,14 @@ class PrunedEngine(Engine):
             head.append(f"score={p.resolved_score()}")
         extra = {k: v for k, v in self.non_default_params().items() if k not in ("method", "sparsity", "score")}
         return f"{self.name}({', '.join(head + [f'{k}={v}' for k, v in sorted(extra.items())])})"
+
+    def check_model(self, args: Any, trained: bool) -> None:
+        p = self.params
+        if p.method != "structured":
+            select_linears(meta_model(args), p.layers)
+        if p.calibrates() and p.calibration_seq_len > args.max_seq_len:
+            raise ValueError(f"engine.calibration_seq_len: {p.calibration_seq_len} exceeds the model's context "
+                             f"({args.max_seq_len})")  # fmt: skip
 
     def available(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
         fmt = self.params.resolved_format()

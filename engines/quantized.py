@@ -33,7 +33,7 @@ from torch import nn
 
 from engines.base import Engine, PrepareContext, choice, register
 from engines.base import weight_bytes as plain_weight_bytes
-from engines.llama import RMSNorm
+from engines.llama import ModelArgs, RMSNorm, Transformer
 from engines.quant import cpu, torchao_backend
 from engines.quant.cpu import INT4_GROUP_SIZES, QuantLinear
 from engines.surgery import clone
@@ -76,6 +76,12 @@ def check_layers(layers: tuple[str, ...]) -> None:
 def _matches(name: str, pattern: str) -> bool:
     """A pattern matches a qualified name as a glob, or as a run of whole dotted components (``attention``)."""
     return fnmatch.fnmatchcase(name, pattern) or f".{pattern}." in f".{name}."
+
+
+def meta_model(args: ModelArgs) -> nn.Module:
+    """A model of this shape with no storage (meta device): what ``select_linears`` reads, at no cost."""
+    with torch.device("meta"):
+        return Transformer(args)
 
 
 def select_linears(model: nn.Module, layers: tuple[str, ...]) -> list[str]:
@@ -166,6 +172,9 @@ class QuantizedEngine(Engine):
         if self.params.backend != "auto":
             return self.params.backend
         return "torchao" if device.type == "cuda" else "aten"
+
+    def check_model(self, args: ModelArgs, trained: bool) -> None:
+        select_linears(meta_model(args), self.params.layers)  # a pattern that matches no layer of this shape
 
     def available(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
         p = self.params

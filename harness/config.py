@@ -419,6 +419,10 @@ def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
         engine = make_engine(data["engine"])
     except EngineError as exc:
         raise ConfigError(str(exc)) from None
+    try:
+        engine.check_model(model.args, model.weights == "trained")
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (model {model.name!r})") from None
     workload = _workload(data["workload"], model)
     policy = _policy(data["measure"])
     device = resolve_device(data.get("device", "auto"))
@@ -428,7 +432,6 @@ def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
         raise ConfigError(f"seed: must be an integer in 0..{SEED_MAX}, got {seed}")
     if data.get("cache_dir") is not None and not (isinstance(data["cache_dir"], str) and data["cache_dir"].strip()):
         raise ConfigError(f"cache_dir: expected a directory path or null (the default), got {data['cache_dir']!r}")
-    _check_cache_dir(Path(data.get("cache_dir") or DEFAULT_CACHE_DIR).expanduser())
     corpus, train, quality = _corpus(data.get("corpus")), _train(data.get("train"), seed), _quality(data.get("quality"))
     if model.weights == "trained" and model.args.vocab_size < 256:
         raise ConfigError(
@@ -455,6 +458,7 @@ def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
                 f"+ 1 = {size} exceeds model.max_seq_len={limit} of model {model.name!r}; "
                 f"allowed: 1..{limit - workload.prompt_len - 1} with workload.prompt_len={workload.prompt_len}"
             )
+    _check_cache_dir(Path(data.get("cache_dir") or DEFAULT_CACHE_DIR).expanduser())  # last: a refused point makes none
     return PointSpec(
         model, engine, workload, policy, device, dtype, seed, data, corpus, train, quality,
         _monitor(data.get("monitor")), _roofline(data.get("roofline")), profile,

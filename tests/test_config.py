@@ -64,6 +64,14 @@ def test_default_config_is_valid(compose_cfg):
         (["model.rope_scaling=5"], r"^model\.rope_scaling: expected null or a mapping of factor, low_freq_factor, "),
         (["model=llama-3.2-1b", "model.rope_scaling.factor=-1"], r"^model\.rope_scaling\.factor: must be > 0"),
         (["cache_dir=5"], r"^cache_dir: expected a directory path or null \(the default\), got 5$"),
+        # what the model's shape cannot take: refused before any work, not a point that builds and then fails
+        (["engine=distilled", "engine.layers_kept=[0,99]"], r"^engine\.layers_kept: indices must be in 0\.\.\d+, "),
+        (["engine=quantized", "engine.layers=[nomatch]"], r"^engine\.layers: 'nomatch' matches no linear layer; "),
+        (["engine=pruned", "engine.layers=[atention]"], r"^engine\.layers: 'atention' matches no linear layer; "),
+        (["engine=pruned/wanda", "engine.calibration_seq_len=5000"],
+         r"^engine\.calibration_seq_len: 5000 exceeds the model's context \(1024\) \(model '\w+'\)$"),
+        (["engine=distilled", "model=tiny", "model.weights=trained", "engine.seq_len=5000"],
+         r"^engine\.seq_len: 5000 exceeds the teacher's context \(1024\) \(model 'tiny'\)$"),
         (
             ["engine=distilled", "engine.precision=half"],
             r"^engine: invalid parameters for 'distilled': engine\.precision: 'half' is not allowed; allowed: auto, ",
