@@ -182,3 +182,17 @@ def test_compiled_vs_eager_times_random_tokens_in_rotating_turns():
     assert firsts == [n for o in orders[:3] for n in o]
     assert all(toks is tokens for _, toks, _ in calls)
     assert [pos for _, _, pos in calls[:steps]] == list(range(32, 32 + steps))
+
+
+def test_gate_multiplicity_prints_a_row_per_noise_and_mode_and_holm_never_flags_more(monkeypatch, capsys):
+    bench = load("gate_multiplicity")
+    monkeypatch.setattr("sys.argv", ["gate_multiplicity.py", "--runs", "2", "--points", "3", "--samples", "12"])
+    bench.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "%" in line][1:]
+    assert len(rows) == 6
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        (aa_none, aa_holm), (hit_none, hit_holm) = (
+            [float(x.rstrip("%")) for x in cell.split(" / ")] for cell in cells[2:]
+        )
+        assert aa_holm <= aa_none and hit_holm <= hit_none  # over the same samples Holm only takes verdicts back
