@@ -184,6 +184,15 @@ def _write_report(directory: Path) -> None:
     sys.stdout.flush()
 
 
+def _make_output_dir(field: str, path: Path) -> None:
+    """The run's or sweep's folder, made before any work: one that cannot be is one line, not a traceback."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PreflightAbort(f"{field}: cannot create {str(path)!r} ({exc.strerror or exc}); give a writable "
+                             "directory") from None  # fmt: skip
+
+
 class HarnessCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from harness.cli import composition_error
@@ -197,6 +206,7 @@ class HarnessCallback(Callback):
             if text is None:
                 raise
             raise PreflightAbort(text) from None
+        _make_output_dir("hydra.run.dir", Path(config.hydra.run.dir))
         forget_ok_index()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -210,6 +220,7 @@ class HarnessCallback(Callback):
         if warning:
             log.warning("%s", warning)
         sweep_dir = Path(config.hydra.sweep.dir)
+        _make_output_dir("hydra.sweep.dir", sweep_dir)
         forget_ok_index()
         ACTIVE.update(config=config, sweep_dir=sweep_dir)
         now = datetime.now(UTC).isoformat()

@@ -227,19 +227,21 @@ def cmd_env(args: Sequence[str]) -> int:
 
     import logging
 
-    from harness.config import DEFAULT_CACHE_DIR, ConfigError, resolve_device, resolve_dtype
+    from harness.config import DEFAULT_CACHE_DIR, ConfigError, check_cache_dir, resolve_device, resolve_dtype
     from harness.env import fingerprint
     from harness.roofline import device_peaks
 
+    cache = Path(opts.cache_dir).expanduser() if opts.cache_dir else DEFAULT_CACHE_DIR
     try:
         device = resolve_device(opts.device)
         dtype = resolve_dtype(opts.dtype, device)
+        if not opts.no_peaks:
+            check_cache_dir(cache)
     except ConfigError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(str(exc).replace("cache_dir:", "--cache-dir:", 1)) from None
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     fp = fingerprint(device)
     if not opts.no_peaks:
-        cache = Path(opts.cache_dir).expanduser() if opts.cache_dir else DEFAULT_CACHE_DIR
         fp["peaks"] = device_peaks(device, dtype, fp["id"], cache, {}, remeasure=opts.remeasure)
     if opts.json:
         print(json.dumps(fp, indent=2, default=str))

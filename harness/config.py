@@ -143,7 +143,7 @@ def _number(value: Any, field: str, minimum: float, strict: bool = False) -> flo
     return float(value)
 
 
-def _check_cache_dir(path: Path) -> None:
+def check_cache_dir(path: Path) -> None:
     """The cache directory exists (or is made now) and takes files: else every point would be measured and then
     fail writing its peaks or checkpoint there."""
     try:
@@ -458,7 +458,7 @@ def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
                 f"+ 1 = {size} exceeds model.max_seq_len={limit} of model {model.name!r}; "
                 f"allowed: 1..{limit - workload.prompt_len - 1} with workload.prompt_len={workload.prompt_len}"
             )
-    _check_cache_dir(Path(data.get("cache_dir") or DEFAULT_CACHE_DIR).expanduser())  # last: a refused point makes none
+    check_cache_dir(Path(data.get("cache_dir") or DEFAULT_CACHE_DIR).expanduser())  # last: a refused point makes none
     return PointSpec(
         model, engine, workload, policy, device, dtype, seed, data, corpus, train, quality,
         _monitor(data.get("monitor")), _roofline(data.get("roofline")), profile,

@@ -180,6 +180,8 @@ def load_thresholds(path: Path) -> Thresholds:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as exc:
         raise GateInputError(f"{path}: cannot read thresholds file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise GateInputError(f"{path}: not a text file (not UTF-8); a thresholds file is YAML or JSON") from None
     except yaml.YAMLError as exc:
         raise GateInputError(f"{path}: not valid YAML/JSON ({' '.join(str(exc).split())})") from None
     return Thresholds.from_dict(data or {}, str(path))

@@ -159,6 +159,16 @@ def test_cli_errors_are_one_line_exit_2_and_do_no_work(run_harness, tmp_path, ca
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.parametrize("field,mode", [("hydra.run.dir", []), ("hydra.sweep.dir", ["-m"])])
+def test_an_output_dir_that_cannot_be_made_is_one_line(run_harness, tmp_path, capsys, field, mode):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    code = run_harness("run", *mode, "model=tiny", "measure=quick", f"{field}={a_file}/out")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"harness run: error: {field}: cannot create '{a_file}/out' (Not a directory)"), err
+
+
 def test_console_script_exit_code_and_no_traceback(tmp_path, subprocess_env):
     """The installed entry point, as a user runs it."""
     proc = subprocess.run(

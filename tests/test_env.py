@@ -217,3 +217,11 @@ def test_cpu_details_without_proc_cpuinfo_or_sysfs(tmp_path, monkeypatch):
     monkeypatch.setattr(harness.env, "cpu_info", lambda: bare)
     fp = fingerprint(torch.device("cpu"))
     assert fp["cpu"] == bare and fp["cpu_freq_mhz"] is None and len(fp["id"]) == 12
+
+
+def test_env_names_a_cache_dir_it_cannot_make_in_one_line(run_harness, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert run_harness("env", "--cache-dir", str(a_file / "peaks")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("harness env: error: --cache-dir: cannot create "), err

@@ -209,6 +209,13 @@ def test_bad_thresholds_files_are_named(tmp_path, text, message):
     assert message in str(err.value) and str(path) in str(err.value)
 
 
+def test_a_thresholds_file_that_is_not_text_is_named(tmp_path):
+    path = tmp_path / "thresholds.yaml"
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(GateInputError, match=r"thresholds\.yaml: not a text file \(not UTF-8\)"):
+        load_thresholds(path)
+
+
 # --- compare() on tables ------------------------------------------------------------------------------------
 
 
