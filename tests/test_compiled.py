@@ -201,9 +201,10 @@ def test_a_torch_without_per_function_recompile_limits_gets_the_global_one(monke
         return model
 
     monkeypatch.setattr(torch, "compile", old_compile)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    assert compiled.recompile_kwargs() == {} and torch._dynamo.config.recompile_limit == compiled.RECOMPILE_LIMIT
-    CompiledModel(Transformer.build(ARGS, seed=0), make_engine({"name": "compiled"}).params, CPU)
+    with torch._dynamo.config.patch(recompile_limit=8):  # restored on exit (dynamo's config is no plain module)
+        assert compiled.recompile_kwargs() == {}
+        assert torch._dynamo.config.recompile_limit == compiled.RECOMPILE_LIMIT
+        CompiledModel(Transformer.build(ARGS, seed=0), make_engine({"name": "compiled"}).params, CPU)
 
 
 def test_the_mode_options_list_beside_eager(compose_cfg):
