@@ -12,7 +12,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import ConfigError, validate
+from harness.config import ConfigError, validate, writable_dir
 from harness.progress import missing_points, read_sweep_meta, write_sweep_meta
 from harness.records import RECORD_NAME, forget_ok_index, load, point_key, write_record
 from harness.summary import status_counts, summary_table
@@ -187,10 +187,9 @@ def _write_report(directory: Path) -> None:
 def _make_output_dir(field: str, path: Path) -> None:
     """The run's or sweep's folder, made before any work: one that cannot be is one line, not a traceback."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PreflightAbort(f"{field}: cannot create {str(path)!r} ({exc.strerror or exc}); give a writable "
-                             "directory") from None  # fmt: skip
+        writable_dir(path, field)
+    except ConfigError as exc:
+        raise PreflightAbort(str(exc)) from None
 
 
 class HarnessCallback(Callback):

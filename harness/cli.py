@@ -227,7 +227,7 @@ def cmd_env(args: Sequence[str]) -> int:
 
     import logging
 
-    from harness.config import DEFAULT_CACHE_DIR, ConfigError, check_cache_dir, resolve_device, resolve_dtype
+    from harness.config import DEFAULT_CACHE_DIR, ConfigError, resolve_device, resolve_dtype, writable_dir
     from harness.env import fingerprint
     from harness.roofline import device_peaks
 
@@ -236,9 +236,9 @@ def cmd_env(args: Sequence[str]) -> int:
         device = resolve_device(opts.device)
         dtype = resolve_dtype(opts.dtype, device)
         if not opts.no_peaks:
-            check_cache_dir(cache)
+            writable_dir(cache, "--cache-dir")
     except ConfigError as exc:
-        raise UsageError(str(exc).replace("cache_dir:", "--cache-dir:", 1)) from None
+        raise UsageError(str(exc)) from None
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     fp = fingerprint(device)
     if not opts.no_peaks:

@@ -143,16 +143,16 @@ def _number(value: Any, field: str, minimum: float, strict: bool = False) -> flo
     return float(value)
 
 
-def check_cache_dir(path: Path) -> None:
-    """The cache directory exists (or is made now) and takes files: else every point would be measured and then
-    fail writing its peaks or checkpoint there."""
+def writable_dir(path: Path, field: str) -> None:
+    """The directory exists (or is made now) and takes files, else one line naming ``field``: a cache or
+    output folder that cannot take files would fail every point after it was measured."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"cache_dir: cannot create {str(path)!r} ({exc.strerror or exc}); give a writable "
+        raise ConfigError(f"{field}: cannot create {str(path)!r} ({exc.strerror or exc}); give a writable "
                           "directory") from None  # fmt: skip
     if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"cache_dir: {str(path)!r} is not writable; give a writable directory")
+        raise ConfigError(f"{field}: {str(path)!r} is not writable; give a writable directory")
 
 
 def resolve_device(value: Any) -> torch.device:
@@ -458,7 +458,8 @@ def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
                 f"+ 1 = {size} exceeds model.max_seq_len={limit} of model {model.name!r}; "
                 f"allowed: 1..{limit - workload.prompt_len - 1} with workload.prompt_len={workload.prompt_len}"
             )
-    check_cache_dir(Path(data.get("cache_dir") or DEFAULT_CACHE_DIR).expanduser())  # last: a refused point makes none
+    # last: a point refused by any check above leaves no cache folder behind
+    writable_dir(Path(data.get("cache_dir") or DEFAULT_CACHE_DIR).expanduser(), "cache_dir")
     return PointSpec(
         model, engine, workload, policy, device, dtype, seed, data, corpus, train, quality,
         _monitor(data.get("monitor")), _roofline(data.get("roofline")), profile,
