@@ -293,8 +293,10 @@ def repeat_in_turns(
     next_check, rounds = policy.min_reps, 0
     gc.collect()
     t0 = time.perf_counter()
+    orders: list[list[int]] = []
     while active:
-        orders = balanced_orders(len(active))
+        if not orders or len(orders[0]) != len(active):  # first round, or a point left: the design of those left
+            orders = balanced_orders(len(active))
         for k in (active[i] for i in orders[rounds % len(orders)]):
             res = out[k]
             assert isinstance(res, Repetitions)
