@@ -45,6 +45,13 @@ class UsageError(Exception):
     """Invalid user input: printed as one line, exit code 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that raises UsageError (one line, exit 2) instead of printing its usage block."""
+
+    def error(self, message: str) -> None:
+        raise UsageError(message)
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -216,7 +223,7 @@ def _hydra_commands(args: Sequence[str]) -> list[str]:
 
 
 def cmd_env(args: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="harness env", description="Print the environment a record would carry.")
+    parser = OneLineParser(prog="harness env", description="Print the environment a record would carry.")
     parser.add_argument("--json", action="store_true", help="print the full fingerprint as JSON")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--dtype", default="auto", help="dtype of the matmul peak: auto | fp32 | bf16 | fp16")
@@ -297,12 +304,15 @@ def compose(overrides: Sequence[str]):
 
 
 def cmd_train(args: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="harness train",
         description="Train a reference model on the corpus and cache its checkpoint (e.g. `harness train model=tiny`).",
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides: model=..., train.steps=..., corpus.path=...")
     parser.add_argument("--force", action="store_true", help="train again even when the checkpoint is cached")
+    if any(a in ("-m", "--multirun") for a in args):
+        raise UsageError("-m/--multirun: `harness train` trains one model per call (e.g. `harness train model=small`); "
+                         "`harness run -m` trains what its points need")  # fmt: skip
     opts = parser.parse_args(args)
 
     import logging

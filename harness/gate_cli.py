@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.cli import UsageError
+from harness.cli import OneLineParser, UsageError
 from harness.export import (
     DEFAULT_NAMES,
     FORMATS,
@@ -63,11 +63,6 @@ thresholds file (YAML or JSON):
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not argparse's usage block
-        raise UsageError(message)
-
-
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | int:
     try:
         return parser.parse_args(list(argv))
@@ -102,7 +97,7 @@ def _read(path: Path, side: str) -> tuple[pd.DataFrame, list[str]]:
 
 
 def compare_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="harness compare",
         description="Gate a candidate sweep against a baseline: match points, test every gated metric, print a "
         "table, write Markdown and JSON summaries, and exit 1 on a regression.",
@@ -241,7 +236,7 @@ def _compare(opts: argparse.Namespace) -> int:
 
 
 def export_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="harness export",
         description="Export a sweep's points: pytest-benchmark JSON (for `pytest-benchmark compare` and "
         "github-action-benchmark), the flat table as CSV or Parquet, or the table with raw samples as JSON "

@@ -57,6 +57,17 @@ def test_env_bad_device(capsys):
     assert "device: 'gpu7' is not a device" in capsys.readouterr().err
 
 
+def test_env_and_train_argument_errors_are_one_line_exit_2(capsys):
+    for argv, first in (
+        (["env", "--bogus"], "harness env: error: unrecognized arguments: --bogus"),
+        (["train", "--bogus"], "harness train: error: unrecognized arguments: --bogus"),
+        (["train", "-m", "model=tiny"], "harness train: error: -m/--multirun: `harness train` trains one model"),
+    ):
+        assert main(argv) == 2, argv
+        io = capsys.readouterr()
+        assert io.err.count("\n") == 1 and io.err.startswith(first) and "usage:" not in io.err and not io.out, io.err
+
+
 def test_run_hydra_flags_that_exclude_each_other_are_one_line_exit_2(run_harness, capsys):
     assert run_harness("run", "-m", "engine=eager", "--cfg", "job") == 2
     io = capsys.readouterr()

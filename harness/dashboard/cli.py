@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harness import history
-from harness.report.cli import _Parser, _Usage  # one-line argparse errors, as `harness report` prints them
+from harness.cli import OneLineParser, UsageError
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -31,7 +31,7 @@ def _db_arg(p: argparse.ArgumentParser) -> None:
 
 
 def history_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="harness history", description="Store sweeps in the history database the dashboard reads.")
+    p = OneLineParser(prog="harness history", description="Store sweeps in the history database the dashboard reads.")
     sub = p.add_subparsers(dest="action", metavar="{add,list}")
     sub.required = True
     add = sub.add_parser("add", help="add sweep or run directories (each one transaction; re-adding is a no-op)")
@@ -122,7 +122,7 @@ def history_main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         opts = history_parser().parse_args(argv)
-    except _Usage as exc:
+    except UsageError as exc:
         prog = f"harness history {argv[0]}" if argv and argv[0] in ("add", "list") else "harness history"
         return _error(prog, str(exc))
     except SystemExit as exc:  # --help
@@ -131,7 +131,7 @@ def history_main(argv: Sequence[str] | None = None) -> int:
 
 
 def dashboard_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="harness dashboard",
         description="Write the performance dashboard of the history database: trends per point with CI bands, "
         "step detection (last good and first bad commit), the latest gate verdicts, links to every sweep's report.",
@@ -149,7 +149,7 @@ def dashboard_main(argv: Sequence[str] | None = None) -> int:
     prog = "harness dashboard"
     try:
         opts = dashboard_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    except _Usage as exc:
+    except UsageError as exc:
         return _error(prog, str(exc))
     except SystemExit as exc:  # --help
         return int(exc.code or 0)

@@ -12,21 +12,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from harness.cli import OneLineParser, UsageError
+
 PROG = "harness report"
 EXIT_OK, EXIT_USAGE = 0, 2
 
 
-class _Usage(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not argparse's usage block
-        raise _Usage(message)
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG,
         description="Write one self-contained HTML report (plotly.js inlined, opens from disk) of the records "
         "under the given sweep or run directories.",
@@ -45,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `harness report`; returns the exit status."""
     try:
         opts = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    except _Usage as exc:
+    except UsageError as exc:
         return _error(str(exc))
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
