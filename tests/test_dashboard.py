@@ -113,6 +113,7 @@ def test_environments_are_never_joined_and_gate_verdicts_are_shown(tmp_path, syn
     gate_html = text[text.index('<section id="gate">') : text.index('<section id="trend-tpot">')]
     assert "REGRESSION: 1 of 1 points regressed" in gate_html and '<tr class="regression">' in gate_html
     assert "tpot_ms" in gate_html and "ttft_ms" in gate_html
+    assert f"(from {gate}, given with --gate)" in gate_html and "stored )" not in gate_html
 
 
 def test_dashboard_page_is_replaced_atomically(tmp_path, synthetic_point, run_harness, capsys):

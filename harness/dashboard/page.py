@@ -129,7 +129,9 @@ def gate_section(doc: dict[str, Any]) -> str:
     where = f"BASE {doc.get('base', {}).get('path', '?')} vs CAND {doc.get('cand', {}).get('path', '?')}"
     source = doc.get("_source")
     head = f"<p><b>{esc(doc.get('headline', ''))}</b></p><p class='note'>{esc(where)}"
-    head += f" (from {esc(source)}, stored {esc(doc.get('_added_at', ''))})</p>" if source else "</p>"
+    added = doc.get("_added_at")
+    origin = f"stored {esc(added)}" if added else "given with --gate"  # a file on the command line was never stored
+    head += f" (from {esc(source)}, {origin})</p>" if source else "</p>"
     if rows.empty or "verdict" not in rows.columns:
         return head + "<p class='note'>No metric was compared.</p>"
     shown = rows[rows["verdict"] != "no change"]
