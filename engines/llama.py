@@ -3,7 +3,8 @@
 RMSNorm, rotary embeddings (with Llama-3 frequency scaling), grouped-query attention and a SwiGLU MLP; tied or
 untied embeddings. ``forward(tokens, input_pos)`` writes keys/values into a preallocated cache at ``input_pos``;
 ``forward(tokens)`` without positions is a plain causal forward that ignores the cache (the ground truth the
-cache is tested against, and what teacher-forced quality metrics use).
+cache is tested against, and what training's held-out figures use; the harness's quality metrics go through
+the cache, prefill and decode steps, as the timed generations do).
 """
 
 from __future__ import annotations

@@ -135,7 +135,8 @@ def fit(
 
 @torch.no_grad()
 def heldout_nll(model: nn.Module, tokens: Tensor, seq_len: int = 256, batch_size: int = 16) -> float:
-    """Mean next-token negative log-likelihood (nats) over consecutive windows covering ``tokens``."""
+    """Mean next-token negative log-likelihood (nats) over the consecutive full windows of ``tokens`` (a tail
+    shorter than one window is not scored: under 1% of the default held-out split)."""
     device = next(model.parameters()).device
     max_len = getattr(getattr(model, "args", None), "max_seq_len", seq_len)
     seq_len = min(seq_len, max_len)

@@ -70,6 +70,7 @@ class QualitySpec:
     greedy_prompts: int = 4
     greedy_prompt_len: int = 64
     greedy_len: int = 32
+    decode_positions: int = 16
 
 
 @dataclass(frozen=True)
@@ -346,7 +347,14 @@ def _quality(q: Any) -> QualitySpec:
     for key in ("seq_len", "greedy_prompt_len"):
         if key in q:
             _int(q[key], f"quality.{key}", 2)
-    return QualitySpec(**q)
+    spec = QualitySpec(**q)
+    _int(spec.decode_positions, "quality.decode_positions", 0)
+    if spec.decode_positions >= spec.seq_len:  # at least one position is prefilled
+        raise ConfigError(
+            f"quality.decode_positions: {spec.decode_positions} is not allowed; allowed: 0..{spec.seq_len - 1} "
+            f"(below quality.seq_len={spec.seq_len})"
+        )
+    return spec
 
 
 def _threads(value: Any) -> int | None:
@@ -391,6 +399,27 @@ def check_train_fits(model: ModelSpec, train: TrainConfig) -> None:
         raise ConfigError(
             f"train.seq_len: {train.seq_len} exceeds model.max_seq_len={limit} of model {model.name!r}; "
             f"allowed: 1..{limit}"
+        )
+
+
+def check_heldout_fits(corpus: CorpusSpec, train: TrainConfig, quality: QualitySpec, workload: Workload) -> None:
+    """Trained weights read their prompts, quality windows and held-out figures from the corpus's held-out split:
+    refuse up front a split shorter than the longest of them (not a point that fails once its model is built)."""
+    from harness.corpus import CorpusError, load_corpus
+
+    try:
+        c = load_corpus(corpus.path, corpus.heldout_every)
+    except CorpusError as exc:
+        raise ConfigError(str(exc)) from None
+    needs = [("workload.prompt_len", workload.prompt_len), ("train.seq_len + 1", train.seq_len + 1)]
+    if quality.enabled:
+        needs += [("quality.seq_len", quality.seq_len), ("quality.greedy_prompt_len", quality.greedy_prompt_len)]
+    field, need = max(needs, key=lambda fn: fn[1])
+    have = len(c.heldout)
+    if have < need:
+        raise ConfigError(
+            f"corpus.heldout_every: the held-out split of {c.files[0]!r} has {have} bytes, fewer than the {need} of "
+            f"one window ({field}); hold out more (a smaller corpus.heldout_every) or give a larger file"
         )
 
 
@@ -439,6 +468,7 @@ def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
         )
     if model.weights == "trained":
         check_train_fits(model, train)
+        check_heldout_fits(corpus, train, quality, workload)
     if quality.enabled:
         longest = max(quality.seq_len, quality.greedy_prompt_len + quality.greedy_len)
         if longest > model.args.max_seq_len:

@@ -189,8 +189,15 @@ def decide_intervals(
 def decide_value(base: float, cand: float, metric: Metric, threshold: float) -> Verdict:
     """One value per side: relative change (``scalar``) or absolute change (``absolute``) against the threshold."""
     mode = metric.kind
-    if not (math.isfinite(base) and math.isfinite(cand)):
+    if math.isnan(base) or math.isnan(cand):
         return Verdict(UNKNOWN, "not measured on one side", base, cand, mode=mode)
+    if math.isinf(base) or math.isinf(cand):  # an infinite perplexity was measured: worse than any finite one
+        v = Verdict(NO_CHANGE, "both infinite", base, cand, mode=mode, n_base=1, n_cand=1)
+        if base != cand:
+            v.change = math.inf if cand > base else -math.inf
+            worse = (cand < base) if metric.higher_is_better else (cand > base)
+            v.verdict, v.reason = (REGRESSION if worse else IMPROVEMENT), f"{base:.4g} -> {cand:.4g} (not finite)"
+        return v
     if mode == "absolute":
         change, shown = cand - base, f"{cand - base:+.4g}"
         limit = f"{threshold:g}"

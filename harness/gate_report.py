@@ -50,8 +50,10 @@ def fmt(value: Any, metric: str = "") -> str:
     """A value in its metric's unit with 4 significant digits; '-' when missing."""
     if value is None or isinstance(value, str):
         return value or "-"
-    if not isinstance(value, int | float) or not math.isfinite(value):
+    if not isinstance(value, int | float) or math.isnan(value):
         return "-"
+    if math.isinf(value):  # measured: an overflowing perplexity
+        return "inf" if value > 0 else "-inf"
     unit = METRICS[metric].unit if metric in METRICS else ""
     text = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     return f"{text} {unit}".rstrip()
@@ -59,8 +61,10 @@ def fmt(value: Any, metric: str = "") -> str:
 
 def _change(row: pd.Series) -> str:
     ch = row["change"]
-    if not isinstance(ch, float) or not math.isfinite(ch):
+    if not isinstance(ch, float) or math.isnan(ch):
         return "-"
+    if math.isinf(ch):
+        return "+inf" if ch > 0 else "-inf"
     return f"{ch:+.4f}" if row["mode"] == "absolute" else f"{ch:+.1%}"
 
 

@@ -57,10 +57,15 @@ METRICS: dict[str, Metric] = {
         Metric("peak_memory_mb", "scalar", False, "peak_memory_mb", 0.10, "MB", timed=False),
         # quality against the eager reference on the same machine: comparable across environments
         Metric("fidelity_top1", "absolute", True, "fidelity_top1", 0.01, "", timed=False, env_bound=False),
+        # the positions scored through single-token decode steps: a broken decode path hides in the mean above
+        Metric("fidelity_top1_decode", "absolute", True, "fidelity_top1_decode", 0.01, "", timed=False,
+               env_bound=False),  # fmt: skip
+        # NaN or +inf logits at any scored position: their KL and perplexity are not numbers, never "not measured"
+        Metric("fidelity_nonfinite", "absolute", False, "fidelity_nonfinite", 0.0, "", timed=False, env_bound=False),
         Metric("ppl", "scalar", False, "ppl", 0.02, "", timed=False, env_bound=False),
     )
 }
-DEFAULT_METRICS = ("tpot_ms", "ttft_ms", "fidelity_top1", "ppl")
+DEFAULT_METRICS = ("tpot_ms", "ttft_ms", "fidelity_top1", "fidelity_top1_decode", "fidelity_nonfinite", "ppl")
 
 
 @dataclass

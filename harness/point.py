@@ -121,8 +121,8 @@ def _prompt(spec: PointSpec, rep: int, heldout: torch.Tensor | None) -> torch.Te
 
 
 def _quality_key(spec: PointSpec) -> str:
-    q = spec.quality
-    return json.dumps([reference.reference_key(spec), spec.engine.variant(), q.__dict__], sort_keys=True, default=str)
+    """The prepared engine's identity (with the corpus it calibrated on) and the quality inputs' config."""
+    return json.dumps([reference.prepared_key(spec), spec.quality.__dict__], sort_keys=True, default=str)
 
 
 def _quality(spec: PointSpec, model, prepared, corpus: Corpus, trained: bool) -> dict[str, Any]:
@@ -138,7 +138,7 @@ def _quality(spec: PointSpec, model, prepared, corpus: Corpus, trained: bool) ->
     reference_id = json.dumps([reference.reference_key(spec), q.__dict__], sort_keys=True, default=str)
     out = fidelity.evaluate(
         _quality_key(spec), model, prepared, win.to(spec.device), prompts.to(spec.device), q.greedy_len, trained,
-        reference_id=reference_id,
+        reference_id=reference_id, decode=q.decode_positions,
     )  # fmt: skip
     out["inputs"] = "corpus held-out text" if trained else "random token ids"
     if trained:

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import secrets
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,11 @@ SCALAR_COLUMNS: dict[str, tuple[str, ...]] = {
     "sparsity": ("engine_info", "sparsity"),
     "fidelity_top1": ("quality", "top1_agreement"),
     "fidelity_kl": ("quality", "kl"),
+    # the same over the positions fed one token at a time through the KV cache (the path TPOT times)
+    "fidelity_top1_decode": ("quality", "decode_top1_agreement"),
+    "fidelity_kl_decode": ("quality", "decode_kl"),
+    # fraction of scored positions whose logits were NaN or +inf: their KL and perplexity are not numbers
+    "fidelity_nonfinite": ("quality", "nonfinite_fraction"),
     "ppl": ("quality", "ppl"),
     "timing_representative": ("timing", "representative"),
     "timing_caveat": ("timing", "caveat"),
@@ -109,6 +115,9 @@ NUMERIC_COLUMNS = {
     "sparsity",
     "fidelity_top1",
     "fidelity_kl",
+    "fidelity_top1_decode",
+    "fidelity_kl_decode",
+    "fidelity_nonfinite",
     "ppl",
     "n_reps",
     "timed_in_turns",
@@ -302,6 +311,9 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
         row[f"engine.{key}"] = value
     for key, value in (_get(record, ("identity", "model_args")) or {}).items():
         row[f"model.{key}"] = value
+    nll = _get(record, ("quality", "nll"))
+    if row["ppl"] is None and isinstance(nll, int | float) and math.isfinite(nll):  # JSON holds no infinity
+        row["ppl"] = math.inf if nll > math.log(sys.float_info.max) else math.exp(nll)
     row["model_id"] = model_id(record.get("identity"))
     row["noisy"] = any(bool((summary.get(m) or {}).get("noisy")) for m in ("ttft_ms", "tpot_ms"))
     row["drifting"] = any(bool((summary.get(m) or {}).get("drifting")) for m in ("ttft_ms", "tpot_ms"))
@@ -341,10 +353,12 @@ def table(rows: list[dict[str, Any]], errors: Iterable[str] = ()) -> pd.DataFram
     """The table from rows made by ``flatten`` (also rows stored elsewhere, e.g. the history database): every
     scalar column present, numeric columns numeric, ``errors`` kept in ``df.attrs["errors"]``."""
     df = pd.DataFrame(rows)
-    for col in (*SCALAR_COLUMNS, "model_id"):
-        if col not in df.columns:
-            df[col] = None
-    for col in NUMERIC_COLUMNS | {f"{m}_{s}" for m in TIMED_METRICS for s in STAT_COLUMNS if s != "noisy"}:
-        df[col] = pd.to_numeric(df[col], errors="coerce") if col in df.columns else np.nan
+    numeric = NUMERIC_COLUMNS | {f"{m}_{s}" for m in TIMED_METRICS for s in STAT_COLUMNS if s != "noisy"}
+    absent = [c for c in dict.fromkeys((*SCALAR_COLUMNS, "model_id", *sorted(numeric))) if c not in df.columns]
+    if absent:  # added in one go: one insert per column fragments the frame
+        filler = {c: np.nan if c in numeric else None for c in absent}
+        df = pd.concat([df, pd.DataFrame(filler, index=df.index, columns=absent)], axis=1)
+    for col in numeric:
+        df[col] = pd.to_numeric(df[col], errors="coerce")
     df.attrs["errors"] = list(errors)
     return df

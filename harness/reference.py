@@ -58,7 +58,13 @@ def weights_key(spec: PointSpec, info: dict[str, Any]) -> str:
 
 
 def prepared_key(spec: PointSpec) -> str:
-    return json.dumps([reference_key(spec), spec.engine.name, spec.engine.param_dict()], sort_keys=True, default=str)
+    """Identity of a prepared engine: the reference weights, the engine and its parameters, and the corpus when
+    the engine calibrates on it (trained weights name it already; on random weights another corpus prunes other
+    weights, so its engine and quality are another's)."""
+    parts: list[Any] = [reference_key(spec), spec.engine.name, spec.engine.param_dict()]
+    if spec.model.weights != "trained" and spec.engine.reads_corpus():
+        parts.append(load_corpus(spec.corpus.path, spec.corpus.heldout_every).sha256)
+    return json.dumps(parts, sort_keys=True, default=str)
 
 
 def _libc_trim() -> None:

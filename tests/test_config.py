@@ -42,6 +42,9 @@ def test_default_config_is_valid(compose_cfg):
         (["measure.target_ci=0"], r"^measure\.target_ci: must be > 0"),
         (["measure.warmup_max_s=0.1"], r"^measure\.warmup_max_s: 0\.1 is below measure\.warmup_s=0\.5, the least "),
         (["seed=-3"], r"^seed: must be an integer >= 0, got -3$"),
+        (["quality.decode_positions=256"],
+         r"^quality\.decode_positions: 256 is not allowed; allowed: 0\.\.255 \(below quality\.seq_len=256\)$"),
+        (["quality.decode_positions=-1"], r"^quality\.decode_positions: must be an integer >= 0, got -1$"),
         (["seed=18446744073709551616"], r"^seed: must be an integer in 0\.\.4294967295, got 18446744073709551616$"),
         # nan passes every comparison (a warm-up that never ends, a sampler that never waits), inf is no size
         (["measure.warmup_stable_rel=nan"], r"^measure\.warmup_stable_rel: must be a finite number, got nan$"),

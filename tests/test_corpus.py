@@ -48,6 +48,22 @@ def test_user_corpus_and_its_errors(tmp_path):
     assert load_corpus(str(mid), heldout_every=19).identity()["heldout_bytes"] == 75_000 - 18 * 4096  # the last
 
 
+def test_a_held_out_split_shorter_than_one_window_is_refused_up_front(tmp_path, compose_cfg):
+    """16 full chunks and 10 bytes, every 17th held out: 10 held-out bytes cannot give a 256-token quality window
+    nor a 128-token prompt. Trained weights refuse it in validation, naming the field; random weights never read it."""
+    from harness.config import ConfigError, validate
+
+    path = tmp_path / "tail.txt"
+    path.write_bytes(bytes(range(256)) * 256 + b"0123456789")
+    spec = ["model=tiny", f"corpus.path={path}", "corpus.heldout_every=17"]
+    with pytest.raises(ConfigError, match=r"^corpus\.heldout_every: the held-out split of .*tail\.txt' has 10 bytes, "
+                                          r"fewer than the 256 of one window \(quality\.seq_len\); hold out more"):
+        validate(compose_cfg(*spec, "model.weights=trained"))
+    validate(compose_cfg(*spec, "model.weights=random"))
+    with pytest.raises(ConfigError, match=r"^corpus\.heldout_every: 20 holds out every 20th 4096-byte chunk"):
+        validate(compose_cfg(*spec[:2], "model.weights=trained"))  # of 17 chunks none would be held out
+
+
 def test_held_out_text_is_not_repeated_in_the_training_split():
     """pydoc's topics nest (``compound`` holds ``if``, ``while``...): those inside another are dropped, so no
     256-byte stretch of held-out text also appears in the training split."""

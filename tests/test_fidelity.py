@@ -1,4 +1,4 @@
-"""Quality metrics: identity, uniform model, and a perturbed engine."""
+"""Quality metrics: identity, uniform model, a perturbed engine, a broken decode path, NaN and overflowing logits."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from engines.llama import ModelArgs, Transformer
 from harness import fidelity
@@ -126,3 +127,63 @@ def test_large_reference_log_probs_are_not_kept(model, tokens, monkeypatch):
     alone = fidelity.ReferenceOutputs(model, tokens, share=False)  # one engine's pass: nothing held after a chunk
     alone.log_probs(0, tokens[:4])
     assert not alone.keep and alone._log_probs == {}
+
+
+class _Wrapped(nn.Module):
+    """An engine around ``model`` whose logits ``corrupt(logits, tokens)`` rewrites (None: unchanged)."""
+
+    def __init__(self, model, corrupt) -> None:
+        super().__init__()
+        self.inner, self.corrupt, self.args = model, corrupt, model.args
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:
+        self.inner.setup_caches(max_batch_size, max_seq_length)
+
+    def forward(self, tokens, input_pos=None):
+        logits = self.inner(tokens, input_pos)
+        return self.corrupt(logits, tokens)
+
+
+def test_decode_positions_go_through_the_kv_cache_one_token_at_a_time(model, tokens):
+    """The last ``decode`` positions are single-token steps: for the same engine they match the prefill's logits
+    (KL ~ 0), and an engine broken only on decode steps is caught there, though its prefill is exact."""
+    q = teacher_forced(model, copy.deepcopy(model), tokens, with_ppl=True, decode=8)
+    assert q["top1_agreement"] == 1.0 and q["decode_top1_agreement"] == 1.0 and q["decode_kl"] == 0.0
+    assert q["decode_positions"] == 8 and q["nonfinite_fraction"] == 0.0
+    prefill_only = teacher_forced(model, model, tokens, with_ppl=True)
+    assert q["ppl"] == pytest.approx(prefill_only["ppl"], rel=1e-5)  # the cached steps compute the same function
+    shapes = []
+    spy = _Wrapped(model, lambda logits, t: shapes.append(t.shape[1]) or logits)
+    teacher_forced(model, spy, tokens[:4], with_ppl=False, decode=8)
+    assert shapes == [40] + [1] * 8
+
+    def random_on_decode(logits, t):
+        return torch.randn_like(logits) * 5 if t.shape[1] == 1 else logits
+
+    broken = teacher_forced(model, _Wrapped(model, random_on_decode), tokens, with_ppl=False, decode=8)
+    assert broken["decode_top1_agreement"] < 0.2 and broken["decode_kl"] > 1.0
+    assert broken["top1_agreement"] == pytest.approx(40 / 48 + 8 / 48 * broken["decode_top1_agreement"])
+    blind = teacher_forced(model, _Wrapped(model, random_on_decode), tokens, with_ppl=False)  # prefill only
+    assert blind["top1_agreement"] == 1.0 and "decode_top1_agreement" not in blind
+    with pytest.raises(ValueError, match="decode positions: 48 is not allowed; allowed: 0..47"):
+        teacher_forced(model, model, tokens, with_ppl=False, decode=48)
+
+
+def test_nan_logits_are_counted_not_read_as_unmeasured(model, tokens):
+    def nan_at_two_positions(logits, t):
+        logits = logits.clone()
+        logits[:, :2, 7] = float("nan")
+        return logits
+
+    q = teacher_forced(model, _Wrapped(model, nan_at_two_positions), tokens, with_ppl=True)
+    assert q["nonfinite_fraction"] == pytest.approx(2 / 48)
+    assert math.isnan(q["kl"]) and math.isnan(q["ppl"])
+    plus_inf = teacher_forced(model, _Wrapped(model, lambda lg, t: lg.index_fill(1, torch.tensor([3]), math.inf)),
+                              tokens, with_ppl=False)  # fmt: skip
+    assert plus_inf["nonfinite_fraction"] == pytest.approx(1 / 48)
+
+
+def test_an_overflowing_perplexity_is_infinite_not_an_error(model, tokens):
+    """Logits scaled up 1e5 (a lost dequantization scale) put the mean NLL past exp()'s range."""
+    q = teacher_forced(model, _Wrapped(model, lambda lg, t: lg * 1e5), tokens, with_ppl=True)
+    assert q["nll"] > 710 and q["ppl"] == math.inf and q["nonfinite_fraction"] == 0.0 and math.isfinite(q["kl"])

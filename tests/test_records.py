@@ -271,6 +271,13 @@ def test_point_key_of_trained_weights_follows_what_made_them(compose_cfg, tmp_pa
     assert key(*wanda, f"corpus.path={text}")[0] != key(*wanda)[0]
     magnitude = ("model.weights=random", "engine=pruned", "engine.method=magnitude")
     assert key(*magnitude, f"corpus.path={text}")[0] == key(*magnitude)[0] and "corpus_sha256" not in key(*magnitude)[1]
+    # the in-process caches of prepared engines and of their quality tell the corpora apart the same way
+    from harness.point import _quality_key
+    from harness.reference import prepared_key
+
+    for cache_key in (prepared_key, _quality_key):
+        assert cache_key(key(*wanda, f"corpus.path={text}")[2]) != cache_key(key(*wanda)[2])
+        assert cache_key(key(*magnitude, f"corpus.path={text}")[2]) == cache_key(key(*magnitude)[2])
 
 
 def test_unmeasured_figures_are_nan_in_numeric_columns(tmp_path, synthetic_point):

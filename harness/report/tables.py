@@ -30,8 +30,10 @@ def esc(value: object) -> str:
 
 def fmt(value: Any, suffix: str = "") -> str:
     """Numbers with 4 significant digits (thousands separated), '-' for missing."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if isinstance(value, float | np.floating) and math.isinf(value):  # measured, e.g. an overflowing perplexity
+        return "inf" if value > 0 else "-inf"
     if isinstance(value, bool | np.bool_):
         return "yes" if value else "no"
     if isinstance(value, int | float | np.number):
@@ -162,6 +164,9 @@ def points_table(df: pd.DataFrame) -> str:
             notes.append("noisy (IQR/median > 10%)")
         if r.get("drifting") is True:
             notes.append("drifting (the timings trend through the window: its median stands for neither end)")
+        nonfinite = r.get("fidelity_nonfinite")
+        if isinstance(nonfinite, float) and nonfinite > 0:
+            notes.append(f"NaN/inf logits at {nonfinite:.2%} of the quality positions (KL, perplexity not numbers)")
         rows.append(
             [
                 r["scenario"],
@@ -174,6 +179,9 @@ def points_table(df: pd.DataFrame) -> str:
                 verdict(r),
                 "-" if r["variant"] == BASELINE else speedup(r.get("bytes_speedup")),
                 fmt(r["peak_memory_mb"]),
+                _top1(r),
+                fmt(r.get("fidelity_kl")),
+                fmt(r.get("ppl")),
                 fmt(r["n_reps"]),
                 r.get("stop_reason") or "-",
                 "; ".join(notes) or "-",
@@ -191,11 +199,20 @@ def points_table(df: pd.DataFrame) -> str:
         "vs eager [95% CI]",
         "memory-traffic bound (eager's decode bytes / the variant's)",
         "peak memory MB",
+        "top-1 agreement with eager (on decode steps)",
+        "KL(eager ‖ variant) nats/token",
+        "perplexity",
         "n",
         "stopped by",
         "notes",
     ]
     return table(headers, rows, classes)
+
+
+def _top1(row: pd.Series) -> str:
+    """Top-1 agreement over every scored position, and over those fed one token at a time through the KV cache."""
+    overall, decode = fmt(row.get("fidelity_top1")), row.get("fidelity_top1_decode")
+    return f"{overall} ({fmt(decode)})" if isinstance(decode, float) and math.isfinite(decode) else overall
 
 
 def failed_table(df: pd.DataFrame, unreadable: Sequence[str] = (), missing: Sequence[dict[str, Any]] = ()) -> str:
