@@ -308,11 +308,28 @@ def _fields(node: Any, name: str, cls: type, hidden: tuple[str, ...] = ()) -> di
     return node
 
 
+def launch_dir() -> Path:
+    """The directory `harness run` started in: a job's own folder is the cwd under ``hydra.job.chdir=true``, and
+    relative paths the user typed mean the launch directory, as they do in the preflight of every point."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.cwd)
+    return Path.cwd()
+
+
+def _from_launch_dir(path: str) -> str:
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else launch_dir() / p)
+
+
 def _corpus(c: Any) -> CorpusSpec:
     c = _fields(c, "corpus", CorpusSpec)
     path = c.get("path")
     if path is not None and not isinstance(path, str):
         raise ConfigError(f"corpus.path: expected a file path or null, got {path!r}")
+    if path is not None:
+        path = _from_launch_dir(path)
     if path is not None and not Path(path).expanduser().is_file():
         raise ConfigError(f"corpus.path: {path!r} is not a readable file (null uses Python's bundled documentation)")
     return CorpusSpec(path=path, heldout_every=_int(c.get("heldout_every", 20), "corpus.heldout_every", 2))
@@ -461,6 +478,8 @@ def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
         raise ConfigError(f"seed: must be an integer in 0..{SEED_MAX}, got {seed}")
     if data.get("cache_dir") is not None and not (isinstance(data["cache_dir"], str) and data["cache_dir"].strip()):
         raise ConfigError(f"cache_dir: expected a directory path or null (the default), got {data['cache_dir']!r}")
+    if data.get("cache_dir") is not None:
+        data["cache_dir"] = _from_launch_dir(data["cache_dir"])
     corpus, train, quality = _corpus(data.get("corpus")), _train(data.get("train"), seed), _quality(data.get("quality"))
     if model.weights == "trained" and model.args.vocab_size < 256:
         raise ConfigError(

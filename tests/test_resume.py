@@ -81,6 +81,21 @@ def test_resume_with_job_chdir_and_a_relative_sweep_dir(run_harness, tmp_path, c
     assert (out.out + out.err).count("already measured ok") == 2
 
 
+def test_job_chdir_keeps_relative_input_paths_relative_to_the_launch_dir(run_harness, tmp_path, capsys, monkeypatch):
+    """corpus.path and cache_dir typed relative mean the directory `harness run` started in, in the preflight and
+    in each job alike (a job's cwd is its own folder under hydra.job.chdir=true)."""
+    from harness.corpus import load_corpus
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corp.txt").write_bytes(load_corpus().train[: 20 * 4096])
+    args = ["run", "-m", "engine=eager", "workload.batch_size=1,2", *QUICK, "hydra.job.chdir=true",
+            "hydra.sweep.dir=rel", "corpus.path=corp.txt", "cache_dir=relcache"]  # fmt: skip
+    assert run_harness(*args) == 0, capsys.readouterr().err
+    df = load(tmp_path / "rel")
+    assert list(df.status) == ["ok", "ok"]
+    assert (tmp_path / "relcache").is_dir() and not list((tmp_path / "rel").glob("*/relcache"))
+
+
 def test_measured_ok_rechecks_the_record_it_indexed(tmp_path, synthetic_point):
     forget_ok_index()
     one = synthetic_point(tmp_path / "0", ttft=[5.0] * 3, tpot=[1.0] * 3, batch_size=1)
