@@ -33,6 +33,22 @@ class PointTimeout(BaseException):
     ``except Exception`` cannot swallow it."""
 
 
+# A deadline that falls inside an ``import`` waits for it: interrupted, the module is dropped while the
+# submodules it had finished stay in sys.modules, unbound to the package imported again later, and every later
+# point of the process fails ("module 'sympy.core' has no attribute 'symbol'"). Up to this long past the deadline.
+IMPORT_GRACE_S = 60.0
+IMPORT_RETRY_S = 0.05
+
+
+def _in_import(frame: Any) -> bool:
+    """Whether ``frame`` or a caller of it runs import machinery."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 @contextmanager
 def deadline(seconds: float | None) -> Iterator[None]:
     """Raise PointTimeout in this (main) thread after ``seconds``; no limit when None or not the main thread."""
@@ -41,6 +57,10 @@ def deadline(seconds: float | None) -> Iterator[None]:
         return
 
     def expire(signum: int, frame: Any) -> None:
+        late = time.monotonic() - started - seconds
+        if late < IMPORT_GRACE_S and _in_import(frame):  # let the import finish: a half-run module stays broken
+            signal.setitimer(signal.ITIMER_REAL, IMPORT_RETRY_S)
+            return
         raise PointTimeout(f"point exceeded measure.timeout_s={seconds:g} s")
 
     outer_left, _ = signal.getitimer(signal.ITIMER_REAL)  # a deadline around this one (0: none)
