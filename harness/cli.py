@@ -67,7 +67,7 @@ def format_hydra_error(exc: BaseException, overrides: Sequence[str] = ()) -> str
         return f"cannot parse override {exc.override!r}: {_one_line(first)} (expected key=value; see --help)"
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and "/" in exc.missing_cfg_file:
         group, _, name = exc.missing_cfg_file.rpartition("/")
-        options = ", ".join(exc.options or []) or "(none)"
+        options = ", ".join(_group_options(group, exc.options or [])) or "(none)"
         return f"{group}: unknown option {name!r}; allowed: {options}"
     cause = str(exc.__cause__ or "")
     m = re.search(r"Could not override '([^']+)'", text)
@@ -75,11 +75,13 @@ def format_hydra_error(exc: BaseException, overrides: Sequence[str] = ()) -> str
         key = m.group(1)
         parent = key.rpartition(".")[0]
         allowed = _allowed_keys(parent, overrides)
-        hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
-        return f"{key}: unknown field{hint} (prefix with + to add a new key)"
+        return f"{key}: unknown field" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
     m = re.search(r"Could not append to config\. An item is already at '([^']+)'", text)
     if m:
         return f"{m.group(1)}: already set by the config; override it without the leading +"
+    m = re.search(r"Multiple values for (\S+?)\.? To override a value use 'override \S+: (\S+)'", text)
+    if m:  # `+model=small`: the config already chooses a model
+        return f"{m.group(1)}: already chosen by the config; use {m.group(1)}={m.group(2)} (without the leading +)"
     return _one_line(f"{text} {cause}")
 
 
@@ -115,22 +117,39 @@ def composition_error(exc: BaseException, overrides: Sequence[str] = ()) -> str 
     return None
 
 
+def _group_options(group: str, fallback: Sequence[str]) -> list[str]:
+    """The options of config group ``group`` (``engine/quantized``: its own files, which Hydra's error leaves out,
+    naming the parent's instead)."""
+    from harness.paths import config_dir
+
+    folder = Path(config_dir()) / group
+    found = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return found or list(fallback)
+
+
 def _allowed_keys(parent: str, overrides: Sequence[str] = ()) -> list[str]:
     """Keys of a config node with the config groups ``overrides`` choose (a sweep's first option), for error
-    messages (empty when it cannot be composed)."""
+    messages (empty when it cannot be composed). Only config groups count as choices: a mistyped top-level key
+    (``devcie=cpu``) is what is being explained, not a group to compose."""
+    from omegaconf import OmegaConf
+
+    from harness.paths import config_dir
+
     choices = []
     for o in overrides:
         key, eq, value = str(o).partition("=")
         if eq and key and "." not in key and not key.startswith(("+", "~", "hydra")) and value:
-            choices.append(f"{key}={value.split(',')[0]}")
-    try:
-        from omegaconf import OmegaConf
-
-        cfg = compose(choices)
+            if (Path(config_dir()) / key).is_dir():
+                choices.append(f"{key}={value.split(',')[0]}")
+    for attempt in (choices, []):
+        try:
+            cfg = compose(attempt)
+        except Exception:
+            continue
         node = OmegaConf.select(cfg, parent) if parent else cfg
-        return sorted(str(k) for k in node.keys()) if node is not None else []
-    except Exception:
-        return []
+        keys = sorted(str(k) for k in node.keys()) if node is not None else []
+        return [k for k in keys if k != "hydra"]
+    return []
 
 
 def cmd_run(args: Sequence[str]) -> int:
@@ -146,6 +165,7 @@ def cmd_run(args: Sequence[str]) -> int:
     from harness.config import ConfigError
 
     callbacks.LAST_RESULT.clear()
+    _check_hydra_flags(args)
     saved = sys.argv
     sys.argv = ["harness run", *args]
     try:
@@ -173,6 +193,22 @@ def cmd_run(args: Sequence[str]) -> int:
     finally:
         sys.argv = saved
     return EXIT_FAILED if callbacks.LAST_RESULT.get("all_failed") else EXIT_OK
+
+
+def _check_hydra_flags(args: Sequence[str]) -> None:
+    """Hydra's own flags parsed up front, so that a bad one (``--cfg bogus``) is one line, not argparse's usage
+    block. Flags that print and exit (help, version) are left to Hydra."""
+    if any(a in ("-h", "--help", "--hydra-help", "--version") for a in args):
+        return
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def error(message: str) -> None:
+        raise UsageError(message)
+
+    parser.error = error  # type: ignore[method-assign]
+    parser.parse_args(list(args))
 
 
 def _hydra_flag_error(exc: BaseException) -> bool:
@@ -411,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     enable_huge_pages()  # before any model is built: PyTorch reads it at its first large allocation
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        sys.stdout.write(USAGE)
+        (sys.stdout if argv else sys.stderr).write(USAGE)  # asked for: stdout; a missing command: an error
         return EXIT_OK if argv else EXIT_USAGE
     name, rest = argv[0], argv[1:]
     command = COMMANDS.get(name)
@@ -425,3 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("harness: interrupted\n")
         return 130
+    except BrokenPipeError:  # `harness env | head`: the reader left; say nothing more to it
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13  # as a shell reports SIGPIPE

@@ -17,6 +17,7 @@ def test_help_and_unknown_command(capsys):
     out = capsys.readouterr().out
     assert "run [hydra args...]" in out and "env [--json]" in out
     assert main([]) == 2
+    assert capsys.readouterr().err.startswith("usage: harness <command>")  # no command: the usage is the error
     assert main(["frobnicate"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"harness frobnicate: error: unknown command 'frobnicate'; allowed: {', '.join(COMMANDS)}"
@@ -66,6 +67,34 @@ def test_env_and_train_argument_errors_are_one_line_exit_2(capsys):
         assert main(argv) == 2, argv
         io = capsys.readouterr()
         assert io.err.count("\n") == 1 and io.err.startswith(first) and "usage:" not in io.err and not io.out, io.err
+
+
+def test_run_composition_errors_name_what_is_allowed(run_harness, capsys):
+    """Hydra's own errors as one line that names what is allowed: a nested group's options (not its parent's),
+    the top-level fields for a mistyped one given without +, a group chosen again with +, a bad flag value."""
+    cases = [
+        (["engine=quantized/nosuch"],
+         "engine/quantized: unknown option 'nosuch'; allowed: fp8, int4_weight_only, int8_dynamic, int8_weight_only"),
+        (["devcie=cpu"], "devcie: unknown field; allowed: cache_dir, corpus, device, dtype, engine, isolate, "),
+        (["+model=small"], "model: already chosen by the config; use model=small (without the leading +)"),
+        (["--cfg", "bogus"], "argument --cfg/-c: invalid choice: 'bogus' (choose from 'job', 'hydra', 'all')"),
+    ]  # fmt: skip
+    for args, message in cases:
+        assert run_harness("run", *args) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"harness run: error: {message}"), err
+        assert "prefix with +" not in err
+
+
+def test_usage_goes_to_stderr_without_a_command_and_a_closed_pipe_is_quiet(tmp_path, subprocess_env):
+    import subprocess
+    import sys
+
+    bare = subprocess.run([sys.executable, "-m", "harness"], capture_output=True, text=True, env=subprocess_env)
+    assert bare.returncode == 2 and not bare.stdout and bare.stderr.startswith("usage: harness <command>")
+    piped = subprocess.run(f"{sys.executable} -m harness env --no-peaks | head -1", shell=True, capture_output=True,
+                           text=True, env=subprocess_env, cwd=tmp_path)  # fmt: skip
+    assert piped.stdout.startswith("device") and "Traceback" not in piped.stderr and not piped.stderr, piped.stderr
 
 
 def test_run_hydra_flags_that_exclude_each_other_are_one_line_exit_2(run_harness, capsys):
