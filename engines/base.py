@@ -18,6 +18,7 @@ import importlib
 import inspect
 import logging
 import os
+import types
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -165,13 +166,18 @@ def _load_all() -> None:
     for mod in (m.strip() for m in os.environ.get(ENGINE_MODULES_ENV, "").split(",")):
         if not mod:
             continue
+        before = set(_REGISTRY)
         try:
             importlib.import_module(mod)
         except Exception as exc:
             _LOADED = False
             why = f"{exc.__class__.__name__}: {exc}"
             raise EngineError(f"{ENGINE_MODULES_ENV}: cannot import {mod!r} ({why})") from None
+        if set(_REGISTRY) == before:
+            log.warning("%s: module %r registered no engine (decorate its Engine subclass with "
+                        "@engines.base.register)", ENGINE_MODULES_ENV, mod)  # fmt: skip
     for ep in entry_points(group=ENTRY_POINT_GROUP):
+        before = set(_REGISTRY)
         try:
             obj = ep.load()
         except Exception as exc:  # a broken plugin must not take the harness down
@@ -182,6 +188,10 @@ def _load_all() -> None:
                 register(obj)
             except TypeError as exc:  # a name another engine holds: this plugin is left out, the others load
                 log.warning("engine entry point %r not registered: %s", ep.name, exc)
+        elif not isinstance(obj, types.ModuleType) or set(_REGISTRY) == before:
+            what = "a module that registered no engine" if isinstance(obj, types.ModuleType) else type(obj).__name__
+            log.warning("engine entry point %r (%s) is %s, not an Engine subclass: ignored (point it at the "
+                        "class, or at a module that decorates it with @register)", ep.name, ep.value, what)  # fmt: skip
 
 
 def engine_names() -> list[str]:

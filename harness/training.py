@@ -105,6 +105,9 @@ def ensure_trained(
     with file_lock(ckpt.with_suffix(".lock")):
         if cached(ckpt) and not force:
             return ckpt, {**json.loads(ckpt.with_suffix(".json").read_text()), "cached": True}
+        if cfg.warmup_steps >= cfg.steps:  # allowed (a schedule under test), but rarely what was meant
+            log.warning("train.warmup_steps=%d is not below train.steps=%d: the learning rate never reaches "
+                        "train.lr=%g", cfg.warmup_steps, cfg.steps, cfg.lr)  # fmt: skip
         model, info = train_reference(name, args, corpus, cfg, seed, device)
         info["key"] = key
         save_weights(model, ckpt, info)

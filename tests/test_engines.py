@@ -98,7 +98,7 @@ def test_entry_points_register_third_party_engines(monkeypatch, caplog):
 
     class EP:
         def __init__(self, name, obj):
-            self.name, self.obj = name, obj
+            self.name, self.obj, self.value = name, obj, f"plugin_pkg.mod:{name}"
 
         def load(self):
             if isinstance(self.obj, Exception):
@@ -108,7 +108,14 @@ def test_entry_points_register_third_party_engines(monkeypatch, caplog):
     class Clash(Engine):  # a plugin whose name a built-in engine holds
         name = "eager"
 
-    eps = [EP("clash", Clash), EP("broken", ImportError("missing dependency")), EP("plugin-test", PluginEngine)]
+    import types
+
+    def make_engine():  # a factory, not the class: nothing registers
+        return PluginEngine
+
+    empty = types.ModuleType("plugin_pkg.empty")  # a module without @register
+    eps = [EP("clash", Clash), EP("broken", ImportError("missing dependency")), EP("plugin-test", PluginEngine),
+           EP("factory", make_engine), EP("empty", empty)]  # fmt: skip
     monkeypatch.setattr(base, "entry_points", lambda group: eps if group == "harness.engines" else [])
     monkeypatch.setattr(base, "_LOADED", False)
     monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
@@ -118,6 +125,24 @@ def test_entry_points_register_third_party_engines(monkeypatch, caplog):
     # the clashing one is left out with a warning; the built-in keeps its name, the plugins after it load
     assert "'clash' not registered" in caplog.text and "engine name 'eager' is taken" in caplog.text
     assert base.get_engine_class("eager") is not Clash
+    # what names no engine is said, not silently dropped
+    assert "'factory' (plugin_pkg.mod:factory) is function, not an Engine subclass: ignored" in caplog.text
+    assert "'empty' (plugin_pkg.mod:empty) is a module that registered no engine" in caplog.text
+    assert "factory" not in engine_names() and "plugin-test" in engine_names()
+
+
+def test_an_engine_module_that_registers_nothing_is_named(monkeypatch, caplog, tmp_path):
+    (tmp_path / "unregistered_engines_test.py").write_text(
+        "from engines.base import Engine\n\nclass Boom(Engine):\n    name = 'boom-test'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(base.ENGINE_MODULES_ENV, "unregistered_engines_test")
+    monkeypatch.setattr(base, "entry_points", lambda group: [])
+    monkeypatch.setattr(base, "_LOADED", False)
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    with caplog.at_level(logging.WARNING):
+        assert "boom-test" not in engine_names()
+    assert "module 'unregistered_engines_test' registered no engine (decorate its Engine subclass" in caplog.text
 
 
 def test_weight_bytes_counts_tied_weights_once_and_prefers_the_models_own():

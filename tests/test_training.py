@@ -80,6 +80,20 @@ def test_trained_tiny_beats_the_unigram_baseline(trained_tiny):
     assert math.isclose(nll / math.log(2), info["heldout_bits_per_byte"], rel_tol=1e-5)
 
 
+def test_a_warmup_as_long_as_training_is_warned_about(tmp_path, caplog):
+    """The learning rate would never reach train.lr: trained as asked, with a warning naming both fields."""
+    import logging
+
+    short = TrainConfig(**{**FEW.__dict__, "steps": 2, "warmup_steps": 20})
+    with caplog.at_level(logging.WARNING, logger="harness.training"):
+        training.ensure_trained("micro", MICRO, load_corpus(), short, 0, torch.device("cpu"), tmp_path)
+    assert "train.warmup_steps=20 is not below train.steps=2: the learning rate never reaches" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="harness.training"):
+        training.ensure_trained("micro", MICRO, load_corpus(), FEW, 0, torch.device("cpu"), tmp_path)
+    assert "warmup_steps" not in caplog.text
+
+
 def test_precision_auto_resolves_by_hardware(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
