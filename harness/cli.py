@@ -67,7 +67,7 @@ def format_hydra_error(exc: BaseException, overrides: Sequence[str] = ()) -> str
         return f"cannot parse override {exc.override!r}: {_one_line(first)} (expected key=value; see --help)"
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and "/" in exc.missing_cfg_file:
         group, _, name = exc.missing_cfg_file.rpartition("/")
-        options = ", ".join(_group_options(group, exc.options or [])) or "(none)"
+        options = ", ".join(_options(group, overrides) or exc.options or []) or "(none)"
         return f"{group}: unknown option {name!r}; allowed: {options}"
     cause = str(exc.__cause__ or "")
     m = re.search(r"Could not override '([^']+)'", text)
@@ -89,17 +89,37 @@ def format_hydra_error(exc: BaseException, overrides: Sequence[str] = ()) -> str
 GROUP_VALUE_ERROR = "Config group override must be a string or a list"
 
 
-def format_group_value_error(args: Sequence[str], exc: BaseException) -> str:
-    """``model=null``: one line naming the group and its options, instead of Hydra's ValueError."""
+def user_config_dirs(args: Sequence[str]) -> list[Path]:
+    """The directories ``--config-dir DIR`` / ``-cd DIR`` add to the config search path."""
+    dirs, it = [], iter(args)
+    for a in it:
+        value = next(it, None) if a in ("--config-dir", "-cd") else a.partition("=")[2] if a.startswith(
+            "--config-dir=") else None  # fmt: skip
+        if value:
+            dirs.append(Path(value).expanduser())
+    return dirs
+
+
+def _search_dirs(args: Sequence[str]) -> list[Path]:
     from harness.paths import config_dir
 
-    root = Path(config_dir())
+    return [*user_config_dirs(args), Path(config_dir())]
+
+
+def _options(group: str, args: Sequence[str]) -> list[str]:
+    """Option names of config group ``group`` (a folder such as ``model`` or ``engine/quantized``) over the search
+    path: the shipped configs and the user's --config-dir."""
+    return sorted({p.stem for d in _search_dirs(args) if (d / group).is_dir() for p in (d / group).glob("*.yaml")})
+
+
+def format_group_value_error(args: Sequence[str], exc: BaseException) -> str:
+    """``model=null``: one line naming the group and its options, instead of Hydra's ValueError."""
     for arg in args:
         key, eq, value = str(arg).partition("=")
         key = key.lstrip("+~")
-        bad = [v for v in value.split(",") if not (root / key / f"{v}.yaml").is_file()]
-        if eq and (root / key).is_dir() and bad:
-            options = sorted(p.stem for p in (root / key).glob("*.yaml"))
+        options = _options(key, args) if eq and key else []
+        bad = [v for v in value.split(",") if v not in options]
+        if options and bad:
             return f"{key}: expected an option name, got {bad[0]!r}; allowed: {', '.join(options)}"
     return _one_line(str(exc))
 
@@ -117,33 +137,21 @@ def composition_error(exc: BaseException, overrides: Sequence[str] = ()) -> str 
     return None
 
 
-def _group_options(group: str, fallback: Sequence[str]) -> list[str]:
-    """The options of config group ``group`` (``engine/quantized``: its own files, which Hydra's error leaves out,
-    naming the parent's instead)."""
-    from harness.paths import config_dir
-
-    folder = Path(config_dir()) / group
-    found = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-    return found or list(fallback)
-
-
 def _allowed_keys(parent: str, overrides: Sequence[str] = ()) -> list[str]:
     """Keys of a config node with the config groups ``overrides`` choose (a sweep's first option), for error
     messages (empty when it cannot be composed). Only config groups count as choices: a mistyped top-level key
     (``devcie=cpu``) is what is being explained, not a group to compose."""
     from omegaconf import OmegaConf
 
-    from harness.paths import config_dir
-
     choices = []
     for o in overrides:
         key, eq, value = str(o).partition("=")
         if eq and key and "." not in key and not key.startswith(("+", "~", "hydra")) and value:
-            if (Path(config_dir()) / key).is_dir():
+            if _options(key, overrides):
                 choices.append(f"{key}={value.split(',')[0]}")
     for attempt in (choices, []):
         try:
-            cfg = compose(attempt)
+            cfg = compose(attempt, user_config_dirs(overrides))
         except Exception:
             continue
         node = OmegaConf.select(cfg, parent) if parent else cfg
@@ -323,18 +331,20 @@ def cmd_env(args: Sequence[str]) -> int:
     return EXIT_OK
 
 
-def compose(overrides: Sequence[str]):
-    """The job config for ``overrides`` composed from the config tree, without running a job."""
+def compose(overrides: Sequence[str], extra_dirs: Sequence[Path] = ()):
+    """The job config for ``overrides`` composed from the config tree (and ``extra_dirs``, as --config-dir adds
+    them), without running a job."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from harness.paths import config_dir
 
+    search = [f"hydra.searchpath=[{','.join(f'file://{Path(d).resolve()}' for d in extra_dirs)}]"] if extra_dirs else []
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=list(overrides))
+            return hydra_compose(config_name="config", overrides=[*search, *overrides])
     finally:
         GlobalHydra.instance().clear()
 
@@ -346,6 +356,8 @@ def cmd_train(args: Sequence[str]) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides: model=..., train.steps=..., corpus.path=...")
     parser.add_argument("--force", action="store_true", help="train again even when the checkpoint is cached")
+    parser.add_argument("--config-dir", "-cd", action="append", default=[], type=Path, metavar="DIR",
+                        help="also read config groups (model/*.yaml ...) from DIR, as `harness run` does")  # fmt: skip
     if any(a in ("-m", "--multirun") for a in args):
         raise UsageError("-m/--multirun: `harness train` trains one model per call (e.g. `harness train model=small`); "
                          "`harness run -m` trains what its points need")  # fmt: skip
@@ -361,13 +373,16 @@ def cmd_train(args: Sequence[str]) -> int:
     from harness.training import ensure_trained
 
     try:
-        spec = validate(compose(opts.overrides))
+        for d in opts.config_dir:
+            if not d.expanduser().is_dir():
+                raise UsageError(f"--config-dir: {str(d)!r} is not a directory")
+        spec = validate(compose(opts.overrides, [d.expanduser() for d in opts.config_dir]))
         check_train_fits(spec.model, spec.train)  # `harness train` trains whatever model.weights says
         corpus = load_corpus(spec.corpus.path, spec.corpus.heldout_every)
     except (ConfigError, CorpusError) as exc:
         raise UsageError(str(exc)) from None
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        text = composition_error(exc, opts.overrides)
+        text = composition_error(exc, [*(f"--config-dir={d}" for d in opts.config_dir), *opts.overrides])
         if text is None:
             raise
         raise UsageError(text) from None

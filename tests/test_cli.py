@@ -86,6 +86,22 @@ def test_run_composition_errors_name_what_is_allowed(run_harness, capsys):
         assert "prefix with +" not in err
 
 
+def test_errors_and_train_see_the_users_config_dir(run_harness, tmp_path, capsys):
+    """--config-dir options are listed in the messages that name what is allowed, and `harness train` takes the
+    flag too."""
+    user = tmp_path / "ucfg"
+    (user / "model").mkdir(parents=True)
+    (user / "model" / "mini.yaml").write_text("defaults:\n  - tiny\n  - _self_\nname: mini\ndim: 32\n")
+    assert run_harness("run", "--config-dir", str(user), "model=null") == 2
+    assert "allowed: llama-3-8b, llama-3.2-1b, medium, mini, small, tiny" in capsys.readouterr().err
+    assert run_harness("run", "--config-dir", str(user), "model=mini", "model.dimm=3") == 2
+    assert "model.dimm: unknown field; allowed: dim, " in capsys.readouterr().err
+    assert run_harness("train", "--config-dir", str(user), "model=mini", "model.nosuch=1") == 2
+    assert "model.nosuch: unknown field; allowed: dim, " in capsys.readouterr().err
+    assert run_harness("train", "-cd", str(tmp_path / "none"), "model=mini") == 2
+    assert "--config-dir: " in capsys.readouterr().err
+
+
 def test_usage_goes_to_stderr_without_a_command_and_a_closed_pipe_is_quiet(tmp_path, subprocess_env):
     import subprocess
     import sys
