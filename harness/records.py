@@ -27,7 +27,10 @@ SCHEMA_VERSION = 1
 RECORD_NAME = "record.json"
 STATUSES = ("ok", "failed", "skipped", "oom", "timeout")
 TIMED_METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
-STAT_COLUMNS = ("p50", "p90", "p95", "p99", "mean", "std", "min", "max", "iqr", "ci_low", "ci_high", "n", "noisy")
+# ci_coverage: the probability that [ci_low, ci_high] holds the median, at least the policy's confidence (95%)
+# from 6 samples on; below that the interval is the whole sample range and covers less (3 samples: 75%)
+STAT_COLUMNS = ("p50", "p90", "p95", "p99", "mean", "std", "min", "max", "iqr", "ci_low", "ci_high", "ci_coverage",
+                "n", "noisy")  # fmt: skip
 
 # Table column -> path inside the record. Figures a later stage fills in are NaN until it does.
 SCALAR_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -84,6 +87,7 @@ SCALAR_COLUMNS: dict[str, tuple[str, ...]] = {
     "paired_speedup_tpot": ("timing", "interleaved", "vs_eager", "tpot_ms", "median"),
     "paired_speedup_tpot_ci_low": ("timing", "interleaved", "vs_eager", "tpot_ms", "ci_low"),
     "paired_speedup_tpot_ci_high": ("timing", "interleaved", "vs_eager", "tpot_ms", "ci_high"),
+    "paired_speedup_tpot_ci_coverage": ("timing", "interleaved", "vs_eager", "tpot_ms", "coverage"),
     "paired_speedup_ttft": ("timing", "interleaved", "vs_eager", "ttft_ms", "median"),
     "point_key": ("point_key",),
     "fingerprint": ("env", "id"),
@@ -124,6 +128,7 @@ NUMERIC_COLUMNS = {
     "paired_speedup_tpot",
     "paired_speedup_tpot_ci_low",
     "paired_speedup_tpot_ci_high",
+    "paired_speedup_tpot_ci_coverage",
     "paired_speedup_ttft",
     "duration_s",
 }

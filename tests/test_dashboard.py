@@ -44,6 +44,7 @@ def _check_site(site, shas: list[str], first_bad: int, n_steps_metrics: set[str]
     assert tpot["layout"]["yaxis"]["type"] == "log" and tpot["layout"]["meta"]["kind"] == "trend"
     bands = [t for t in tpot["data"] if t.get("fill") == "toself"]
     assert len(bands) == len(BATCHES)  # the CI band of every series
+    assert all(b["mode"] == "lines" for b in bands)  # a shaded area: no markers in the default colours
     marks = [t for t in tpot["data"] if t["name"].endswith(": steps")]
     assert len(marks) == len(BATCHES) and all(m["marker"]["color"] == ["#c62828"] for m in marks)
 

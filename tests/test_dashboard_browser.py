@@ -68,3 +68,25 @@ def test_dashboard_in_the_browser(browser, synthetic_point, tmp_path):  # noqa: 
 def test_real_history_dashboard_in_the_browser(real_history, browser, tmp_path):  # noqa: F811
     out, steps = write_dashboard(real_history.db, tmp_path / "site")
     check_in_browser(browser, out, steps, len(real_history.shas), tmp_path)
+
+
+def test_regressions_are_coloured_in_the_verdict_and_step_columns(browser, synthetic_point, run_harness, tmp_path):  # noqa: F811
+    """The steps table's second column is the step kind, the gate table's first is the verdict: each table colours
+    its own, not the point named beside it."""
+    from test_dashboard import _sweep
+
+    shas = synthetic_history(tmp_path / "sweeps", synthetic_point, tmp_path / "h.sqlite")
+    gate = tmp_path / "gate.json"
+    base, slow = _sweep(tmp_path / "base", synthetic_point, "env-a"), _sweep(tmp_path / "slow", synthetic_point,
+                                                                             "env-a", scale=1.5, seed=9)  # fmt: skip
+    assert run_harness("compare", str(base), str(slow), "--json", str(gate)) == 1
+    out, _ = write_dashboard(tmp_path / "h.sqlite", tmp_path / "site", gate=gate)
+    page, errors, _ = open_report(browser, out)
+    color = "(sel) => getComputedStyle(document.querySelector(sel)).color"
+    red = "rgb(198, 40, 40)"
+    assert page.evaluate(color, "#gate tr.regression td:nth-child(1)") == red
+    assert page.evaluate(color, "#gate tr.regression td:nth-child(2)") != red
+    assert page.evaluate(color, "#steps tr.regression td:nth-child(2)") == red
+    assert page.evaluate(color, "#steps tr.regression td:nth-child(1)") != red
+    assert errors == [] and len(shas) > 0
+    page.close()

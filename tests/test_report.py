@@ -19,6 +19,7 @@ from harness.records import RECORD_NAME, load, write_record
 from harness.report import collect, figures, write_report
 from harness.report.data import TIMELINE_MAX_SAMPLES, best_per_batch, pareto_front, prepare, timeline_frame
 from harness.report.data import with_sections as add_sections
+from harness.report.quality import quality_metric, quality_scatter
 
 ESCAPED_EVIL = "&lt;script&gt;window.__pwned=1&lt;/script&gt;"
 
@@ -137,8 +138,10 @@ def test_latency_lines_carry_the_ci_of_the_median(data):
 
 def test_quality_scatter_front_skips_unranked_points(data):
     df, _ = data
-    assert figures.quality_metric(df)[0] == "ppl"
-    fig = figures.quality_scatter(df)
+    ok = df[df.status == "ok"]
+    assert quality_metric(ok)[0] == "ppl"
+    fig, note = quality_scatter(df)
+    assert note == ""
     fronts = {t.name: t for t in fig.data if t.name.startswith("Pareto front")}
     assert set(fronts) == {"Pareto front · small", "Pareto front · tiny"}
     for front in fronts.values():
@@ -146,9 +149,10 @@ def test_quality_scatter_front_skips_unranked_points(data):
         assert list(front.x) == [12.0, 12.5] and 1.9 < front.y[1] < 2.1
     unranked = [t for t in fig.data if "not representative" in t.name]
     assert [list(t.text) for t in unranked] == [["fused"], ["fused"]]
-    no_ppl = df.assign(ppl=np.nan)
-    assert figures.quality_metric(no_ppl)[0] == "fidelity_top1"
-    assert figures.quality_scatter(no_ppl.assign(fidelity_top1=np.nan, fidelity_kl=np.nan)) is None
+    no_ppl = ok.assign(ppl=np.nan)
+    assert quality_metric(no_ppl)[0] == "fidelity_top1"
+    fig, note = quality_scatter(df.assign(fidelity_top1=np.nan, fidelity_kl=np.nan, ppl=np.nan))
+    assert fig is None and note.startswith("Not measured in this sweep: no record carries a quality section")
 
 
 def test_timelines_are_strided_and_labelled(data):
@@ -194,7 +198,7 @@ def test_absent_sections_are_notes_not_empty_charts(tmp_path):
     assert path == tmp_path / "plain" / "report.html"
     for section in ("a quality section", "a monitor timeline", "a roofline section", "a profile section"):
         assert f"no record carries {section}" in text, section
-    assert _figure_count(text) == 5  # heatmap, TTFT, TPOT, throughput, memory
+    assert _figure_count(text) == 6  # heatmap, TTFT, TPOT, throughput, memory, weights
 
 
 def test_a_sweep_where_every_point_failed_still_gets_a_report(tmp_path):
@@ -209,7 +213,7 @@ def test_a_sweep_where_every_point_failed_still_gets_a_report(tmp_path):
 
 def test_report_is_self_contained_escaped_and_lists_failures(sweep):
     text = write_report(sweep).read_text()
-    assert _figure_count(text) == 9
+    assert _figure_count(text) == 10
     assert text.count(get_plotlyjs()[:300]) == 1  # plotly.js inlined exactly once
     assert not re.search(r"<script[^>]+src=|<link[^>]+href=", text)  # nothing loaded from elsewhere
     assert EVIL not in text and text.count(ESCAPED_EVIL) >= 3  # config value, variant, error message
@@ -342,7 +346,8 @@ def test_no_gain_and_slower_are_said_in_the_report_and_the_summary(tmp_path, mon
     summary = page[page.index('id="summary"') : page.index('id="speedup"')]
     assert re.search(r"<b>no gain</b> \(TPOT within ±5% of eager\): pruned\(method=magnitude\) on small b1 1\.0\d×",
                      summary)  # fmt: skip
-    assert re.search(r"<b>slower</b> \(TPOT ratio below 1\): pruned\(format=csr\) on small b1 0\.4\d×", summary)
+    assert re.search(r"<b>slower</b> \(TPOT ratio below 0\.95 and its 95% CI below 1\): pruned\(format=csr\) on small "
+                     r"b1 0\.4\d×", summary)  # fmt: skip
     assert "2.0" in summary_table(df) and "(faster)" in summary_table(df)
     lines = terminal_summary(load(tmp_path)).splitlines()
     assert "vs eager" in lines[0]

@@ -104,6 +104,7 @@ def test_every_section_renders_when_the_records_carry_it(browser, tmp_path):
         "tpot",
         "throughput",
         "memory",
+        "weights",
         "quality",
         "utilization",
         "roofline",

@@ -247,3 +247,25 @@ def test_records_without_a_fingerprint_and_early_failures_keep_one_scenario(tmp_
     out = prepare(load(early), env_labels=True)
     assert set(out.scenario) == {"tiny"} and not out.label.str.contains("env").any()
     assert (out[out.variant.ne("eager") & out.status.eq("ok")].speedup_tpot > 1).all()
+
+
+def test_failed_points_do_not_rename_the_measured_scenarios(tmp_path):
+    """`harness report s1 s3` where every point of s3 failed on another workload (prompt 32): the measured
+    scenarios keep their names ("tiny", as in s1's own report), and the failed point is told apart by its own."""
+    from harness.records import point_key
+
+    ok, bad = tmp_path / "ok", tmp_path / "bad"
+    write_record(ok / "0", make_record("eager", "tiny", 1, 0))
+    write_record(ok / "1", make_record("quantized(scheme=int8)", "tiny", 1, 1))
+    failed = make_record("eager", "tiny", 1, 2, status="failed", error="boom")
+    failed["identity"]["prompt_len"] = 32
+    failed["point_key"] = point_key(failed["identity"])
+    write_record(bad / "0", failed)
+    df = prepare(load([ok, bad]))
+    assert set(df[df.status == "ok"].scenario) == {"tiny"}
+    assert df[df.status == "failed"].scenario.tolist() == ["tiny · prompt 32"]
+    assert set(df[df.status == "ok"].label) == {"eager · tiny · b1", "quantized(scheme=int8) · tiny · b1"}
+    page = write_report([ok, bad], tmp_path / "r.html").read_text()
+    summary = page[page.index('<section id="summary">') : page.index('<section id="speedup">')]
+    assert "<td>tiny</td>" in summary and "prompt" not in summary
+    assert "<td>tiny · prompt 32</td>" in page[page.index('<section id="failed">') :]

@@ -25,6 +25,7 @@ from harness.records import write_bytes_atomic
 from harness.report import figures as report_figures
 from harness.report.data import prepare
 from harness.report.page import Section, render
+from harness.report.tables import esc
 
 DEFAULT_OUT = Path("results") / "dashboard"
 INDEX = "index.html"
@@ -68,10 +69,11 @@ def latest_sweep_figure(data: pd.DataFrame):
         return None
     newest = data.loc[data["t"].idxmax(), "sweep_id"]
     latest = prepare(data[data["sweep_id"].eq(newest)])
+    title = report_figures.ci_title(latest, f"Newest sweep with measured points ({newest}): TPOT p50 vs batch size",
+                                    "tpot_ms_ci_coverage")  # fmt: skip
     return report_figures.by_batch(
-        latest, "tpot_ms_p50",
-        f"Newest sweep with measured points ({newest}): TPOT p50 vs batch size (95% CI of the median)",
-        "TPOT p50 (ms)", ci=("tpot_ms_ci_low", "tpot_ms_ci_high"),
+        latest, "tpot_ms_p50", title, "TPOT p50 (ms)", ci=("tpot_ms_ci_low", "tpot_ms_ci_high"),
+        coverage="tpot_ms_ci_coverage",
     )  # fmt: skip
 
 
@@ -86,7 +88,8 @@ def build_html(
     colors = figures.series_colors(list(data["series"]))
     notes = [
         "One line per point and environment fingerprint (measurements from different machines or software stacks "
-        "are never joined), over the start time of each sweep; bands are the 95% CI of the median. A step needs a "
+        "are never joined), over the start time of each sweep; bands are the 95% CI of the median (of fewer than 6 "
+        "samples: the sample range, its coverage in the hover). A step needs a "
         "change beyond the gate's threshold that lasts at least 3 sweeps at a consistent level, is at least 3.5× "
         "the sweep-to-sweep noise, and is significant (p < 0.001) between sweeps and on the raw samples. Click a "
         "point to open its sweep's report."
@@ -105,7 +108,8 @@ def build_html(
         sections.append(Section("gate", "Latest gate verdicts", note=note))
     for spec in TRENDS:
         fig = figures.trend(data, spec, steps, colors, urls)
-        sections.append(Section(f"trend-{spec.id}", spec.title, figure=fig,
+        under = f"<p class='note'>{esc(spec.note)}</p>" if fig is not None and spec.note else ""
+        sections.append(Section(f"trend-{spec.id}", spec.title, under, figure=fig,
                                 note="" if fig is not None else "Not measured in any stored sweep."))  # fmt: skip
     latest = latest_sweep_figure(data)
     if latest is not None:

@@ -26,7 +26,8 @@ FILTER_COLUMNS = {"device": "device_label", "model": "model", "variant": "varian
 @dataclass(frozen=True)
 class Trend:
     """One trend chart: the column drawn, its CI columns, and the metric whose steps are marked on it (tokens/s
-    and MBU are functions of TPOT, so they carry TPOT's steps)."""
+    and MBU are functions of TPOT, so they carry TPOT's steps, and their CI is TPOT's: ``<steps_of>_ci_coverage``
+    is the coverage of every band); ``note``: what the chart measures, shown under it."""
 
     id: str
     column: str
@@ -35,6 +36,12 @@ class Trend:
     ci: tuple[str, str] | None
     log_y: bool
     steps_of: str
+    note: str = ""
+
+    @property
+    def timed(self) -> bool:
+        """Whether the chart draws a timing (an engine's unrepresentative timing says nothing of its memory)."""
+        return METRICS[self.steps_of].timed
 
 
 TRENDS = (
@@ -44,7 +51,9 @@ TRENDS = (
           True, "ttft_ms"),
     Trend("throughput", "decode_tokens_per_s", "Decode throughput", "decode tokens/s", ("tps_ci_low", "tps_ci_high"),
           True, "tpot_ms"),
-    Trend("memory", "peak_memory_mb", "Peak memory", "peak memory (MB)", None, True, "peak_memory_mb"),
+    Trend("memory", "peak_memory_mb", "Peak memory", "peak memory (MiB)", None, True, "peak_memory_mb",
+          "MiB (2^20 bytes). CPU: whole-process peak RSS (VmHWM: the harness, torch and the reference model besides "
+          "the engine); CUDA: torch.cuda.max_memory_allocated after a reset."),
     Trend("mbu", "mbu", "Memory-bandwidth utilization (decode)", "MBU", ("mbu_ci_low", "mbu_ci_high"), False,
           "tpot_ms"),
     Trend("fidelity", "fidelity_top1", "Fidelity", "top-1 agreement with eager", None, False, "fidelity_top1"),
@@ -81,11 +90,12 @@ def short_sha(sha: object) -> str:
 
 def history_frame(points: pd.DataFrame) -> pd.DataFrame:
     """The ok points of the history (``harness.history.points``), prepared as the report prepares a table, with
-    ``series``, ``series_label``, ``t`` (the sweep's start), ``commit`` and the filter columns."""
-    data = prepare(points)
-    data = data[data["status"].eq("ok")].copy()
+    ``series``, ``series_label``, ``t`` (the sweep's start), ``commit`` and the filter columns. Only the ok points
+    are prepared: a failed sweep on another workload does not rename the measured series."""
+    data = points[points["status"].eq("ok")]
     if data.empty:
-        return data
+        return data.copy()
+    data = prepare(data)
     data["fingerprint"] = data["fingerprint"].fillna("unknown")
     data["series"] = data["point_key"].astype(str) + "@" + data["fingerprint"].astype(str)
     envs = data.groupby("point_key")["fingerprint"].transform("nunique")

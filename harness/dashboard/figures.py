@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 
 from harness.dashboard.data import FILTER_COLUMNS, Trend, short_sha
 from harness.report.figures import NOT_REPR, PALETTE, esc
+from harness.report.tables import interval_note
 
 STEP_COLORS = {"regression": "#c62828", "improvement": "#2e7d32"}
 HEIGHT = 520
@@ -51,7 +52,7 @@ def trend(
     for sid, g in d.groupby("series", sort=False):
         first = g.iloc[0]
         meta, color = _meta(first), colors[sid]
-        rep = bool(g["representative"].all())
+        rep = bool(g["representative"].all()) or not spec.timed  # memory and quality are not timings
         name = esc(first["series_label"]) + ("" if rep else f" ({NOT_REPR})")
         x, y = _iso(g["t"]), g[spec.column].to_numpy(dtype=float)
         if spec.ci is not None:
@@ -60,13 +61,13 @@ def trend(
             if ok.sum() > 1:
                 xs = [v for v, k in zip(x, ok, strict=True) if k]
                 fig.add_trace(go.Scatter(
-                    x=xs + xs[::-1], y=np.r_[hi[ok], lo[ok][::-1]], fill="toself", fillcolor=_rgba(color, 0.18),
-                    line={"width": 0}, hoverinfo="skip", showlegend=False, legendgroup=sid, meta=meta,
-                    name=f"{name} (95% CI)",
+                    x=xs + xs[::-1], y=np.r_[hi[ok], lo[ok][::-1]], mode="lines", fill="toself",
+                    fillcolor=_rgba(color, 0.18), line={"width": 0}, hoverinfo="skip", showlegend=False,
+                    legendgroup=sid, meta=meta, name=f"{name} (CI)",
                 ))  # fmt: skip
         else:
             lo = hi = np.full(len(g), np.nan)
-        ci_text = [f"{a:.4g} to {b:.4g}" if np.isfinite(a + b) else "-" for a, b in zip(lo, hi, strict=True)]
+        ci_text = _ci_text(g, spec, lo, hi)
         link = [urls.get(s, "") for s in g["sweep_id"]]
         custom = np.stack([g["commit"].to_numpy(), g["sweep_id"].to_numpy(), ci_text, link], axis=1)
         hint = ["<br>click: open the sweep's report" if u else "" for u in link]
@@ -75,7 +76,7 @@ def trend(
             line={"color": color, "width": 1.6, "dash": "solid" if rep else "dot"},
             marker={"size": 5, "symbol": "circle" if rep else "circle-open"},
             hovertemplate=f"%{{fullData.name}}<br>%{{x|%Y-%m-%d %H:%M}} · commit %{{customdata[0]}}<br>"
-            f"{esc(spec.y_title)} %{{y:.4g}} (95% CI %{{customdata[2]}})<br>sweep %{{customdata[1]}}%{{text}}"
+            f"{esc(spec.y_title)} %{{y:.4g}}<br>CI %{{customdata[2]}}<br>sweep %{{customdata[1]}}%{{text}}"
             "<extra></extra>",
         ))  # fmt: skip
         mine = marks[marks["series"].eq(sid)] if len(marks) else marks
@@ -95,12 +96,24 @@ def trend(
                 ))  # fmt: skip
     fig.update_xaxes(type="date", title_text="sweep start (UTC)")
     fig.update_yaxes(title_text=esc(spec.y_title), type="log" if spec.log_y else "linear")
+    band = "95% CI of the median; " if spec.ci is not None else ""
     fig.update_layout(
-        title={"text": esc(f"{spec.title} over time (95% CI of the median; ▲▼ confirmed steps)"), "x": 0.01},
+        title={"text": esc(f"{spec.title} over time ({band}▲▼ confirmed steps)"), "x": 0.01},
         template="plotly_white", height=HEIGHT, hovermode="closest", meta={"kind": "trend", "metric": spec.id},
         margin={"l": 70, "r": 20, "t": 60, "b": 50}, legend={"font": {"size": 11}}, hoverlabel={"align": "left"},
     )  # fmt: skip
     return fig
+
+
+def _ci_text(g: pd.DataFrame, spec: Trend, lo: np.ndarray, hi: np.ndarray) -> list[str]:
+    """Each point's CI for the hover: '1.2 to 1.4 (95%)', or where fewer than 6 samples make it the sample
+    range, its real coverage: '1.2 to 1.4 (75% CI: the range of n=3)'; '-' without one."""
+    cov, n = (g.get(f"{spec.steps_of}_{k}", pd.Series(np.nan, index=g.index)) for k in ("ci_coverage", "n"))
+    out = []
+    for a, b, c, k in zip(lo, hi, cov, n, strict=True):
+        note = interval_note(c, k) or "(95%)"
+        out.append(f"{a:.4g} to {b:.4g} {note}" if np.isfinite(a + b) else "-")
+    return out
 
 
 def change_text(change: float, absolute: bool) -> str:

@@ -22,8 +22,8 @@ STYLE = """
 #filters { position: sticky; top: 0; z-index: 20; box-shadow: 0 2px 6px rgba(0,0,0,.06); }
 .filterbar { display: flex; flex-wrap: wrap; gap: 8px 18px; align-items: center; font-size: 0.9em; }
 .filterbar select { margin-left: 4px; max-width: 360px; }
-tr.regression td:nth-child(2) { color: #c62828; font-weight: 600; }
-tr.improvement td:nth-child(2) { color: #2e7d32; font-weight: 600; }
+#steps tr.regression td:nth-child(2), #gate tr.regression td:nth-child(1) { color: #c62828; font-weight: 600; }
+#steps tr.improvement td:nth-child(2), #gate tr.improvement td:nth-child(1) { color: #2e7d32; font-weight: 600; }
 """
 
 # Filters hide the traces (and table rows) whose meta does not match; a click on a point opens its report.

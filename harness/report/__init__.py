@@ -13,8 +13,8 @@ from typing import Any
 import pandas as pd
 
 from harness.progress import SWEEP_META, missing_points, read_sweep_meta
-from harness.records import RecordError, find_records, load, read_record, write_bytes_atomic
-from harness.report import figures, tables
+from harness.records import RECORD_NAME, RecordError, find_records, load, read_record, write_bytes_atomic
+from harness.report import figures, header, quality, tables
 from harness.report.data import TIMELINE_MAX_POINTS, prepare, timeline_frame, with_sections
 from harness.report.page import Section, render
 
@@ -39,9 +39,21 @@ def _sweep_of(record_path: str) -> Path | None:
     return None
 
 
+def _unreadable_paths(errors: Sequence[str]) -> set[Path]:
+    """The files named by ``load``'s messages ('<path>: unreadable record (…)')."""
+    return {Path(e.split(": ", 1)[0]).resolve() for e in errors if ": " in e}
+
+
+def _job_record(sweep: Path, missing: dict[str, Any]) -> Path:
+    """Where a planned point's record would lie: its job's folder (``job_dir`` where the sweep kept Hydra's
+    subdir, else the job's number, Hydra's default)."""
+    return Path(missing.get("job_dir") or sweep / str(missing["job"])) / RECORD_NAME
+
+
 def collect(paths: Sequence[Path]) -> tuple[pd.DataFrame, list[dict[str, Any]], list[dict[str, Any]]]:
     """The table, the records behind its rows, and the sweep metadata of every sweep directory involved (each
-    with ``missing``: the points it planned that have no record)."""
+    with ``missing``: the points it planned that have no record; a planned point whose job folder holds a record
+    ``load`` could not read is listed as unreadable, not also as missing)."""
     if not paths:
         raise ReportError("no results directory given")
     try:
@@ -65,12 +77,29 @@ def collect(paths: Sequence[Path]) -> tuple[pd.DataFrame, list[dict[str, Any]], 
     dirs |= {d for d in sweeps.values() if d is not None}
     # where each point was found (its sweep, or a single run's folder): several sweeps of one point are told apart
     df["sweep_source"] = df["record_path"].map(lambda p: str(sweeps.get(p) or Path(p).parent))
+    unreadable = _unreadable_paths(df.attrs.get("errors", []))
     metas = []
     for d in sorted(dirs):
         meta = read_sweep_meta(d)
         if meta:
-            metas.append({**meta, "missing": missing_points(d)})
+            missing = [m for m in missing_points(d) if _job_record(d, m).resolve() not in unreadable]
+            metas.append({**meta, "missing": missing})
     return df, records, metas
+
+
+def memory_note(records: Sequence[dict[str, Any]]) -> str:
+    """How peak memory was measured on each device, and what that means on CPU."""
+    methods = dict.fromkeys(
+        f"{(r.get('identity') or {}).get('device', '?')}: {(r.get('metrics') or {}).get('peak_memory_method')}"
+        for r in records
+        if (r.get("metrics") or {}).get("peak_memory_method")
+    )
+    measured = f"Measured as {'; '.join(methods)}. " if methods else ""
+    return (
+        f"{measured}MiB (2^20 bytes). On CPU this is the peak resident memory of the whole process (the harness, "
+        "torch, the eager reference kept for fidelity), not of the engine alone: the weights each variant stores "
+        "are in the next chart. On CUDA it is torch.cuda.max_memory_allocated after a reset (the allocator's peak)."
+    )
 
 
 def build_html(
@@ -98,11 +127,15 @@ def build_html(
     def fig_section(sid: str, title: str, fig, absent: str, note: str = "") -> Section:
         return Section(sid, title, figure=fig, note=note if fig is not None else absent)
 
+    memory = figures.by_batch(data, "peak_memory_mb", "Peak memory per variant (MiB)", "peak memory (MiB)", kind="bar")
+    quality_fig, quality_note = quality.quality_scatter(data)
+
     sections = [
         Section(
             "summary",
             "Best variant per model and batch",
-            f"<div class='scroll'>{tables.summary_table(data)}</div>{tables.verdict_note(data)}",
+            f"<div class='scroll'>{tables.summary_table(data)}</div>{tables.verdict_note(data)}"
+            f"{tables.speedup_note(data)}",
             note=unranked_note,
         ),
         fig_section(
@@ -117,9 +150,10 @@ def build_html(
             figures.by_batch(
                 data,
                 "ttft_ms_p50",
-                "TTFT p50 vs batch size (95% CI of the median)",
+                figures.ci_title(data, "TTFT p50 vs batch size", "ttft_ms_ci_coverage"),
                 "TTFT p50 (ms)",
                 ci=("ttft_ms_ci_low", "ttft_ms_ci_high"),
+                coverage="ttft_ms_ci_coverage",
             ),
             "No TTFT measured.",
         ),
@@ -129,9 +163,10 @@ def build_html(
             figures.by_batch(
                 data,
                 "tpot_ms_p50",
-                "TPOT p50 vs batch size (95% CI of the median)",
+                figures.ci_title(data, "TPOT p50 vs batch size", "tpot_ms_ci_coverage"),
                 "TPOT p50 (ms)",
                 ci=("tpot_ms_ci_low", "tpot_ms_ci_high"),
+                coverage="tpot_ms_ci_coverage",
             ),
             "No TPOT measured.",
         ),
@@ -144,21 +179,19 @@ def build_html(
                 "Decode tokens/s vs batch size (from the TPOT median and its CI)",
                 "decode tokens/s",
                 ci=("tps_ci_low", "tps_ci_high"),
+                coverage="tpot_ms_ci_coverage",
             ),
             "No throughput measured.",
         ),
-        fig_section(
+        Section(
             "memory",
             "Peak memory",
-            figures.by_batch(data, "peak_memory_mb", "Peak memory per variant", "peak memory (MB)", kind="bar"),
-            "No memory measured.",
+            f"<p class='note'>{tables.esc(memory_note(records))}</p>" if memory is not None else "",
+            figure=memory,
+            note="" if memory is not None else "No memory measured.",
         ),
-        fig_section(
-            "quality",
-            "Speed vs quality",
-            figures.quality_scatter(data),
-            "Not measured in this sweep: no record carries a quality section (fidelity against eager, perplexity).",
-        ),
+        fig_section("weights", "Weights per variant", figures.weights_bar(data), "No record carries its weight size."),
+        fig_section("quality", "Speed vs quality", quality_fig, quality_note, note=quality_note),
         fig_section(
             "utilization",
             "Utilization timelines",
@@ -191,10 +224,10 @@ def build_html(
             tables.failed_table(data, unreadable, [m for meta in metas for m in meta.get("missing", [])]),
         ),
     ]
-    header = tables.header(data, records, metas) + (
-        f"<details><summary>Configuration</summary>{tables.config_table(records)}</details>"
+    top = header.header(data, records, metas, unreadable) + (
+        f"<details><summary>Configuration</summary>{header.config_table(records)}</details>"
     )
-    return render(title, header, sections)
+    return render(title, top, sections)
 
 
 def default_output(paths: Sequence[Path]) -> Path:

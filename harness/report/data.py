@@ -1,5 +1,6 @@
-"""What the report derives from the table and the records: speedups, scenario labels, and the columns of the
-optional record sections (roofline, profile, monitor timelines) as DataFrames.
+"""What the report derives from the table and the records: speedups and their verdicts (scenario labels come
+from ``labels``), and the columns of the optional record sections (roofline, profile, monitor timelines) as
+DataFrames.
 
 Everything here is a pure function of ``harness.records.load()``'s table or of record dicts, so a later
 dashboard over many sweeps can reuse it unchanged.
@@ -8,36 +9,27 @@ dashboard over many sweeps can reuse it unchanged.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-# A speedup compares a variant with eager on exactly the same model weights (kind, seed, shape), workload, device
-# and dtype, measured in the same environment (fingerprint: machine and software stack): a report over several
-# machines, seeds or weights never pools their eagers.
-ENV_KEY = "fingerprint"
-# what the model's weights are beyond its name; labels name them only where they vary within one model (a sweep
-# over models, each with its own shape and weights, names just the models)
-MODEL_KEYS = ["weights", "seed", "n_params", "model_id"]
-# ``model_id`` (records.model_id) tells apart what the others do not: two shapes with the same parameter count
-# (``model.n_heads=4,8``), or weights trained on another corpus or for more steps; labels name the ``model.*``
-# fields that differ, or ``weights <id>`` where only the training does
-SHAPE_KEYS = ["model", "weights", "seed", "n_params"]
-WORKLOAD_KEYS = ["prompt_len", "gen_len", "decoding", "num_beams", "device", "dtype", "threads"]
-# which sweep a point comes from: a key only in a report over several sweeps that measured the same point on the
-# same machine (``harness report A B``, ``prepare(sweep_labels=True)``); empty elsewhere, so that eager from one
-# sweep still serves the variants of another
-SWEEP_KEY = "sweep_tag"
-SCENARIO_KEYS = ["model", *MODEL_KEYS, *WORKLOAD_KEYS, ENV_KEY, SWEEP_KEY]
-ENV_TAG_LEN = 8  # "env 3fa2c91b": the fingerprint's first characters name an environment in labels
+from harness.report.labels import SCENARIO_KEYS, SWEEP_KEY, cell_text, int_text, scenario_labels, sweep_tags
+
 SPEEDUP_KEYS = [*SCENARIO_KEYS, "batch_size"]
 BASELINE = "eager"
 PROFILE_CATEGORIES = ("matmul", "attention", "norm", "elementwise", "copy", "other")
 # A TPOT ratio within 1 +/- NO_GAIN_BAND of eager is "no gain": smaller differences do not pay for an optimization
 # (and on a shared machine they are within run-to-run drift), whatever their CI says.
 NO_GAIN_BAND = 0.05
+# The confidence every interval is labelled with: the median's order-statistic CI reaches it from 6 samples on; with
+# fewer it is the whole sample range, whose real coverage (``<metric>_ci_coverage``) is lower (3 samples: 75%), and
+# a verdict drawn from it is "uncertain".
+NOMINAL_COVERAGE = 0.95
+# A TPOT speedup more than this many times the memory-traffic bound (``bytes_speedup``) is flagged as suspect: an
+# engine can beat the bound by cutting per-step overhead, but so far above it the baseline's timing is the likelier
+# cause (a noisy or busy eager, too few samples).
+SUSPECT_OVER_BOUND = 4.0
 TIMELINE_MAX_POINTS = 24  # timelines drawn (one line per point); the rest are counted in a note
 TIMELINE_MAX_SAMPLES = 300  # samples per drawn line, after striding
 
@@ -47,128 +39,12 @@ def representative(df: pd.DataFrame) -> pd.Series:
     return ~df["timing_representative"].eq(False)
 
 
-def _scenario_label(row: pd.Series, varying: list[str]) -> str:
-    parts = [str(row["model"])]
-    for key in varying:
-        value = row[key]
-        if key == "num_beams":
-            continue
-        if key == "decoding" and value == "beam":
-            parts.append(f"beam×{_int(row['num_beams'])}")
-        elif key in ("prompt_len", "gen_len"):
-            parts.append(f"{key.split('_')[0]} {_int(value)}")
-        elif key == "threads":
-            n = _int(value)
-            parts.append(f"{n} thread" if n == "1" else f"{n} threads")
-        elif key == ENV_KEY:
-            parts.append(env_tag(value))
-        elif key == SWEEP_KEY:
-            parts.append(f"sweep {value}")
-        elif key == "weights":
-            parts.append(f"{value} weights")
-        elif key == "seed":
-            parts.append(f"seed {_int(value)}")
-        elif key == "n_params":
-            parts.append(_params(value))
-        elif key == "model_id":
-            if row.get("_model_tag"):
-                parts.append(row["_model_tag"])
-        else:
-            parts.append(str(value))
-    return " · ".join(parts)
-
-
-def _int(value: Any) -> str:
-    return str(int(value)) if isinstance(value, int | float) and math.isfinite(value) else str(value)
-
-
-def _params(n: Any) -> str:
-    """``3.02M params``: the model's shape in a label (two shapes of one model differ in their parameter count)."""
-    if not isinstance(n, int | float) or not math.isfinite(n):
-        return "? params"
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            return f"{n / div:.3g}{unit} params"
-    return f"{int(n)} params"
-
-
-def env_tag(fingerprint: Any) -> str:
-    """Short name of an environment fingerprint for labels (``env 3fa2c91b``; ``env unknown`` without one)."""
-    if fingerprint is None or (isinstance(fingerprint, float) and math.isnan(fingerprint)):
-        return "env unknown"
-    return f"env {str(fingerprint)[:ENV_TAG_LEN]}"
-
-
-def varying_keys(df: pd.DataFrame) -> list[str]:
-    """Scenario keys (other than the model) that take more than one value: only those go into labels. The model's
-    weights, seed and shape count only where they vary within one model (the demo's trained ``tiny`` beside a
-    random larger shape needs no tag). The fingerprint counts only where two environments share a workload
-    (several machines or stacks in one report), not where it follows from another key (a thread count is part of
-    the fingerprint)."""
-    others = [k for k in SCENARIO_KEYS if k not in (ENV_KEY, SWEEP_KEY)]
-
-    def varies(key: str) -> bool:
-        if key == "model_id":
-            # a row stored by an older version has none: it names no shape, so it is not one more
-            return bool(len(df)) and df.groupby(SHAPE_KEYS, dropna=False)[key].nunique().gt(1).any()
-        if key in MODEL_KEYS:
-            return bool(len(df)) and df.groupby("model", dropna=False)[key].nunique(dropna=False).gt(1).any()
-        return df[key].nunique(dropna=False) > 1
-
-    keys = [k for k in others[1:] if varies(k)]
-    if "num_beams" in keys and "decoding" not in keys:
-        keys.insert(keys.index("num_beams"), "decoding")
-    measured = df[df["status"].eq("ok")] if "status" in df else df  # a point that failed early has no fingerprint
-    if len(measured) and measured.groupby(others, dropna=False)[ENV_KEY].nunique(dropna=False).gt(1).any():
-        keys.append(ENV_KEY)
-    if SWEEP_KEY in df and df[SWEEP_KEY].fillna("").ne("").any():
-        keys.append(SWEEP_KEY)
-    return keys
-
-
-def sweep_tags(df: pd.DataFrame) -> pd.Series:
-    """Each row's sweep (``sweep_source``: the folder the report found it in, named by its last component, or
-    its path where two names agree) where some point was measured in several sweeps in one environment; empty
-    where none was (several sweeps of different points read as one: eager in one, the variants in another)."""
-    empty = pd.Series("", index=df.index, dtype=object)
-    if df.empty or not {"sweep_source", "point_key", "fingerprint"} <= set(df.columns):
-        return empty
-    source = df["sweep_source"].astype(str)
-    key = df["point_key"].astype(str) + "@" + df["fingerprint"].astype(str)
-    if not source.groupby(key).nunique().gt(1).any():
-        return empty
-    names = source.map(lambda p: Path(p).name)
-    clash = names.groupby(names).transform(lambda n: source[n.index].nunique() > 1)
-    return names.where(~clash, source)
-
-
-def _model_tags(df: pd.DataFrame) -> pd.Series:
-    """Where one model name, weight kind, seed and parameter count hold several ``model_id``s: the ``model.*``
-    fields that differ among them (``n_heads 4``), or ``weights <id>`` where the shapes agree (the training
-    differs). Empty elsewhere, and for rows without a ``model_id`` (stored by an older version)."""
-    tags = pd.Series("", index=df.index, dtype=object)
-    fields = [c for c in df.columns if c.startswith("model.")]
-    for _, group in df[df["model_id"].notna()].groupby(SHAPE_KEYS, dropna=False):
-        if group["model_id"].nunique() < 2:
-            continue
-        differ = [c for c in fields if group[c].map(_text).nunique() > 1]
-        for i, row in group.iterrows():
-            named = [f"{c.removeprefix('model.')} {_text(row[c]) or '-'}" for c in differ]
-            tags[i] = " · ".join(named) if named else f"weights {_text(row['model_id'])[:ENV_TAG_LEN] or '?'}"
-    return tags
-
-
-def _text(v: Any) -> str:
-    """A cell as text, missing as empty (a type-blind key: NaN in one frame is None in another)."""
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
-
-
 def _key_text(df: pd.DataFrame) -> pd.Series:
     """The speedup keys of each row as one text: a merge on it cannot fail on a key column whose type differs
     between the table and eager's medians (an all-missing fingerprint is float NaN in one, None in the other)."""
     if df.empty:
         return pd.Series("", index=df.index, dtype=object)
-    return df[SPEEDUP_KEYS].map(_text).agg(" | ".join, axis=1)
+    return df[SPEEDUP_KEYS].map(cell_text).agg(" | ".join, axis=1)
 
 
 def prepare(df: pd.DataFrame, env_labels: bool = False, sweep_labels: bool = False) -> pd.DataFrame:
@@ -180,9 +56,10 @@ def prepare(df: pd.DataFrame, env_labels: bool = False, sweep_labels: bool = Fal
     (one point); ``speedup_tpot`` / ``speedup_ttft`` (eager's p50 over the variant's, same scenario keys (named in
     the label or not), environment fingerprint and batch; NaN without an ok, representative eager point there; for
     a point timed in turns with eager, the median of the per-round ratios instead, which drift of the machine does
-    not bias); ``speedup_tpot_ci_low/high``
-    (the paired CI where timed in turns, else the conservative ratio of the two medians' CIs); ``verdict``
-    (``speed_verdict``);
+    not bias; ``speedup_tpot_paired`` says which); ``speedup_tpot_ci_low/high`` (the paired CI where timed in
+    turns, else the conservative ratio of the two medians' CIs) and ``speedup_tpot_ci_coverage`` (the lower of the
+    coverages of the intervals it comes from: below NOMINAL_COVERAGE where one has fewer than 6 samples); ``verdict``
+    (``speed_verdict``); ``speedup_suspect`` (a TPOT speedup above SUSPECT_OVER_BOUND times ``bytes_speedup``);
     ``bytes_speedup`` (eager's decode bytes per step over the variant's: the TPOT speedup a decode bound by memory
     traffic alone would reach, so ``speedup_tpot`` below it is what per-step overhead and kernel efficiency keep);
     decode tokens/s CI bounds mapped from the TPOT median's CI. With ``sweep_labels`` (the report over several
@@ -196,22 +73,22 @@ def prepare(df: pd.DataFrame, env_labels: bool = False, sweep_labels: bool = Fal
             out[key] = np.nan
     if out.empty:
         for col in ("representative", "scenario", "label", "speedup_tpot", "speedup_ttft", "speedup_tpot_ci_low",
-                    "speedup_tpot_ci_high", "verdict", "bytes_speedup", "tps_ci_low", "tps_ci_high"):  # fmt: skip
-            out[col] = pd.Series(dtype=object if col in ("scenario", "label", "verdict") else float)
+                    "speedup_tpot_ci_high", "speedup_tpot_ci_coverage", "speedup_tpot_paired", "verdict",
+                    "bytes_speedup", "speedup_suspect", "tps_ci_low", "tps_ci_high"):  # fmt: skip
+            kinds = {"scenario": object, "label": object, "verdict": object, "speedup_tpot_paired": bool,
+                     "speedup_suspect": bool}  # fmt: skip
+            out[col] = pd.Series(dtype=kinds.get(col, float))
         return out
     out["representative"] = representative(out)
-    varying = [k for k in varying_keys(out) if env_labels or k != ENV_KEY]
-    out["_model_tag"] = _model_tags(out)
-    out["scenario"] = out.apply(_scenario_label, axis=1, varying=varying)
-    out = out.drop(columns="_model_tag")
-    out["label"] = out["variant"].astype(str) + " · " + out["scenario"] + " · b" + out["batch_size"].map(_int)
+    out["scenario"] = scenario_labels(out, env_labels)
+    out["label"] = out["variant"].astype(str) + " · " + out["scenario"] + " · b" + out["batch_size"].map(int_text)
 
     ok = out["status"].eq("ok")
     eager = out[ok & out["engine"].eq(BASELINE) & out["representative"]]
     if eager["variant"].eq(BASELINE).any():  # an eager with non-default parameters is not the baseline
         eager = eager[eager["variant"].eq(BASELINE)]
-    cols = [c for c in ("tpot_ms_p50", "ttft_ms_p50", "tpot_ms_ci_low", "tpot_ms_ci_high", "decode_bytes_per_step")
-            if c in out]  # fmt: skip
+    cols = [c for c in ("tpot_ms_p50", "ttft_ms_p50", "tpot_ms_ci_low", "tpot_ms_ci_high", "tpot_ms_ci_coverage",
+                        "decode_bytes_per_step") if c in out]  # fmt: skip
     base = eager[cols].assign(_key=_key_text(eager)).groupby("_key")[cols].median()
     base = base.rename(columns={c: f"{BASELINE}_{c}" for c in cols})
     out = out.drop(columns=[c for c in base.columns if c in out.columns]).assign(_key=_key_text(out))
@@ -226,13 +103,16 @@ def prepare(df: pd.DataFrame, env_labels: bool = False, sweep_labels: bool = Fal
         paired = f"paired_speedup_{metric}"
         if paired in out:
             out[f"speedup_{metric}"] = out[paired].where(ok & out[paired].notna(), out[f"speedup_{metric}"])
+    out["speedup_tpot_paired"] = ok & out["paired_speedup_tpot"].notna() if "paired_speedup_tpot" in out else False
     out = _speedup_ci(out)
     is_baseline = out["variant"].eq(BASELINE)
     out["verdict"] = [
-        None if base or not rep else speed_verdict(r, lo, hi)
-        for base, rep, r, lo, hi in zip(is_baseline, out["representative"], out["speedup_tpot"],
-                                        out["speedup_tpot_ci_low"], out["speedup_tpot_ci_high"], strict=True)
+        None if base or not rep else speed_verdict(r, lo, hi, cov)
+        for base, rep, r, lo, hi, cov in zip(is_baseline, out["representative"], out["speedup_tpot"],
+                                             out["speedup_tpot_ci_low"], out["speedup_tpot_ci_high"],
+                                             out["speedup_tpot_ci_coverage"], strict=True)
     ]  # fmt: skip
+    out["speedup_suspect"] = ~is_baseline & (out["speedup_tpot"] > SUSPECT_OVER_BOUND * out["bytes_speedup"])
     # tokens/s = batch / TPOT median, so the CI of the median maps through the same monotone function
     tps = out["decode_tokens_per_s"]
     out["tps_ci_low"] = tps * out["tpot_ms_p50"] / out["tpot_ms_ci_high"]
@@ -241,30 +121,48 @@ def prepare(df: pd.DataFrame, env_labels: bool = False, sweep_labels: bool = Fal
 
 
 def _speedup_ci(out: pd.DataFrame) -> pd.DataFrame:
-    """The TPOT speedup's 95% CI: paired (timed in turns) where recorded, else eager's CI bounds over the
-    variant's opposite bounds (wider than the true CI of a ratio: a verdict from it errs towards "uncertain")."""
+    """The TPOT speedup's CI: paired (timed in turns) where recorded, else eager's CI bounds over the variant's
+    opposite bounds (wider than the true CI of a ratio: a verdict from it errs towards "uncertain"); and its
+    coverage: the paired CI's own, else the lower of the two intervals' (NaN where the table has none, e.g.
+    rows stored by an older version)."""
     lo = out["eager_tpot_ms_ci_low"] / out["tpot_ms_ci_high"] if "eager_tpot_ms_ci_low" in out else np.nan
     hi = out["eager_tpot_ms_ci_high"] / out["tpot_ms_ci_low"] if "eager_tpot_ms_ci_high" in out else np.nan
     out["speedup_tpot_ci_low"], out["speedup_tpot_ci_high"] = lo, hi
-    for bound in ("low", "high"):
+    own = out.get("tpot_ms_ci_coverage", pd.Series(np.nan, index=out.index))
+    out["speedup_tpot_ci_coverage"] = np.fmin(own, out.get("eager_tpot_ms_ci_coverage", own))
+    paired_rows = out["speedup_tpot_paired"]
+    for bound in ("low", "high", "coverage"):
         paired = f"paired_speedup_tpot_ci_{bound}"
+        mine = f"speedup_tpot_ci_{bound}"
         if paired in out:
-            own = f"speedup_tpot_ci_{bound}"
-            out[own] = out[paired].where(out[paired].notna(), out[own])
+            out[mine] = out[paired].where(out[paired].notna(), out[mine])
+            if bound == "coverage":  # the coverage of the unpaired intervals says nothing of a paired CI
+                out[mine] = out[mine].where(~paired_rows | out[paired].notna(), np.nan)
     return out
 
 
-def speed_verdict(ratio: float, ci_low: float = math.nan, ci_high: float = math.nan) -> str | None:
+def speed_verdict(
+    ratio: float, ci_low: float = math.nan, ci_high: float = math.nan, coverage: float = math.nan
+) -> str | None:
     """What a TPOT ratio over eager says: ``no gain`` within 1 +/- NO_GAIN_BAND; ``uncertain`` when its 95% CI
-    still contains 1; else ``faster`` or ``slower``. None without a ratio."""
+    still contains 1, or when the intervals it comes from cover less than NOMINAL_COVERAGE (``coverage``, fewer
+    than 6 samples; NaN: not known, as in rows stored by older versions); else ``faster`` or ``slower``. None
+    without a ratio."""
     if ratio is None or not math.isfinite(ratio):
         return None
     if abs(ratio - 1) <= NO_GAIN_BAND:
         return "no gain"
+    if below_nominal(coverage):
+        return "uncertain"
     if ci_low is not None and ci_high is not None and math.isfinite(ci_low) and math.isfinite(ci_high):
         if ci_low <= 1 <= ci_high:
             return "uncertain"
     return "faster" if ratio > 1 else "slower"
+
+
+def below_nominal(coverage: Any) -> bool:
+    """True for a known interval coverage below NOMINAL_COVERAGE (the interval of fewer than 6 samples)."""
+    return isinstance(coverage, int | float) and math.isfinite(coverage) and coverage < NOMINAL_COVERAGE - 1e-9
 
 
 def ranked(df: pd.DataFrame) -> pd.DataFrame:

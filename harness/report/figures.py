@@ -3,7 +3,7 @@ None when the sweep holds nothing to draw.
 
 Text that comes from configs (variant, model, labels) is HTML-escaped before it reaches plotly, which renders a
 subset of HTML tags in text. Points whose timings are not representative are drawn (dotted, hollow, uncoloured
-in heatmaps) but never marked best and never on the Pareto front.
+in heatmaps) but never marked best and never on the Pareto front (speed vs quality is drawn by ``quality``).
 """
 
 from __future__ import annotations
@@ -18,15 +18,10 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from harness.report.data import PROFILE_CATEGORIES, best_per_batch, pareto_front
+from harness.report.data import PROFILE_CATEGORIES, below_nominal, best_per_batch
 
 PALETTE = qualitative.Plotly + qualitative.D3 + qualitative.Dark24
 NOT_REPR = "timing not representative"
-QUALITY_METRICS = (  # (column, axis title, higher is better), in order of preference
-    ("ppl", "perplexity on held-out text (lower is better)", False),
-    ("fidelity_top1", "top-1 agreement with eager (higher is better)", True),
-    ("fidelity_kl", "KL(eager ‖ engine), nats/token (lower is better)", False),
-)
 FACET_COLS = 2
 FACET_ROW_PX = 330
 
@@ -40,7 +35,7 @@ def variant_colors(variants: Sequence[str]) -> dict[str, str]:
     return {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(sorted(set(map(str, variants))))}
 
 
-def _layout(fig: go.Figure, title: str, height: int) -> go.Figure:
+def apply_layout(fig: go.Figure, title: str, height: int) -> go.Figure:
     fig.update_layout(
         title={"text": esc(title), "x": 0.01},
         template="plotly_white",
@@ -52,7 +47,7 @@ def _layout(fig: go.Figure, title: str, height: int) -> go.Figure:
     return fig
 
 
-def _grid(titles: list[str], heights: list[int] | None = None) -> tuple[go.Figure, list[tuple[int, int]]]:
+def facet_grid(titles: list[str], heights: list[int] | None = None) -> tuple[go.Figure, list[tuple[int, int]]]:
     """Subplots, one per facet, FACET_COLS wide; returns the figure and each facet's (row, col)."""
     cols = min(FACET_COLS, len(titles))
     rows = math.ceil(len(titles) / cols)
@@ -67,13 +62,27 @@ def _grid(titles: list[str], heights: list[int] | None = None) -> tuple[go.Figur
     return fig, [(i // cols + 1, i % cols + 1) for i in range(len(titles))]
 
 
-def _hover(df: pd.DataFrame, value: str) -> tuple[np.ndarray, str]:
+def _hover(df: pd.DataFrame, value: str, coverage: str | None = None) -> tuple[np.ndarray, str]:
+    """Hover of one point: value, n, and where its interval covers less than 95% (``coverage`` column) that
+    coverage; the caveat of a timing that is not representative."""
     caveat = df["timing_caveat"].where(~df["representative"], "").fillna("").map(esc)
-    custom = np.stack([df["n_reps"].fillna(0).astype(int).to_numpy(), caveat.to_numpy()], axis=1)
+    cov = df[coverage] if coverage in df else pd.Series(np.nan, index=df.index)
+    low = [f"<br>error bar: the sample range, {100 * c:.3g}% CI" if below_nominal(c) else "" for c in cov]
+    custom = np.stack([df["n_reps"].fillna(0).astype(int).to_numpy(), caveat.to_numpy(), low], axis=1)
     template = (
-        f"%{{fullData.name}}<br>batch %{{x}}<br>{value}<br>n=%{{customdata[0]}}<br>%{{customdata[1]}}<extra></extra>"
+        f"%{{fullData.name}}<br>batch %{{x}}<br>{value}<br>n=%{{customdata[0]}}%{{customdata[2]}}<br>"
+        "%{customdata[1]}<extra></extra>"
     )
     return custom, template
+
+
+def ci_title(df: pd.DataFrame, title: str, coverage: str) -> str:
+    """``title`` with '(95% CI of the median)', and how many points have an interval below it (fewer than 6
+    samples: the sample range, its coverage in the hover)."""
+    ok = df[df["status"].eq("ok")]
+    low = int(ok[coverage].map(below_nominal).sum()) if coverage in ok else 0
+    extra = f"; {low} point(s) of fewer than 6 samples: the sample range, coverage in the hover" if low else ""
+    return f"{title} (95% CI of the median{extra})"
 
 
 def by_batch(
@@ -83,15 +92,17 @@ def by_batch(
     y_title: str,
     ci: tuple[str, str] | None = None,
     kind: str = "line",
+    coverage: str | None = None,
 ) -> go.Figure | None:
     """``y`` against batch size, one facet per scenario, one trace per variant (lines, or grouped bars with
-    ``kind="bar"``), with asymmetric error bars from the ``ci`` columns. Serves TTFT, TPOT, throughput, memory."""
+    ``kind="bar"``), with asymmetric error bars from the ``ci`` columns (``coverage``: the column of their
+    coverage, named in the hover where below 95%). Serves TTFT, TPOT, throughput, memory."""
     data = df[df["status"].eq("ok") & np.isfinite(df[y])]
     if data.empty:
         return None
     colors = variant_colors(df["variant"])
     scenarios = sorted(data["scenario"].unique())
-    fig, cells = _grid(scenarios)
+    fig, cells = facet_grid(scenarios)
     shown: set[tuple[str, bool]] = set()
     for scenario, (row, col) in zip(scenarios, cells, strict=True):
         part = data[data["scenario"].eq(scenario)]
@@ -103,7 +114,7 @@ def by_batch(
                 lo, hi = g[ci[0]].to_numpy(float), g[ci[1]].to_numpy(float)
                 yv = g[y].to_numpy(float)
                 error = {"type": "data", "symmetric": False, "array": hi - yv, "arrayminus": yv - lo}
-            custom, template = _hover(g, f"{esc(y_title)} %{{y:.4g}}")
+            custom, template = _hover(g, f"{esc(y_title)} %{{y:.4g}}", coverage)
             common = {
                 "x": g["batch_size"].to_numpy() if kind == "line" else g["batch_size"].map(str).to_numpy(),
                 "y": g[y].to_numpy(float),
@@ -133,7 +144,43 @@ def by_batch(
         fig.update_layout(barmode="group")
     fig.update_xaxes(title_text="batch size")
     fig.update_yaxes(title_text=esc(y_title), rangemode="tozero")
-    return _layout(fig, title, 90 + FACET_ROW_PX * math.ceil(len(scenarios) / FACET_COLS))
+    return apply_layout(fig, title, 90 + FACET_ROW_PX * math.ceil(len(scenarios) / FACET_COLS))
+
+
+def weights_bar(df: pd.DataFrame) -> go.Figure | None:
+    """The weights each variant stores (``weight_bytes``, in MiB: what quantization, pruning and distillation
+    save, whatever else the process holds), one facet per scenario; the same at every batch size."""
+    if "weight_bytes" not in df:
+        return None
+    data = df[df["status"].eq("ok") & np.isfinite(df["weight_bytes"].to_numpy(dtype=float))]
+    if data.empty:
+        return None
+    sizes = data.groupby(["scenario", "variant"], as_index=False)["weight_bytes"].max()
+    colors = variant_colors(df["variant"])
+    scenarios = sorted(sizes["scenario"].unique())
+    fig, cells = facet_grid(scenarios)
+    shown: set[str] = set()
+    for scenario, (row, col) in zip(scenarios, cells, strict=True):
+        for _, r in sizes[sizes["scenario"].eq(scenario)].sort_values("variant").iterrows():
+            name = esc(r["variant"])
+            fig.add_trace(
+                go.Bar(
+                    x=[name],
+                    y=[float(r["weight_bytes"]) / 2**20],
+                    name=name,
+                    legendgroup=name,
+                    showlegend=name not in shown,
+                    marker={"color": colors[str(r["variant"])]},
+                    hovertemplate="%{x}<br>weights %{y:.4g} MiB<extra></extra>",
+                ),
+                row=row,
+                col=col,
+            )
+            shown.add(name)
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(title_text="weights (MiB)", rangemode="tozero")
+    rows = math.ceil(len(scenarios) / FACET_COLS)
+    return apply_layout(fig, "Weights per variant, as stored (MiB)", 90 + FACET_ROW_PX * rows)
 
 
 def speedup_heatmap(df: pd.DataFrame) -> go.Figure | None:
@@ -145,7 +192,7 @@ def speedup_heatmap(df: pd.DataFrame) -> go.Figure | None:
     scenarios = sorted(data["scenario"].unique())
     best = set(best_per_batch(df)["record_path"])
     sizes = [data[data["scenario"].eq(s)]["variant"].nunique() for s in scenarios]
-    fig, cells = _grid(scenarios)
+    fig, cells = facet_grid(scenarios)
     for scenario, (row, col) in zip(scenarios, cells, strict=True):
         part = data[data["scenario"].eq(scenario)]
         variants = sorted(part["variant"].unique())
@@ -179,79 +226,11 @@ def speedup_heatmap(df: pd.DataFrame) -> go.Figure | None:
     fig.update_xaxes(title_text="batch size", type="category")
     rows = math.ceil(len(scenarios) / FACET_COLS)
     tallest = max(sizes)
-    return _layout(
+    return apply_layout(
         fig,
         "TPOT speedup vs eager (★ fastest, † timing not representative: not ranked)",
         90 + rows * (110 + 32 * tallest),
     )
-
-
-def quality_metric(df: pd.DataFrame) -> tuple[str, str, bool] | None:
-    """The first quality measure any ok point carries: perplexity, else top-1 agreement, else KL."""
-    ok = df[df["status"].eq("ok")]
-    for column, label, higher in QUALITY_METRICS:
-        if np.isfinite(ok[column]).any():
-            return column, label, higher
-    return None
-
-
-def quality_scatter(df: pd.DataFrame) -> go.Figure | None:
-    """Speedup (geometric mean over batch sizes) against quality, one point per scenario and variant; the
-    Pareto front over representative points is drawn per scenario."""
-    chosen = quality_metric(df)
-    if chosen is None:
-        return None
-    column, q_title, higher = chosen
-    data = df[df["status"].eq("ok") & np.isfinite(df[column]) & np.isfinite(df["speedup_tpot"])]
-    if data.empty:
-        return None
-    agg = (
-        data.assign(log_speedup=np.log(data["speedup_tpot"]))
-        .groupby(["scenario", "variant", "representative"], as_index=False)
-        .agg(log_speedup=("log_speedup", "mean"), quality=(column, "mean"), caveat=("timing_caveat", "first"))
-    )
-    agg["speedup"] = np.exp(agg["log_speedup"])
-    colors = variant_colors(df["variant"])
-    fig = go.Figure()
-    for scenario, part in agg.groupby("scenario", sort=True):
-        for rep, g in part.groupby("representative"):
-            fig.add_trace(
-                go.Scatter(
-                    x=g["quality"],
-                    y=g["speedup"],
-                    mode="markers+text",
-                    text=[esc(v) for v in g["variant"]],
-                    textposition="top center",
-                    name=esc(scenario) + ("" if rep else f" ({NOT_REPR})"),
-                    marker={
-                        "size": 11,
-                        "color": [colors[str(v)] for v in g["variant"]] if rep else "#999",
-                        "symbol": "circle" if rep else "circle-open",
-                    },
-                    customdata=g["caveat"].fillna("").map(esc).to_numpy() if not rep else None,
-                    hovertemplate="%{text}<br>quality %{x:.4g}<br>speedup %{y:.3g}×"
-                    + ("<br>%{customdata}" if not rep else "")
-                    + "<extra>%{fullData.name}</extra>",
-                )
-            )
-        rep = part[part["representative"]]
-        if len(rep):
-            mask = pareto_front(rep["quality"].to_numpy(), rep["speedup"].to_numpy(), higher)
-            front = rep[mask].sort_values("quality")
-            fig.add_trace(
-                go.Scatter(
-                    x=front["quality"],
-                    y=front["speedup"],
-                    mode="lines+markers",
-                    line={"dash": "dash", "color": "#333", "shape": "hv" if higher else "vh"},
-                    marker={"size": 16, "symbol": "circle-open", "color": "#333", "line": {"width": 2}},
-                    name=f"Pareto front · {esc(scenario)}",
-                    hoverinfo="skip",
-                )
-            )
-    fig.update_xaxes(title_text=esc(q_title))
-    fig.update_yaxes(title_text="TPOT speedup vs eager (geometric mean over batch sizes)", type="log")
-    return _layout(fig, "Speed vs quality (Pareto front over representative timings)", 520)
 
 
 def timelines(tl: pd.DataFrame) -> go.Figure | None:
@@ -281,7 +260,7 @@ def timelines(tl: pd.DataFrame) -> go.Figure | None:
             )
             shown.add(label)
     fig.update_xaxes(title_text="time in the timed window (s)", row=len(series), col=1)
-    return _layout(fig, "Utilization during the timed window", 120 + 220 * len(series))
+    return apply_layout(fig, "Utilization during the timed window", 120 + 220 * len(series))
 
 
 def roofline(df: pd.DataFrame) -> go.Figure | None:
@@ -328,7 +307,7 @@ def roofline(df: pd.DataFrame) -> go.Figure | None:
             )
     fig.update_xaxes(type="log", title_text="arithmetic intensity (FLOP/byte)")
     fig.update_yaxes(type="log", title_text="achieved GFLOP/s")
-    return _layout(fig, "Roofline: decode (circles) and prefill (diamonds) against the measured ceilings", 520)
+    return apply_layout(fig, "Roofline: decode (circles) and prefill (diamonds) against the measured ceilings", 520)
 
 
 def op_breakdown(df: pd.DataFrame, limit: int = 60) -> go.Figure | None:
@@ -351,4 +330,4 @@ def op_breakdown(df: pd.DataFrame, limit: int = 60) -> go.Figure | None:
         )
     fig.update_layout(barmode="stack", yaxis={"autorange": "reversed"})
     fig.update_xaxes(title_text="profiled time (ms)")
-    return _layout(fig, "Time by op category (profiled points)", 140 + 26 * len(data))
+    return apply_layout(fig, "Time by op category (profiled points)", 140 + 26 * len(data))

@@ -1,12 +1,10 @@
-"""The report's tables and header as HTML fragments. Every value is HTML-escaped here: config values, variant
-names and error messages are user text."""
+"""The report's tables as HTML fragments (the header is ``header``). Every value is HTML-escaped here: config
+values, variant names and error messages are user text."""
 
 from __future__ import annotations
 
 import html
-import json
 import math
-import shlex
 from collections.abc import Iterable, Sequence
 from itertools import repeat
 from typing import Any
@@ -14,10 +12,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harness.report.data import BASELINE, NO_GAIN_BAND, ranked
+from harness.report.data import BASELINE, NO_GAIN_BAND, NOMINAL_COVERAGE, SUSPECT_OVER_BOUND, below_nominal, ranked
 
 NOT_RANKED = "timing not representative"
-MAX_CONFIG_VALUES = 12
 
 
 class Markup(str):
@@ -57,22 +54,50 @@ def speedup(value: Any) -> str:
     return f"{value:.2f}×" if isinstance(value, int | float) and math.isfinite(value) else "-"
 
 
+def percent(coverage: float) -> str:
+    return f"{100 * coverage:.3g}%"
+
+
+def interval_note(coverage: Any, n: Any) -> str:
+    """'(75% CI: the range of n=3)' for an interval below the nominal coverage (fewer than 6 samples), else ''."""
+    return f"({percent(coverage)} CI: the range of n={fmt(n)})" if below_nominal(coverage) else ""
+
+
 def _ci(row: pd.Series, metric: str) -> str:
+    """'23.59 [13.3, 26.97]', with the interval's real coverage where it is below 95%."""
     lo, hi = row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
     if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
         return fmt(row.get(f"{metric}_p50"))
-    return f"{fmt(row.get(f'{metric}_p50'))} [{fmt(lo)}, {fmt(hi)}]"
+    note = interval_note(row.get(f"{metric}_ci_coverage"), row.get(f"{metric}_n"))
+    return f"{fmt(row.get(f'{metric}_p50'))} [{fmt(lo)}, {fmt(hi)}]" + (f" {note}" if note else "")
 
 
 def verdict(row: pd.Series) -> str:
-    """'no gain [0.944, 1.17]': what the TPOT ratio over eager says, with its 95% CI where known."""
+    """'no gain [0.944, 1.17]': what the TPOT ratio over eager says, with its CI where known (and the CI's
+    coverage where an interval behind it covers less than 95%)."""
     v = row.get("verdict")
     if not isinstance(v, str):
         return "-"
     lo, hi = row.get("speedup_tpot_ci_low"), row.get("speedup_tpot_ci_high")
     if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
         return v
-    return f"{v} [{lo:.3g}, {hi:.3g}]"
+    coverage = row.get("speedup_tpot_ci_coverage")
+    return f"{v} [{lo:.3g}, {hi:.3g}]" + (f" ({percent(coverage)} CI)" if below_nominal(coverage) else "")
+
+
+def flag(row: pd.Series, column: str) -> bool:
+    """A boolean cell that is true (missing, NaN and None are not)."""
+    value = row.get(column)
+    return isinstance(value, bool | np.bool_) and bool(value)
+
+
+def tpot_speedup(row: pd.Series, with_verdict: bool = False) -> str:
+    """'1.00× paired (no gain, suspect)': the TPOT speedup, marked paired where it is the median of per-round
+    ratios (timed in turns with eager), with its verdict and whether it is suspect (``speedup_note``)."""
+    text = speedup(row.get("speedup_tpot")) + (" paired" if flag(row, "speedup_tpot_paired") else "")
+    flags = [row["verdict"]] if with_verdict and isinstance(row.get("verdict"), str) else []
+    flags += ["suspect"] if flag(row, "speedup_suspect") else []
+    return text + (f" ({', '.join(flags)})" if flags else "")
 
 
 def verdict_note(df: pd.DataFrame) -> str:
@@ -80,8 +105,13 @@ def verdict_note(df: pd.DataFrame) -> str:
     not pay on this workload), and how the verdicts are decided."""
     ok = df[df["status"].eq("ok") & df["verdict"].notna()] if "verdict" in df else df.iloc[:0]
     lines = []
-    for v, why in (("no gain", f"TPOT within ±{NO_GAIN_BAND:.0%} of eager"), ("slower", "TPOT ratio below 1"),
-                   ("uncertain", "the ratio's 95% CI contains 1")):  # fmt: skip
+    rules = (
+        ("no gain", f"TPOT within ±{NO_GAIN_BAND:.0%} of eager"),
+        ("slower", f"TPOT ratio below {1 - NO_GAIN_BAND:g} and its 95% CI below 1"),
+        ("uncertain", f"the ratio's 95% CI contains 1, or an interval behind it covers less than "
+                      f"{NOMINAL_COVERAGE:.0%}, from fewer than 6 samples"),
+    )  # fmt: skip
+    for v, why in rules:
         rows = ok[ok["verdict"].eq(v)].sort_values(["scenario", "batch_size", "variant"])
         if len(rows):
             items = "; ".join(f"{esc(r['variant'])} on {esc(r['scenario'])} b{fmt(r['batch_size'])} "
@@ -90,6 +120,35 @@ def verdict_note(df: pd.DataFrame) -> str:
     if not lines:
         return ""
     return f"<ul class='verdicts'>{''.join(lines)}</ul>"
+
+
+def speedup_note(df: pd.DataFrame) -> str:
+    """How the speedups beside the medians were obtained (paired, or ratios of medians timed one after another),
+    which intervals cover less than 95%, and what a suspect speedup is; empty without a speedup over eager."""
+    ok = df[df["status"].eq("ok")]
+    compared = ok[ok["variant"].ne(BASELINE) & np.isfinite(ok["speedup_tpot"])]
+    if compared.empty:
+        return ""
+    paired = compared["speedup_tpot_paired"].eq(True)
+    lines = []
+    if paired.any():
+        lines.append("Speedups marked paired were timed in turns with eager (one repetition of each per round): they "
+                     "are medians of the per-round ratios, not the ratio of the medians shown beside them, and drift "
+                     "of the machine cancels in them.")  # fmt: skip
+    if (~paired).any():
+        lines.append(f"{'Other speedups' if paired.any() else 'Speedups'} are ratios of the medians of points timed "
+                     "one after another: on a machine whose speed drifts, time them in turns "
+                     "(hydra/launcher=interleaved).")  # fmt: skip
+    low = [c for c in ("tpot_ms_ci_coverage", "ttft_ms_ci_coverage", "speedup_tpot_ci_coverage") if c in ok]
+    if ok[low].map(below_nominal).any(axis=None):
+        lines.append(f"Intervals marked with a coverage below {NOMINAL_COVERAGE:.0%} come from fewer than 6 samples: "
+                     "they are the whole sample range, which holds the median only with that probability, and a "
+                     "verdict drawn from one is uncertain.")  # fmt: skip
+    if compared["speedup_suspect"].eq(True).any():
+        lines.append(f"Speedups marked suspect are more than {SUSPECT_OVER_BOUND:g}× the memory-traffic bound "
+                     "(eager's decode bytes per step over the variant's): check eager's timing (noisy, too few "
+                     "samples, a busy machine) before trusting them.")  # fmt: skip
+    return "".join(f"<p class='note'>{esc(line)}</p>" for line in lines)
 
 
 def _caveat(row: pd.Series) -> str:
@@ -120,7 +179,7 @@ def summary_table(df: pd.DataFrame) -> str:
                 best["variant"],
                 _ci(best, "tpot_ms"),
                 fmt(best["eager_tpot_ms_p50"]),
-                speedup(best["speedup_tpot"]) + (f" ({best['verdict']})" if isinstance(best["verdict"], str) else ""),
+                tpot_speedup(best, with_verdict=True),
                 speedup(best["speedup_ttft"]),
                 fmt(best["decode_tokens_per_s"]),
                 fmt(best.get("fidelity_top1")),
@@ -164,6 +223,9 @@ def points_table(df: pd.DataFrame) -> str:
             notes.append("noisy (IQR/median > 10%)")
         if r.get("drifting") is True:
             notes.append("drifting (the timings trend through the window: its median stands for neither end)")
+        if flag(r, "speedup_suspect"):
+            notes.append(f"suspect: {r['speedup_tpot'] / r['bytes_speedup']:.1f}× the memory-traffic bound "
+                         "(check eager's timing)")  # fmt: skip
         nonfinite = r.get("fidelity_nonfinite")
         if isinstance(nonfinite, float) and nonfinite > 0:
             notes.append(f"NaN/inf logits at {nonfinite:.2%} of the quality positions (KL, perplexity not numbers)")
@@ -175,7 +237,7 @@ def points_table(df: pd.DataFrame) -> str:
                 _ci(r, "ttft_ms"),
                 _ci(r, "tpot_ms"),
                 fmt(r["decode_tokens_per_s"]),
-                speedup(r["speedup_tpot"]),
+                tpot_speedup(r),
                 verdict(r),
                 "-" if r["variant"] == BASELINE else speedup(r.get("bytes_speedup")),
                 fmt(r["peak_memory_mb"]),
@@ -198,7 +260,7 @@ def points_table(df: pd.DataFrame) -> str:
         "TPOT speedup",
         "vs eager [95% CI]",
         "memory-traffic bound (eager's decode bytes / the variant's)",
-        "peak memory MB",
+        "peak memory MiB",
         "top-1 agreement with eager (on decode steps)",
         "KL(eager ‖ variant) nats/token",
         "perplexity",
@@ -229,71 +291,3 @@ def failed_table(df: pd.DataFrame, unreadable: Sequence[str] = (), missing: Sequ
     if not rows:
         return "<p class='note'>Every point was measured: none failed or was skipped.</p>"
     return table(["status", "variant", "scenario", "batch", "reason", "record"], rows, ["bad"] * len(rows))
-
-
-def _flatten(node: Any, prefix: str = "") -> dict[str, str]:
-    if isinstance(node, dict) and node:
-        out: dict[str, str] = {}
-        for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: node if isinstance(node, str) else json.dumps(node)}
-
-
-def config_table(records: Sequence[dict[str, Any]]) -> str:
-    """Resolved config keys: the values shared by every point, then the keys that vary across points."""
-    values: dict[str, dict[str, None]] = {}
-    for record in records:
-        for key, value in _flatten(record.get("config") or {}).items():
-            values.setdefault(key, {})[value] = None
-    if not values:
-        return "<p class='note'>The records carry no config.</p>"
-    rows = []
-    for key in sorted(values):
-        seen = list(values[key])
-        shown = ", ".join(seen[:MAX_CONFIG_VALUES]) + (
-            f", … ({len(seen)} values)" if len(seen) > MAX_CONFIG_VALUES else ""
-        )
-        rows.append([key, shown, "varies" if len(seen) > 1 else "same for all points"])
-    return table(["config key", "value(s)", ""], rows)
-
-
-def _distinct(values: Iterable[Any]) -> list[str]:
-    return list(dict.fromkeys(str(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))))
-
-
-def header(df: pd.DataFrame, records: Sequence[dict[str, Any]], metas: Sequence[dict[str, Any]]) -> str:
-    """Device, versions, date, git SHA and the command of each sweep: what a reader needs to trust the numbers."""
-    envs = [r.get("env") or {} for r in records]
-    devices = _distinct(f"{e.get('device_type', '?')}: {e.get('device_name', '?')}" for e in envs)
-    cpus = _distinct(e.get("cpu_model") for e in envs)
-    versions: dict[str, list[str]] = {}
-    for e in envs:
-        for package, version in {"python": e.get("python"), **(e.get("versions") or {})}.items():
-            if version:
-                versions.setdefault(package, [])
-                if str(version) not in versions[package]:
-                    versions[package].append(str(version))
-    gits = _distinct(
-        f"{(e.get('git') or {}).get('sha')}{' (dirty)' if (e.get('git') or {}).get('dirty') else ''}"
-        for e in envs
-        if (e.get("git") or {}).get("sha")
-    )
-    commands = [shlex.join(m["command"]) for m in metas if m.get("command")]
-    if not commands:
-        commands = _distinct(
-            shlex.join(["harness", "run", *((r.get("sweep") or {}).get("overrides") or [])]) for r in records
-        )
-    dates = [m["started_at"] for m in metas if m.get("started_at")] or sorted(_distinct(df["started_at"]))[:1]
-    counts = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())
-    items = [
-        ("device", "; ".join(devices) or "-"),
-        ("CPU", "; ".join(cpus) or "-"),
-        ("started", "; ".join(dates) or "-"),
-        ("git SHA", "; ".join(gits) or "not a git checkout"),
-        ("command", Markup("<br>".join(f"<code>{esc(c)}</code>" for c in commands) or "-")),
-        ("points", f"{len(df)} ({counts})"),
-        ("versions", ", ".join(f"{k} {' / '.join(v)}" for k, v in versions.items()) or "-"),
-    ]
-    body = "".join(f"<dt>{esc(k)}</dt><dd>{v if isinstance(v, Markup) else esc(v)}</dd>" for k, v in items)
-    return f"<dl class='meta'>{body}</dl>"
