@@ -191,16 +191,38 @@ def cmd_run(args: Sequence[str]) -> int:
         if "Expecting one subcommand from" in str(exc):  # Hydra's --shell-completion without what to do
             example = "(e.g. --shell-completion install=bash)"
             raise UsageError(f"--shell-completion: {_one_line(str(exc))} {example}") from None
-        if not callbacks.finish_aborted():
+        if not callbacks.finish_aborted(exc):  # a launcher that started no job: UsageError, no record written
+            if _before_any_job(exc):  # Hydra refused the command line itself (a null hydra.sweeper.params)
+                raise UsageError(_hydra_internal_error(exc)) from None
             raise
+        isolated = callbacks.LAST_RESULT.get("isolated")
+        hint = "" if isolated else " (isolate=true keeps a crashed point from stopping the others)"
         sys.stderr.write(
-            f"harness run: error: the launcher stopped the sweep: {_one_line(f'{type(exc).__name__}: {exc}')}"
-            " (isolate=true keeps a crashed point from stopping the others)\n"
+            f"harness run: error: the launcher stopped the sweep: {_one_line(f'{type(exc).__name__}: {exc}')}{hint}\n"
         )
         return EXIT_FAILED
     finally:
         sys.argv = saved
     return EXIT_FAILED if callbacks.LAST_RESULT.get("all_failed") else EXIT_OK
+
+
+def _before_any_job(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of Hydra's own set-up (composing the primary config, reading --experimental-rerun)
+    with no frame of the harness's code in between: nothing ran, so it is the command line that is wrong."""
+    tb, frames = exc.__traceback__, []
+    while tb is not None:
+        frames.append(Path(tb.tb_frame.f_code.co_filename))
+        tb = tb.tb_next
+    ours = Path(__file__).parent
+    return not any(ours in f.parents for f in frames[1:]) and any("hydra" in f.parts for f in frames)
+
+
+def _hydra_internal_error(exc: BaseException) -> str:
+    text = _one_line(f"{type(exc).__name__}: {exc}")
+    if "Unexpected type for root: NoneType" in text or "'NoneType' object has no attribute" in text:
+        return (f"hydra.sweeper.params: not set in this config, so its keys cannot be overridden ({text}); "
+                "sweep with -m key=a,b or a +sweep=<name> preset")  # fmt: skip
+    return f"{text} (raised by Hydra before any point ran)"
 
 
 def _check_hydra_flags(args: Sequence[str]) -> None:

@@ -158,7 +158,7 @@ def missing_errors(path: Path) -> list[str]:
         "has no record (the sweep stopped before it)"
         for sweep in sorted({meta.parent for meta in path.rglob(SWEEP_META)})
         for m in missing_points(sweep)
-        if not _unreadable(sweep / str(m["job"]) / RECORD_NAME)  # named once already, as unreadable
+        if not _unreadable(Path(m["job_dir"]) / RECORD_NAME)  # named once already, as unreadable
     ]
 
 

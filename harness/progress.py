@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.records import find_records, key_and_status, write_json_atomic
+from harness.records import RECORD_NAME, find_records, key_and_status, write_json_atomic
 
 SWEEP_META = "sweep.json"
 
@@ -91,13 +91,37 @@ def progress_text(p: dict[str, Any]) -> str:
 
 def missing_points(sweep_dir: Path) -> list[dict[str, Any]]:
     """Points the sweep planned (``sweep.json``) that have no record in the sweep directory, matched by point
-    key: the traces of a process that died before writing, or of a launcher that gave up."""
+    key: the traces of a process that died before writing, or of a launcher that gave up. ``job_dir`` is the
+    job's folder (a str), where its log would be: ``hydra.sweep.subdir`` as the launcher resolved it (``subdirs``), else
+    the job's number (Hydra's default, and sweeps planned before ``subdirs`` was kept)."""
     meta = read_sweep_meta(sweep_dir)
     keys, points = meta.get("point_keys") or [], meta.get("points") or []
+    subdirs = meta.get("subdirs") or []
     held = (key_and_status(path) for path in (find_records(sweep_dir) if Path(sweep_dir).is_dir() else []))
     present = {h[0] for h in held if h is not None}
     return [
-        {"job": job, "overrides": overrides, "point_key": key}
+        {"job": job, "overrides": overrides, "point_key": key,
+         "job_dir": str(Path(sweep_dir) / str(subdirs[job] if job < len(subdirs) else job))}
         for job, (overrides, key) in enumerate(zip(points, keys, strict=False))
         if key not in present
-    ]
+    ]  # fmt: skip
+
+
+# what a job leaves in its folder once it runs: its log, Hydra's copy of its config (.hydra/), its record
+JOB_TRACES = ("*.log", "config.yaml", RECORD_NAME)
+
+
+def jobs_started(sweep_dir: Path, since: float) -> bool:
+    """Whether any job of the run that began at ``since`` (unix seconds) got as far as its folder: a log, Hydra's
+    copy of its config or a record written since then (a resumed sweep's folders hold earlier ones)."""
+    root = Path(sweep_dir)
+    if not root.is_dir():
+        return False
+    for pattern in JOB_TRACES:
+        for path in root.rglob(pattern):
+            try:
+                if path.stat().st_mtime >= since:
+                    return True
+            except OSError:
+                continue
+    return False

@@ -38,8 +38,9 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def summary_table(df: pd.DataFrame) -> str:
-    """One line per point, sorted by model, variant and batch; failed points show their error.
+def summary_table(df: pd.DataFrame, concurrent: bool = False) -> str:
+    """One line per point, sorted by model, variant and batch; failed points show their error. ``concurrent``: the
+    sweep's launcher ran several points at once (``sweep.json``), so its timings interfere and the note says so.
 
     ``TPOT x eager`` is eager's TPOT p50 over the point's on the same model weights (kind, seed, shape), workload,
     device and dtype (above 1: faster), measured in the same environment; it is left blank where the timing is not
@@ -71,7 +72,7 @@ def summary_table(df: pd.DataFrame) -> str:
         if r.get("timing_representative") is False:
             row["status"] += " [timing not representative]"
         rows.append(row)
-    return pd.DataFrame(rows).to_string(index=False) + _ratio_note(view) + _bytes_note(columns)
+    return pd.DataFrame(rows).to_string(index=False) + _ratio_note(view, concurrent) + _bytes_note(columns)
 
 
 def _bytes_note(columns: dict[str, str]) -> str:
@@ -89,14 +90,21 @@ def _paired_ci(view: pd.DataFrame) -> pd.Series:
     return view.apply(lambda r: f"[{r[lo]:.3f}, {r[hi]:.3f}]" if pd.notna(r[lo]) else None, axis=1).astype(object)
 
 
-def _ratio_note(view: pd.DataFrame) -> str:
+def _ratio_note(view: pd.DataFrame, concurrent: bool = False) -> str:
     """How far the x-eager ratios can be trusted: points timed in turns share the machine's drift; points
-    timed one after another do not."""
+    timed one after another do not; points run at the same time (a parallel launcher) load each other."""
     if "speedup_tpot" not in view or not view["speedup_tpot"].notna().any():
         return ""
     ranked = view[view["speedup_tpot"].notna()]
     rule = (f"\n(vs eager: no gain within ±{NO_GAIN_BAND:.0%} of eager's TPOT, uncertain where the ratio's 95% CI "
-            "contains 1, else faster or slower)")  # fmt: skip
+            "contains 1 or a side has fewer than 6 samples (its interval is the sample range, under 95%), else "
+            "faster or slower)")  # fmt: skip
+    if concurrent:
+        return (
+            "\n(x eager: points ran at the same time on one machine (a parallel launcher), each timed under the "
+            "others' load, so the ratios do not compare the engines alone; measure with hydra/launcher=basic or "
+            "hydra/launcher=interleaved)" + rule
+        )
     if "timed_in_turns" in ranked and ranked["timed_in_turns"].notna().all():
         return (
             "\n(x eager: each point timed in turns with eager, one repetition each per round, so drift of the "

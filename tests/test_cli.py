@@ -78,6 +78,9 @@ def test_run_composition_errors_name_what_is_allowed(run_harness, capsys):
         (["devcie=cpu"], "devcie: unknown field; allowed: cache_dir, corpus, device, dtype, engine, isolate, "),
         (["+model=small"], "model: already chosen by the config; use model=small (without the leading +)"),
         (["--cfg", "bogus"], "argument --cfg/-c: invalid choice: 'bogus' (choose from 'job', 'hydra', 'all')"),
+        # raised inside Hydra's own set-up, before any point: the command line is wrong, not the harness
+        (["hydra.sweeper.params.x=1"], "hydra.sweeper.params: not set in this config, so its keys cannot be "),
+        (["--experimental-rerun", "/nonexistent"], "ValueError: File /nonexistent does not exist! (raised by Hydra"),
     ]  # fmt: skip
     for args, message in cases:
         assert run_harness("run", *args) == 2, args

@@ -216,10 +216,13 @@ def test_points_without_a_record_are_recorded_as_missing(run_harness, tmp_path):
     assert [m["job"] for m in missing] == [1] and "workload.batch_size=2" in missing[0]["overrides"]
 
 
-def test_slurm_preset_and_parallel_warnings(run_harness, capsys):
+def test_slurm_preset_and_parallel_warnings(run_harness, capsys, monkeypatch):
     from omegaconf import OmegaConf
 
-    from harness.callbacks import parallel_warning
+    from harness import preflight
+    from harness.preflight import parallel_warning
+
+    monkeypatch.setattr(preflight, "usable_cpus", lambda: 4)
 
     code = run_harness(
         "run",
@@ -245,7 +248,9 @@ def test_slurm_preset_and_parallel_warnings(run_harness, capsys):
     assert "no GPU" in parallel_warning(config("cuda", **{**launcher, "gpus_per_node": 0}), 4)
     assert "share" in parallel_warning(config("cuda", **{**launcher, "tasks_per_node": 2}), 4)
     joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
-    assert "runs up to -1 points at once" in parallel_warning(config("cpu", _target_=joblib, n_jobs=-1), 4)
+    assert "runs up to 4 points at once on this machine (n_jobs=-1: one per core)" in parallel_warning(
+        config("cpu", _target_=joblib, n_jobs=-1), 4
+    )
     assert parallel_warning(config("cpu", _target_=joblib, n_jobs=1), 4) is None
     local = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
     assert "every point at once" in parallel_warning(config("cpu", _target_=local), 4)
