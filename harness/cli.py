@@ -24,7 +24,7 @@ commands:
   compare BASE CAND     CI gate: verdict per point and metric; exit 0 no regression, 1 regression, 2 bad input
   export DIR --format F write pytest-benchmark JSON, csv, parquet or json (the table with raw samples)
   history add DIR...    store sweeps in the history database (results/history.sqlite); history list shows them
-  dashboard [-o DIR]    write the dashboard over history: trends, steps (first bad commit), gate verdicts
+  dashboard [DIR...]    write the dashboard over history (storing the sweeps under DIR first): trends, steps
 
 examples:
   harness run                                       # one default point (eager, tiny, batch 1)

@@ -168,3 +168,23 @@ def test_only_failed_points_is_a_clear_error(tmp_path, synthetic_point, run_harn
     assert "no measured (ok) point in 1 stored sweep(s)" in capsys.readouterr().err
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT status FROM points").fetchone()[0] == "failed"
+
+
+def test_dashboard_over_a_results_root_stores_its_sweeps_first(tmp_path, synthetic_point, run_harness, capsys):
+    """`harness dashboard ROOT`: every sweep (and single run) below ROOT goes into --db as `history add` would
+    store it, then the site is built; a sweep that cannot be stored is named and left out."""
+    root, db, site = tmp_path / "results", tmp_path / "h.sqlite", tmp_path / "site"
+    for i in range(2):
+        _sweep(root / "sweeps" / f"s{i}", synthetic_point, "env-a", seed=i)
+    assert run_harness("dashboard", str(root), "--db", str(db), "-o", str(site)) == 0
+    out = capsys.readouterr().out
+    assert f"History {db}: 2 sweep(s) added, 0 already stored, 0 not stored" in out and (site / "index.html").is_file()
+    broken = root / "sweeps" / "s9" / "0"
+    broken.mkdir(parents=True)
+    (broken / "record.json").write_text("{cut")
+    assert run_harness("dashboard", str(root), "--db", str(db), "-o", str(site)) == 0
+    io = capsys.readouterr()
+    assert "1 sweep(s) added" not in io.out and "0 sweep(s) added, 2 already stored, 1 not stored" in io.out
+    assert "harness dashboard: warning: not stored: " in io.err and "s9" in io.err
+    assert run_harness("dashboard", str(tmp_path / "nope"), "--db", str(db)) == 2
+    assert capsys.readouterr().err.strip().endswith("nope: no such directory")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from harness import history
 from harness.cli import OneLineParser, UsageError
+from harness.records import RECORD_NAME
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -130,12 +131,52 @@ def history_main(argv: Sequence[str] | None = None) -> int:
     return _add(opts) if opts.action == "add" else _list(opts)
 
 
+def sweep_dirs(root: Path) -> list[Path]:
+    """``root`` itself when it is a sweep (or run) directory, else the sweeps below it and the single runs that
+    belong to none (``results/``: ``sweeps/<ts>`` and ``runs/<ts>`` each on their own)."""
+    if (root / history.SWEEP_META).is_file() or (root / RECORD_NAME).is_file():
+        return [root]
+    sweeps = sorted(p.parent for p in root.rglob(history.SWEEP_META))
+    runs = sorted(p.parent for p in root.rglob(RECORD_NAME) if not any(s in p.parents for s in sweeps))
+    return [*sweeps, *runs] or [root]
+
+
+def _store_roots(prog: str, roots: Sequence[Path], db: Path) -> int:
+    """Store every sweep under ``roots`` in ``db`` before the site is built; a sweep that cannot be stored
+    (partial, corrupted) is named in a warning and left out, the others are stored."""
+    for root in roots:
+        if not root.is_dir():
+            return _error(prog, f"{root}: {'no such directory' if not root.exists() else 'not a directory'}")
+    ready, skipped = [], 0
+    for d in (d for root in roots for d in sweep_dirs(root)):
+        try:
+            ready.append(history.read_sweep(d))
+        except history.HistoryError as exc:
+            sys.stderr.write(f"{prog}: warning: not stored: {' '.join(str(exc).split())}\n")
+            skipped += 1
+    try:
+        conn = history.connect(db)
+    except (history.HistoryError, sqlite3.Error) as exc:
+        return _error(prog, str(exc) if isinstance(exc, history.HistoryError) else f"{db}: {exc}")
+    try:
+        added = sum(bool(history.add(conn, s)) for s in ready)
+    except sqlite3.Error as exc:
+        return _error(prog, f"{db}: {exc} (the sweep being added was not stored)")
+    finally:
+        conn.close()
+    print(f"History {db}: {added} sweep(s) added, {len(ready) - added} already stored, {skipped} not stored")
+    return EXIT_OK
+
+
 def dashboard_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="harness dashboard",
         description="Write the performance dashboard of the history database: trends per point with CI bands, "
         "step detection (last good and first bad commit), the latest gate verdicts, links to every sweep's report.",
     )
+    p.add_argument("roots", nargs="*", type=Path, metavar="DIR",
+                   help="sweep directories, or folders of them (results/sweeps), to store in --db first, as "
+                        "`harness history add` does (sweeps already stored are left as they are)")  # fmt: skip
     _db_arg(p)
     p.add_argument("-o", "--output", type=Path, default=Path("results") / "dashboard", metavar="DIR",
                    help="output folder (index.html, reports/; default: results/dashboard) or FILE.html")  # fmt: skip
@@ -159,6 +200,10 @@ def dashboard_main(argv: Sequence[str] | None = None) -> int:
         return _error(prog, f"{opts.output}: is a directory; give a folder name or a FILE.html for -o")
     if opts.output.suffix.lower() != ".html" and opts.output.is_file():
         return _error(prog, f"{opts.output}: is a file; -o takes a folder (or a FILE.html)")
+    if opts.roots:
+        code = _store_roots(prog, opts.roots, opts.db)
+        if code != EXIT_OK:
+            return code
     try:
         out, steps = write_dashboard(opts.db, opts.output, opts.gate, with_reports=not opts.no_reports)
     except (DashboardError, history.HistoryError) as exc:
