@@ -6,6 +6,7 @@ import json
 import os
 import time
 
+import pytest
 import torch
 
 from harness.cli import COMMANDS, main
@@ -69,6 +70,7 @@ def test_env_and_train_argument_errors_are_one_line_exit_2(capsys):
         assert io.err.count("\n") == 1 and io.err.startswith(first) and "usage:" not in io.err and not io.out, io.err
 
 
+@pytest.mark.filterwarnings("ignore:Experimental rerun CLI option")
 def test_run_composition_errors_name_what_is_allowed(run_harness, capsys):
     """Hydra's own errors as one line that names what is allowed: a nested group's options (not its parent's),
     the top-level fields for a mistyped one given without +, a group chosen again with +, a bad flag value."""
