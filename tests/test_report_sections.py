@@ -136,3 +136,16 @@ def test_the_header_counts_every_status_and_unreadable_records_without_a_sweep_f
     (tmp_path / "bad" / RECORD_NAME).write_text("{")
     page = write_report(tmp_path).read_text()
     assert "<dt>points</dt><dd>19 (16 ok, 1 failed, 1 skipped, 1 unreadable)</dd>" in page
+
+
+def test_a_parallel_launchers_warning_is_in_the_header(tmp_path):
+    """Points a launcher ran at the same time interfere: the report says so where its numbers are read."""
+    record = make_record("eager", "tiny", 1, 0)
+    write_record(tmp_path / "0", record)
+    warning = "the joblib launcher runs up to 2 points at once on this machine: their timings interfere"
+    write_sweep_meta(tmp_path, {"command": ["harness", "run", "-m"], "total": 1, "points": [["job=0"]],
+                                "point_keys": [record["point_key"]], "parallel_warning": warning})  # fmt: skip
+    assert f"<dt>warning</dt><dd>{warning}</dd>" in write_report(tmp_path).read_text()
+    write_sweep_meta(tmp_path, {"command": ["harness", "run", "-m"], "total": 1, "points": [["job=0"]],
+                                "point_keys": [record["point_key"]], "parallel_warning": None})  # fmt: skip
+    assert "<dt>warning</dt>" not in write_report(tmp_path).read_text()

@@ -104,5 +104,8 @@ def header(
         ("points", point_counts(df, metas, unreadable)),
         ("versions", ", ".join(f"{k} {' / '.join(v)}" for k, v in versions.items()) or "-"),
     ]
+    warnings = _distinct(m.get("parallel_warning") for m in metas)  # a launcher ran points at the same time
+    if warnings:
+        items.append(("warning", "; ".join(warnings)))
     body = "".join(f"<dt>{esc(k)}</dt><dd>{v if isinstance(v, Markup) else esc(v)}</dd>" for k, v in items)
     return f"<dl class='meta'>{body}</dl>"
