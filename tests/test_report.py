@@ -95,6 +95,19 @@ def test_summary_names_what_the_best_variant_costs_in_quality(data):
     assert f"{best.fidelity_top1:.4g}" in html and f"{best.ppl:.4g} ({eager_ppl:.4g})" in html
 
 
+def test_summary_flags_noisy_or_drifting_timings_on_either_side_of_the_speedup(data):
+    """A speedup divides two timings: a noisy or drifting one on either side is said beside it."""
+    from harness.report.tables import summary_table
+
+    df, _ = data
+    assert "noisy:" not in summary_table(df.assign(noisy=False, drifting=False))
+    best = best_per_batch(df).iloc[0]
+    same = df.model.eq(best.model) & df.batch_size.eq(best.batch_size)
+    flagged = df.assign(noisy=same & df.variant.eq("eager"), drifting=same & df.variant.eq(best.variant))
+    html = summary_table(flagged)
+    assert html.count("noisy: eager; drifting: the variant") == 1
+
+
 def test_pareto_front():
     quality = np.array([1.0, 0.97, 0.90, 0.99, 0.97])
     speed = np.array([1.0, 2.0, 1.25, 1.5, 1.9])

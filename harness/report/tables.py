@@ -172,6 +172,7 @@ def summary_table(df: pd.DataFrame) -> str:
             rows.append([scenario, fmt(batch), "-", "-", "-", "-", "-", "-", "-", "-", note or "-"])
             continue
         best = pool.loc[pool["tpot_ms_p50"].idxmin()]
+        flags = _timing_flags(best, group)
         rows.append(
             [
                 scenario,
@@ -179,7 +180,7 @@ def summary_table(df: pd.DataFrame) -> str:
                 best["variant"],
                 _ci(best, "tpot_ms"),
                 fmt(best["eager_tpot_ms_p50"]),
-                tpot_speedup(best, with_verdict=True),
+                tpot_speedup(best, with_verdict=True) + (f"; {flags}" if flags else ""),
                 speedup(best["speedup_ttft"]),
                 fmt(best["decode_tokens_per_s"]),
                 fmt(best.get("fidelity_top1")),
@@ -201,6 +202,18 @@ def summary_table(df: pd.DataFrame) -> str:
         f"not ranked ({NOT_RANKED})",
     ]
     return table(headers, rows)
+
+
+def _timing_flags(best: pd.Series, group: pd.DataFrame) -> str:
+    """'noisy: eager; drifting: the variant': the flags of the two timings a speedup divides, where it is read."""
+    eager = group[group["variant"].eq(BASELINE)]
+    sides = [("the variant", best)] + ([("eager", eager.iloc[0])] if len(eager) and best["variant"] != BASELINE else [])
+    parts = []
+    for flag in ("noisy", "drifting"):
+        who = [name for name, row in sides if isinstance(row.get(flag), bool | np.bool_) and bool(row.get(flag))]
+        if who:
+            parts.append(f"{flag}: {' and '.join(who)}")
+    return "; ".join(parts)
 
 
 def _ppl_cost(best: pd.Series, ok: pd.DataFrame) -> str:
