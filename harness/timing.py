@@ -118,7 +118,7 @@ class Policy:
     warmup_s: float = 0.5
     warmup_max_s: float = 60.0
     warmup_stable_rel: float = 0.10
-    min_reps: int = 5
+    min_reps: int = 6  # the fewest samples whose median CI reaches 95% coverage
     max_reps: int = 200
     max_time_s: float = 30.0
     target_ci: float = 0.02
