@@ -20,7 +20,6 @@ costs no second pass.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from typing import Any
 
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engines.generate import greedy, setup_caches
+from harness.records import perplexity
 
 CHUNK_ROWS = 4
 
@@ -44,10 +44,6 @@ def _logits(model: nn.Module, tokens: Tensor, decode: int = 0) -> Tensor:
     out = [model(tokens[:, :first], pos[:first]).float()]
     out += [model(tokens[:, t : t + 1], pos[t : t + 1]).float() for t in range(first, length)]
     return torch.cat(out, dim=1) if decode else out[0]
-
-
-# exp() of a mean NLL above this overflows a float: such a perplexity is infinite, not an error
-MAX_LOG_PPL = math.log(sys.float_info.max)
 
 
 # Reference log-probs are kept for reuse only up to this size (fp32 positions x vocabulary): 2,048 positions of
@@ -150,8 +146,7 @@ def teacher_forced(
         out.update(decode_top1_agreement=dec_agree / n_decode, decode_kl=dec_kl / n_decode)
     if with_ppl:
         mean_nll = nll / (positions - tokens.shape[0])
-        ppl = math.inf if mean_nll > MAX_LOG_PPL else math.exp(mean_nll)  # NaN stays NaN
-        out.update(nll=mean_nll, ppl=ppl, bits_per_byte=mean_nll / math.log(2))
+        out.update(nll=mean_nll, ppl=perplexity(mean_nll), bits_per_byte=mean_nll / math.log(2))
     return out
 
 

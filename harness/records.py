@@ -304,6 +304,11 @@ def _get(record: dict[str, Any], path: tuple[str, ...]) -> Any:
     return node
 
 
+def perplexity(mean_nll: float) -> float:
+    """exp(mean NLL), infinite where that overflows a float (a badly scaled engine), NaN for NaN."""
+    return math.inf if mean_nll > math.log(sys.float_info.max) else math.exp(mean_nll)
+
+
 def flatten(record: dict[str, Any]) -> dict[str, Any]:
     """One table row from one record."""
     row: dict[str, Any] = {col: _get(record, path) for col, path in SCALAR_COLUMNS.items()}
@@ -318,7 +323,7 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
         row[f"model.{key}"] = value
     nll = _get(record, ("quality", "nll"))
     if row["ppl"] is None and isinstance(nll, int | float) and math.isfinite(nll):  # JSON holds no infinity
-        row["ppl"] = math.inf if nll > math.log(sys.float_info.max) else math.exp(nll)
+        row["ppl"] = perplexity(nll)
     row["model_id"] = model_id(record.get("identity"))
     row["noisy"] = any(bool((summary.get(m) or {}).get("noisy")) for m in ("ttft_ms", "tpot_ms"))
     row["drifting"] = any(bool((summary.get(m) or {}).get("drifting")) for m in ("ttft_ms", "tpot_ms"))
