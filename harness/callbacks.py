@@ -14,12 +14,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import ConfigError, PointSpec, validate, writable_dir
+from harness.hydra_errors import one_line
 from harness.preflight import (  # PreflightAbort: also the CLI's, from here
     Planned,
     PreflightAbort,
     compose_spec,
     launcher_warning,
-    one_line,
     preflight,
     refuse_reused_dir,
     sweep_points,
@@ -195,7 +195,7 @@ def start_sweep(config: DictConfig) -> None:
 
 class HarnessCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from harness.cli import composition_error
+        from harness.hydra_errors import composition_error
 
         ACTIVE.clear()  # a single run: no sweep for a failure to finish
         try:

@@ -27,10 +27,6 @@ class PreflightAbort(BaseException):
     callback into a warning and carries on, and this must stop the run before its first point."""
 
 
-def one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def sweep_points(config: DictConfig) -> list[list[str]] | None:
     """Override lists of every point, as the basic sweeper will expand them (None for other sweepers). The running
     Hydra's config loader lets ``glob()`` list a group's options; an override that expands to nothing (a glob that
@@ -112,7 +108,7 @@ def preflight(config: DictConfig, points: list[list[str]]) -> list[Planned]:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from harness.cli import composition_error
+    from harness.hydra_errors import composition_error
     from harness.interleave import ISOLATE_REFUSED
     from harness.point import identity
 

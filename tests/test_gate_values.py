@@ -1,0 +1,47 @@
+"""Values gated one per point (memory, top-1 agreement, perplexity): thresholds only, and quality that is not a
+number (NaN logits, an overflowing perplexity) a regression rather than "not measured"."""
+
+from __future__ import annotations
+
+import math
+
+from gate_points import point_samples, write_side
+
+from harness.gate import IMPROVEMENT, NO_CHANGE, REGRESSION, UNKNOWN, compare, decide_value
+from harness.gate_settings import METRICS, Settings
+
+
+def test_single_values_are_gated_by_threshold_only():
+    mem, top1, ppl = METRICS["peak_memory_mb"], METRICS["fidelity_top1"], METRICS["ppl"]
+    assert decide_value(100.0, 115.0, mem, 0.10).verdict == REGRESSION
+    assert decide_value(100.0, 105.0, mem, 0.10).verdict == NO_CHANGE
+    assert decide_value(100.0, 80.0, mem, 0.10).verdict == IMPROVEMENT
+    assert decide_value(100.0, math.nan, mem, 0.10).verdict == UNKNOWN
+    v = decide_value(0.99, 0.975, top1, 0.01)  # an absolute drop of 0.015 agreement
+    assert v.verdict == REGRESSION and math.isclose(v.change, -0.015) and v.mode == "absolute"
+    assert decide_value(0.99, 0.985, top1, 0.01).verdict == NO_CHANGE
+    assert decide_value(10.0, 10.5, ppl, 0.02).verdict == REGRESSION  # perplexity +5%
+    inf = decide_value(10.0, math.inf, ppl, 0.02)  # measured and overflowing: the worst, not "not measured"
+    assert inf.verdict == REGRESSION and inf.change == math.inf and "not finite" in inf.reason
+    assert decide_value(math.inf, 10.0, ppl, 0.02).verdict == IMPROVEMENT
+    assert decide_value(math.inf, math.inf, ppl, 0.02).verdict == NO_CHANGE
+
+
+def test_nan_logits_and_an_infinite_perplexity_are_regressions_end_to_end(tmp_path, synthetic_point):
+    """A record's KL and perplexity are null in JSON both when unmeasured and when not finite; the table's
+    fidelity_nonfinite and the NLL tell them apart, so the gate cannot pass a broken engine as unmeasured."""
+    good = {"top1_agreement": 0.99, "kl": 0.01, "ppl": 10.0, "nll": math.log(10.0), "nonfinite_fraction": 0.0}
+    base = write_side(tmp_path, "base", synthetic_point, [
+        point_samples(2.0, batch_size=1, quality=good), point_samples(2.0, batch_size=2, quality=good),
+    ])  # fmt: skip
+    cand = write_side(tmp_path, "cand", synthetic_point, [
+        point_samples(2.0, batch_size=1, quality={**good, "kl": None, "ppl": None, "nll": None,
+                                                  "nonfinite_fraction": 0.0078}),
+        point_samples(2.0, batch_size=2, quality={**good, "kl": 700.0, "ppl": None, "nll": 800.0}),
+    ])  # fmt: skip
+    assert cand.set_index("batch_size").loc[2, "ppl"] == math.inf
+    assert cand.set_index("batch_size").loc[1, "fidelity_nonfinite"] == 0.0078
+    rows = compare(base, cand, Settings()).rows.set_index(["label", "metric"])
+    assert rows.loc[("eager · tiny · b1", "fidelity_nonfinite"), "verdict"] == REGRESSION
+    assert rows.loc[("eager · tiny · b2", "ppl"), "verdict"] == REGRESSION
+    assert rows.loc[("eager · tiny · b2", "fidelity_nonfinite"), "verdict"] == NO_CHANGE
