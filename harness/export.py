@@ -60,6 +60,10 @@ ENV_PREFIX = "env."
 # fingerprint fields the table lacks, for pytest-benchmark's machine_info
 ENV_FIELDS = {"cpu_model": ("cpu_model",), "cpu_count_logical": ("cpu_count_logical",), "python": ("python",),
               "platform": ("platform",), "git_dirty": ("git", "dirty")}  # fmt: skip
+# identifiers a CSV reader would otherwise take for numbers: fingerprint 123e45678901 is a float, a key of digits
+# loses its leading zeros, and the points no longer match (or their environments "differ")
+TEXT_COLUMNS = ("point_key", "fingerprint", "git_sha", "turns_id", "hostname", "model_id", "variant", "engine",
+                "model", "device", "dtype", "device_name", "started_at", "timing_representative")  # fmt: skip
 DEFAULT_NAMES = {"pytest-benchmark": "pytest-benchmark.json", "csv": "table.csv", "parquet": "table.parquet",
                  "json": "table.json"}  # fmt: skip
 
@@ -131,7 +135,7 @@ def read_points(path: str | Path) -> pd.DataFrame:
             df = pd.read_parquet(path)
             errors = [str(e) for e in df.attrs.get("errors", [])]  # pandas keeps attrs in the file's metadata
         elif suffix == ".csv":
-            df = pd.read_csv(path)
+            df = pd.read_csv(path, dtype=dict.fromkeys(TEXT_COLUMNS, str))
         else:
             raise ExportError(f"{path}: not a results directory, record.json or exported table (.json .parquet .csv)")
     except (OSError, ValueError, ImportError) as exc:
@@ -174,14 +178,58 @@ def _is_record(path: Path) -> bool:
     return isinstance(head, dict) and "schema_version" in head
 
 
-def _read_json_table(path: Path) -> pd.DataFrame:
+def _read_json_table(path: Path) -> tuple[pd.DataFrame, list[str]]:
     data = json.loads(path.read_text())
     if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT or not isinstance(data.get("rows"), list):
         raise ExportError(f"{path}: not a harness table export (expected format {TABLE_FORMAT!r} with rows)")
     if data.get("version", 0) > TABLE_VERSION:
         raise ExportError(f"{path}: table version {data['version']} is newer than this harness ({TABLE_VERSION})")
     errors = data.get("errors") or []
-    return pd.DataFrame(data["rows"]), [str(e) for e in errors] if isinstance(errors, list) else [str(errors)]
+    rows = restore_nonfinite(data["rows"], data.get("nonfinite") or [])
+    return pd.DataFrame(rows), [str(e) for e in errors] if isinstance(errors, list) else [str(errors)]
+
+
+INFINITIES = {"inf": math.inf, "-inf": -math.inf}
+
+
+def _inf_text(value: float) -> str:
+    return "inf" if value > 0 else "-inf"
+
+
+def encode_nonfinite(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[list[Any]]]:
+    """JSON has no infinity: the table export writes an infinite cell (a perplexity that overflowed, a regression)
+    as null and lists it beside the rows as ``[row, column, "inf" | "-inf"]``, which the reader puts back. A
+    null alone would read back as "not measured"."""
+    marks = []
+    for i, row in enumerate(rows):
+        for col, value in row.items():
+            if isinstance(value, float) and math.isinf(value):
+                marks.append([i, col, _inf_text(value)])
+                row[col] = None
+    return rows, marks
+
+
+def restore_nonfinite(rows: list[dict[str, Any]], marks: list[Any]) -> list[dict[str, Any]]:
+    """The rows of a table export with the infinite cells ``encode_nonfinite`` listed put back."""
+    for mark in marks:
+        if isinstance(mark, list) and len(mark) == 3 and mark[2] in INFINITIES and isinstance(mark[0], int):
+            if 0 <= mark[0] < len(rows) and isinstance(rows[mark[0]], dict):
+                rows[mark[0]][str(mark[1])] = INFINITIES[mark[2]]
+    return rows
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` as strict JSON (RFC 8259, what JavaScript and Go parsers accept): NaN becomes null and an infinity
+    the string "inf" or "-inf" (an infinite change is the worst regression: it must not break the parser)."""
+    if isinstance(obj, dict):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else _inf_text(obj)
+    return obj
 
 
 def _cell(value: Any) -> Any:
@@ -223,7 +271,8 @@ def write(df: pd.DataFrame, fmt: str, out: Path, metrics: Iterable[str] | None =
                 "left_out": data["harness"]["left_out"]}  # fmt: skip
     if fmt == "json":
         meta = {"format": TABLE_FORMAT, "version": TABLE_VERSION, "exported_at": datetime.now(UTC).isoformat()}
-        write_json_atomic(out, {**meta, "errors": df.attrs.get("errors", []), "rows": table_rows(df)})
+        rows, marks = encode_nonfinite(table_rows(df))
+        write_json_atomic(out, {**meta, "errors": df.attrs.get("errors", []), "nonfinite": marks, "rows": rows})
     elif fmt in ("parquet", "csv"):
         from harness.records import write_bytes_atomic
 
@@ -346,6 +395,21 @@ def _machine_info(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def latest_per_point(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """One row per ``point_key``, the latest by start time (a point re-run into a sweep, as the gate takes it):
+    benchmark names must be unique, or github-action-benchmark puts both on one series. Second: the rows left
+    out (point key, start, record path)."""
+    if "point_key" not in df.columns or df.empty:
+        return df, []
+    started = pd.to_datetime(df["started_at"] if "started_at" in df.columns else pd.Series(None, index=df.index),
+                             utc=True, errors="coerce", format="ISO8601")  # fmt: skip
+    order = started.sort_values(na_position="first", kind="stable").index
+    keep = ~df.loc[order, "point_key"].duplicated(keep="last")
+    older = df.loc[order][~keep]
+    cols = [c for c in ("point_key", "started_at", "record_path") if c in df.columns]
+    return df.loc[order][keep].sort_index(), table_rows(older[cols])
+
+
 def pytest_benchmark_json(df: pd.DataFrame, metrics: Iterable[str] | None = None) -> dict[str, Any]:
     """The document ``pytest --benchmark-json`` would write, one benchmark per point and timed metric."""
     metrics = list(metrics or PYTEST_METRICS)
@@ -353,6 +417,7 @@ def pytest_benchmark_json(df: pd.DataFrame, metrics: Iterable[str] | None = None
     if bad:
         allowed = ", ".join(PYTEST_METRICS)
         raise ExportError(f"--metric {', '.join(bad)}: pytest-benchmark holds times only; allowed: {allowed}")
+    df, older = latest_per_point(df)
     ok = df["status"].eq("ok")
     rep = ~df["timing_representative"].astype(str).str.lower().eq("false")
     benchmarks = []
@@ -377,7 +442,12 @@ def pytest_benchmark_json(df: pd.DataFrame, metrics: Iterable[str] | None = None
         "version": PYTEST_BENCHMARK_VERSION,
         "harness": {
             "points": int((ok & rep).sum()),
-            "left_out": {"not ok": int((~ok).sum()), "timing not representative": int((ok & ~rep).sum())},
+            "left_out": {
+                "not ok": int((~ok).sum()),
+                "timing not representative": int((ok & ~rep).sum()),
+                "older record of a re-run point": len(older),
+            },
+            "superseded": older,
             "metrics": metrics,
         },
     }

@@ -9,211 +9,49 @@ wrong way by more than the metric's minimum relative change; the order-statistic
 overlap; and each side has at least ``min_samples`` samples. Two points timed in turns in one run
 (``hydra/launcher=interleaved``: the same ``turns_id``) pair up by repetition, and the paired versions of the
 tests apply (``decide_paired``): drift of the machine common to a round then cancels. Anything less is
-"no change" (measured, within noise or threshold) or "unknown" (not comparable: too few samples, timings not
-representative, different environment fingerprints, or not measured on one side).
+"no change" (measured, within the threshold) or "unknown" (not comparable: too few samples, timings not
+representative, different environment fingerprints, or not measured on one side) or "inconclusive" (an unknown
+whose median moved beyond the threshold but whose tests did not confirm it: it needs more samples, and is never
+read as no change). The decision rules are in ``harness.gate_decide``, matching (re-runs, changed keys, labels)
+in ``harness.gate_match``, between-run noise from the history (``--history``) in ``harness.gate_noise``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import mannwhitneyu, wilcoxon
 
-from harness.gate_settings import GateInputError, Metric, Settings, check_metric, text_value
-from harness.stats import median_ci
+from harness.gate_decide import (  # noqa: F401  (re-exported: the gate's public names)
+    IMPROVEMENT,
+    INCONCLUSIVE,
+    NO_CHANGE,
+    REGRESSION,
+    UNKNOWN,
+    VERDICTS,
+    Verdict,
+    _inconclusive,
+    _pct,
+    decide_intervals,
+    decide_paired,
+    decide_samples,
+    decide_value,
+    min_p_value,
+    within,
+)
+from harness.gate_match import dedupe, match_keys, pair_changed_keys, point_labels, unmatched
+from harness.gate_noise import Noise
+from harness.gate_settings import METRICS, GateInputError, Metric, Settings, check_metric
 
-REGRESSION, IMPROVEMENT, NO_CHANGE, UNKNOWN = "regression", "improvement", "no change", "unknown"
-VERDICTS = (REGRESSION, IMPROVEMENT, UNKNOWN, NO_CHANGE)  # also the order of severity in outputs
 SAMPLE_PREFIX = "samples."
 FAILED_STATUSES = ("failed", "oom", "timeout")
 ROW_COLUMNS = ["key", "label", "point_key", "metric", "verdict", "reason", "base", "cand", "change", "p_value",
                "base_ci_low", "base_ci_high", "cand_ci_low", "cand_ci_high", "n_base", "n_cand", "mode",
                "threshold"]  # fmt: skip
-
-
-@dataclass
-class Verdict:
-    verdict: str
-    reason: str
-    base: float = math.nan
-    cand: float = math.nan
-    change: float = math.nan  # (cand - base) / base, or cand - base for absolute metrics
-    p_value: float = math.nan
-    base_ci: tuple[float, float] = (math.nan, math.nan)
-    cand_ci: tuple[float, float] = (math.nan, math.nan)
-    n_base: int = 0
-    n_cand: int = 0
-    mode: str = "samples"
-    threshold: float = math.nan
-
-
-def within(change: float, threshold: float) -> bool:
-    """Whether a relative change is within the threshold as a ratio, either way: ``1/(1+t) <= ratio <= 1+t``.
-    Symmetric in the logarithm, so TPOT x1.051 and tokens/s x1/1.051 (-4.9%), the same data, get one verdict."""
-    if change <= -1:
-        return False
-    return abs(math.log1p(change)) <= math.log1p(threshold)
-
-
-def min_p_value(n_base: int, n_cand: int | None = None) -> float:
-    """The smallest two-sided p-value the rank test can give at these sample counts (exact, no ties): 2 / 2**n
-    for the signed-rank test on n pairs, 2 / C(n_base + n_cand, n_base) for the U test. At or above alpha, no
-    change can be significant, however large: the verdict is unknown, not no change."""
-    if n_cand is None:
-        return 2.0 / 2.0**n_base
-    return 2.0 / math.comb(n_base + n_cand, n_base)
-
-
-def _pairs_needed(alpha: float) -> int:
-    return next(n for n in range(1, 64) if min_p_value(n) < alpha)
-
-
-def _pct(x: float) -> str:
-    return f"{x:+.1%}"
-
-
-def decide_samples(
-    x: Sequence[float],
-    y: Sequence[float],
-    higher_is_better: bool,
-    threshold: float,
-    alpha: float = 0.01,
-    min_samples: int = 5,
-    confidence: float = 0.95,
-) -> Verdict:
-    """Verdict for base samples ``x`` against candidate samples ``y`` (independent samples, e.g. one per
-    repetition): U test, relative change of the medians, and non-overlap of the medians' CIs must all agree."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    x, y = x[np.isfinite(x)], y[np.isfinite(y)]
-    if min(x.size, y.size) < min_samples:
-        return Verdict(
-            UNKNOWN, f"too few samples ({x.size} vs {y.size}; need {min_samples})", n_base=x.size, n_cand=y.size
-        )
-    bx, cy = float(np.median(x)), float(np.median(y))
-    p = float(mannwhitneyu(x, y, alternative="two-sided").pvalue)
-    blo, bhi, _ = median_ci(x, confidence)
-    clo, chi, _ = median_ci(y, confidence)
-    change = (cy - bx) / abs(bx) if bx else math.nan
-    v = Verdict(NO_CHANGE, "", bx, cy, change, p, (blo, bhi), (clo, chi), x.size, y.size)
-    worse = change < 0 if higher_is_better else change > 0
-    apart = clo > bhi or chi < blo
-    if not math.isfinite(change):
-        v.verdict, v.reason = UNKNOWN, "base median is zero"
-    elif within(change, threshold):
-        v.reason = f"{_pct(change)} within ±{threshold:.1%}"
-    elif min_p_value(x.size, y.size) >= alpha:
-        v.verdict = UNKNOWN
-        v.reason = f"{_pct(change)} but {x.size} vs {y.size} samples cannot reach U test p < {alpha:g}"
-    elif p >= alpha:
-        v.reason = f"{_pct(change)} but U test p={p:.2g} >= {alpha:g}"
-    elif not apart:
-        v.reason = f"{_pct(change)} but the medians' CIs overlap"
-    else:
-        v.verdict = REGRESSION if worse else IMPROVEMENT
-        v.reason = f"{_pct(change)} (threshold {threshold:.1%}), p={p:.2g}, CIs apart"
-    return v
-
-
-def decide_paired(
-    x: Sequence[float],
-    y: Sequence[float],
-    higher_is_better: bool,
-    threshold: float,
-    alpha: float = 0.01,
-    min_samples: int = 5,
-    confidence: float = 0.95,
-) -> Verdict:
-    """Verdict for base and candidate samples taken in turns (``x[i]`` and ``y[i]`` in the same round): the
-    per-round ratios ``y[i] / x[i]`` cancel what the round shares (the machine's speed at that moment). The
-    Wilcoxon signed-rank test on their logarithms, their median against the threshold, and the median ratio's
-    CI excluding 1 must all agree."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
-    x, y = x[keep], y[keep]
-    if x.size < min_samples:
-        return Verdict(UNKNOWN, f"too few paired samples ({x.size}; need {min_samples})", n_base=x.size,
-                       n_cand=y.size, mode="paired")  # fmt: skip
-    r = np.log(y / x)
-    p = 1.0 if np.all(r == 0) else float(wilcoxon(r, alternative="two-sided").pvalue)
-    lo, hi, _ = median_ci(r, confidence)
-    change = math.expm1(float(np.median(r)))
-    blo, bhi, _ = median_ci(x, confidence)
-    clo, chi, _ = median_ci(y, confidence)
-    v = Verdict(NO_CHANGE, "", float(np.median(x)), float(np.median(y)), change, p, (blo, bhi), (clo, chi), x.size,
-                y.size, mode="paired")  # fmt: skip
-    worse = change < 0 if higher_is_better else change > 0
-    ci = f"ratio CI [{math.exp(lo):.3f}, {math.exp(hi):.3f}]"
-    if within(change, threshold):
-        v.reason = f"{_pct(change)} within ±{threshold:.1%} (paired by round)"
-    elif min_p_value(x.size) >= alpha:
-        v.verdict = UNKNOWN
-        v.reason = (f"{_pct(change)} but {x.size} paired samples cannot reach signed-rank p < {alpha:g} "
-                    f"(it takes {_pairs_needed(alpha)})")  # fmt: skip
-    elif p >= alpha:
-        v.reason = f"{_pct(change)} but signed-rank p={p:.2g} >= {alpha:g} (paired by round)"
-    elif lo <= 0 <= hi:
-        v.reason = f"{_pct(change)} but the paired {ci} holds 1"
-    else:
-        v.verdict = REGRESSION if worse else IMPROVEMENT
-        v.reason = f"{_pct(change)} (threshold {threshold:.1%}), paired by round: p={p:.2g}, {ci}"
-    return v
-
-
-def decide_intervals(
-    base: tuple[float, float, float], cand: tuple[float, float, float], higher_is_better: bool, threshold: float
-) -> Verdict:
-    """Verdict from (median, CI low, CI high) only, for tables exported without raw samples: the relative change
-    and non-overlapping CIs must agree (no U test possible)."""
-    (bx, blo, bhi), (cy, clo, chi) = base, cand
-    if not all(math.isfinite(v) for v in (bx, blo, bhi, cy, clo, chi)) or not bx:
-        return Verdict(UNKNOWN, "median or CI not measured", mode="table")
-    change = (cy - bx) / abs(bx)
-    v = Verdict(NO_CHANGE, "", bx, cy, change, base_ci=(blo, bhi), cand_ci=(clo, chi), mode="table")
-    note = " (no raw samples: threshold and CIs only)"
-    if within(change, threshold):
-        v.reason = f"{_pct(change)} within ±{threshold:.1%}{note}"
-    elif not (clo > bhi or chi < blo):
-        v.reason = f"{_pct(change)} but the medians' CIs overlap{note}"
-    else:
-        worse = change < 0 if higher_is_better else change > 0
-        v.verdict = REGRESSION if worse else IMPROVEMENT
-        v.reason = f"{_pct(change)} (threshold {threshold:.1%}), CIs apart{note}"
-    return v
-
-
-def decide_value(base: float, cand: float, metric: Metric, threshold: float) -> Verdict:
-    """One value per side: relative change (``scalar``) or absolute change (``absolute``) against the threshold."""
-    mode = metric.kind
-    if math.isnan(base) or math.isnan(cand):
-        return Verdict(UNKNOWN, "not measured on one side", base, cand, mode=mode)
-    if math.isinf(base) or math.isinf(cand):  # an infinite perplexity was measured: worse than any finite one
-        v = Verdict(NO_CHANGE, "both infinite", base, cand, mode=mode, n_base=1, n_cand=1)
-        if base != cand:
-            v.change = math.inf if cand > base else -math.inf
-            worse = (cand < base) if metric.higher_is_better else (cand > base)
-            v.verdict, v.reason = (REGRESSION if worse else IMPROVEMENT), f"{base:.4g} -> {cand:.4g} (not finite)"
-        return v
-    if mode == "absolute":
-        change, shown = cand - base, f"{cand - base:+.4g}"
-        limit = f"{threshold:g}"
-    else:
-        change = (cand - base) / abs(base) if base else math.nan
-        shown, limit = _pct(change), f"{threshold:.1%}"
-    v = Verdict(NO_CHANGE, "", base, cand, change, n_base=1, n_cand=1, mode=mode)
-    if not math.isfinite(change):
-        v.verdict, v.reason = UNKNOWN, "base value is zero"
-    elif within(change, threshold) if mode != "absolute" else abs(change) <= threshold:
-        v.reason = f"{shown} within ±{limit}"
-    else:
-        worse = change < 0 if metric.higher_is_better else change > 0
-        v.verdict = REGRESSION if worse else IMPROVEMENT
-        v.reason = f"{shown} (threshold {limit}; one value per point, no test)"
-    return v
 
 
 def _num(value: Any) -> float:
@@ -272,7 +110,48 @@ def _fingerprint(row: Mapping[str, Any]) -> str | None:
     return None if fp is None or (isinstance(fp, float) and math.isnan(fp)) else str(fp)
 
 
-def metric_verdict(b: Mapping[str, Any], c: Mapping[str, Any], metric: Metric, settings: Settings) -> Verdict | None:
+def _noise_floor(b: Mapping[str, Any], metric: Metric, threshold: float, settings: Settings,
+                 noise: Noise | None) -> tuple[float, str]:  # fmt: skip
+    """The threshold an unpaired timed metric needs: at least ``noise_k`` times the point's run-to-run spread of
+    medians in the stored history (``--history``), where that is wider; and the words that say so."""
+    spread = noise.get(b, metric) if noise is not None else None
+    if spread is None:
+        return threshold, ""
+    sigma, n = spread
+    floor = math.expm1(settings.noise_k * sigma)
+    if floor <= threshold:
+        return threshold, ""
+    return floor, (f"; threshold {threshold:.1%} raised to {floor:.1%}: {settings.noise_k:g}x the run-to-run spread "
+                   f"of medians ({sigma:.1%} over {n} stored sweeps)")  # fmt: skip
+
+
+def _sample_verdict(b: Mapping[str, Any], c: Mapping[str, Any], metric: Metric, settings: Settings,
+                    threshold: float, noise: Noise | None) -> Verdict | None:  # fmt: skip
+    """A timed metric from raw samples (paired when timed in turns), else from the table's medians and CIs."""
+    x, y = metric_samples(b, metric), metric_samples(c, metric)
+    args = (metric.higher_is_better,)
+    if x is not None and y is not None and _paired(b, c) and x.size == y.size:
+        return decide_paired(x, y, *args, threshold, settings.alpha, settings.min_samples, settings.confidence)
+    threshold, raised = _noise_floor(b, metric, threshold, settings, noise)  # between runs: drift is not cancelled
+    if x is not None and y is not None:
+        v = decide_samples(x, y, *args, threshold, settings.alpha, settings.min_samples, settings.confidence)
+    else:
+        bi, ci = table_interval(b, metric), table_interval(c, metric)
+        if bi is None or ci is None:
+            return Verdict(UNKNOWN, "ITL needs raw samples (gaps of one repetition are correlated)", mode="table")
+        if all(math.isnan(t[0]) for t in (bi, ci)):
+            return None
+        v = decide_intervals(bi, ci, metric.higher_is_better, threshold)
+        n = (_num(b.get(f"{metric.source}_n")), _num(c.get(f"{metric.source}_n")))
+        if min(n) < settings.min_samples:
+            v.verdict, v.reason = UNKNOWN, f"too few samples ({n[0]:.0f} vs {n[1]:.0f}; need {settings.min_samples})"
+    v.reason += raised
+    v.threshold = threshold
+    return v
+
+
+def metric_verdict(b: Mapping[str, Any], c: Mapping[str, Any], metric: Metric, settings: Settings,
+                   noise: Noise | None = None) -> Verdict | None:  # fmt: skip
     """The verdict of one metric of one matched pair of ok points (None: measured on neither side)."""
     threshold = settings.thresholds.get(metric, c)
     if metric.kind != "samples":
@@ -280,30 +159,14 @@ def metric_verdict(b: Mapping[str, Any], c: Mapping[str, Any], metric: Metric, s
         if math.isnan(base) and math.isnan(cand):
             return None
         v = decide_value(base, cand, metric, threshold)
+        v.threshold = threshold
     else:
-        x, y = metric_samples(b, metric), metric_samples(c, metric)
-        if x is not None and y is not None and _paired(b, c) and x.size == y.size:
-            v = decide_paired(x, y, metric.higher_is_better, threshold, settings.alpha, settings.min_samples,
-                              settings.confidence)  # fmt: skip
-        elif x is not None and y is not None:
-            v = decide_samples(x, y, metric.higher_is_better, threshold, settings.alpha, settings.min_samples,
-                               settings.confidence)  # fmt: skip
-        else:
-            bi, ci = table_interval(b, metric), table_interval(c, metric)
-            if bi is None or ci is None:
-                v = Verdict(UNKNOWN, "ITL needs raw samples (gaps of one repetition are correlated)", mode="table")
-            elif all(math.isnan(t[0]) for t in (bi, ci)):
-                return None
-            else:
-                v = decide_intervals(bi, ci, metric.higher_is_better, threshold)
-                n = (_num(b.get(f"{metric.source}_n")), _num(c.get(f"{metric.source}_n")))
-                if min(n) < settings.min_samples:
-                    v.verdict, v.reason = (
-                        UNKNOWN,
-                        f"too few samples ({n[0]:.0f} vs {n[1]:.0f}; need {settings.min_samples})",
-                    )
-    v.threshold = threshold
-    if v.verdict == UNKNOWN:
+        v = _sample_verdict(b, c, metric, settings, threshold, noise)
+        if v is None:
+            return None
+        if not math.isfinite(v.threshold):
+            v.threshold = threshold
+    if v.verdict == UNKNOWN and INCONCLUSIVE not in v.reason:
         return v
     if metric.timed and not (_representative(b) and _representative(c)):
         caveat = c.get("timing_caveat") if not _representative(c) else b.get("timing_caveat")
@@ -319,7 +182,8 @@ def metric_verdict(b: Mapping[str, Any], c: Mapping[str, Any], metric: Metric, s
 
 def status_verdict(b: Mapping[str, Any], c: Mapping[str, Any]) -> Verdict | None:
     """A point ok in BASE that fails in CAND (failed, oom, timeout) is a regression; skipped (engine unavailable
-    here) is unknown; fixed is an improvement; not ok on both sides is unknown. None when both are ok."""
+    here) is unknown, said "became unavailable" where the environments agree (then the code changed it); fixed
+    is an improvement; not ok on both sides is unknown. None when both are ok."""
     sb, sc = str(b.get("status")), str(c.get("status"))
     if sb == "ok" and sc == "ok":
         return None
@@ -329,7 +193,20 @@ def status_verdict(b: Mapping[str, Any], c: Mapping[str, Any]) -> Verdict | None
         return Verdict(REGRESSION, f"ok in BASE, {sc} in CAND{detail}", mode="status")
     if sb in FAILED_STATUSES and sc == "ok":  # skipped in BASE: nothing was measured there to improve on
         return Verdict(IMPROVEMENT, f"{sb} in BASE{detail}, ok in CAND", mode="status")
+    if sb == "ok" and sc == "skipped" and _fingerprint(b) is not None and _fingerprint(b) == _fingerprint(c):
+        return Verdict(UNKNOWN, f"became unavailable: ok in BASE, skipped in CAND in the same environment{detail}",
+                       mode="status")  # fmt: skip
     return Verdict(UNKNOWN, f"{sb} in BASE, {sc} in CAND{detail}", mode="status")
+
+
+DECISIVE = (REGRESSION, IMPROVEMENT, NO_CHANGE)
+# what docs/ci.md measured when the sides were timed in separate windows (a shared 2-core VM, --mode points)
+UNPAIRED_NOTE = (
+    "{n} timed verdict(s) compare samples from separate runs (not timed in turns): the rank tests see only "
+    "within-run noise, so run-to-run drift beyond the threshold reads as a change (docs/ci.md: 18.8% of A/A "
+    "points flagged on a shared VM timed in separate windows); time the sides in turns, or pass --history to "
+    "require changes beyond each point's run-to-run spread"
+)
 
 
 @dataclass
@@ -349,42 +226,63 @@ class GateResult:
         vc = self.points["verdict"].value_counts() if len(self.points) else pd.Series(dtype=int)
         return {v: int(vc.get(v, 0)) for v in VERDICTS}
 
+    def gated_metrics(self) -> list[str]:
+        """The metrics that must get a verdict for the gate to have gated anything: the timed ones selected (a
+        gate on quality alone: those)."""
+        metrics = [check_metric(m) for m in self.settings.metrics]
+        return [m.name for m in metrics if m.timed] or [m.name for m in metrics]
 
-def point_labels(df: pd.DataFrame) -> pd.Series:
-    """Readable point names: variant, model and batch, plus whichever workload fields vary."""
-    optional = ["prompt_len", "gen_len", "decoding", "num_beams", "device", "dtype", "seed", "weights"]
-    varying = [k for k in optional if k in df.columns and df[k].nunique(dropna=False) > 1]
-    short = {"prompt_len": "p", "gen_len": "g", "num_beams": "beams", "seed": "seed"}
+    @property
+    def decisive(self) -> int:
+        """Rows of ``gated_metrics`` with a regression, improvement or no-change verdict; 0: nothing was gated."""
+        if not len(self.rows):
+            return 0
+        rows = self.rows[self.rows["metric"].isin(self.gated_metrics())]
+        return int(rows["verdict"].isin(DECISIVE).sum())
 
-    def label(r: pd.Series) -> str:
-        parts = [str(r.get("variant")), str(r.get("model")), f"b{text_value(r.get('batch_size'))}"]
-        parts += [f"{short.get(k, '')}{text_value(r.get(k))}" for k in varying]
-        return " · ".join(parts)
-
-    return df.apply(label, axis=1) if len(df) else pd.Series(dtype=str)
-
-
-def _dedupe(df: pd.DataFrame, on: list[str], side: str, notes: list[str]) -> pd.DataFrame:
-    """One row per match key: the latest record wins (a re-run point), with a note."""
-    if df.empty:
-        return df
-    key = match_keys(df, on)  # as text: a list-valued engine parameter is a key too
-    dup = key.duplicated(keep=False)
-    if dup.any():
-        keys = int(key[dup].nunique())
-        notes.append(f"{side}: {int(dup.sum())} records share {keys} match key(s); the latest of each is compared")
-        order = df["started_at"].sort_values(na_position="first").index if "started_at" in df.columns else df.index
-        df = df.loc[order][~key.loc[order].duplicated(keep="last")]
-    return df
+    @property
+    def unpaired(self) -> int:
+        """Timed verdicts on samples of separate runs (unpaired): exposed to drift between the runs."""
+        if not len(self.rows):
+            return 0
+        timed = self.rows["metric"].map(lambda m: m in METRICS and METRICS[m].timed)
+        return int((timed & self.rows["mode"].isin(("samples", "table"))).sum())
 
 
-def match_keys(df: pd.DataFrame, on: list[str]) -> pd.Series:
-    """Each row's match key as one text (4.0 and 4 are one batch size)."""
-    return df[on].map(text_value).agg(" | ".join, axis=1)
+def _judge(rb: dict[str, Any], rc: dict[str, Any], metrics: list[Metric], settings: Settings,
+           noise: Noise | None, unmeasured: dict[str, int]) -> list[tuple[str, Verdict]]:  # fmt: skip
+    sv = status_verdict(rb, rc)
+    if sv is not None:
+        return [("status", sv)]
+    verdicts = []
+    for m in metrics:
+        v = metric_verdict(rb, rc, m, settings, noise)
+        if v is None:
+            unmeasured[m.name] = unmeasured.get(m.name, 0) + 1
+        else:
+            verdicts.append((m.name, v))
+    return verdicts
 
 
-def compare(base: pd.DataFrame, cand: pd.DataFrame, settings: Settings | None = None) -> GateResult:
-    """Match points by ``settings.match`` columns and give each a verdict per gated metric."""
+def _sides(base: pd.DataFrame, cand: pd.DataFrame, on: list[str], notes: list[str]) -> tuple[pd.DataFrame, ...]:
+    """BASE and CAND indexed by match key, labelled, with CAND's changed keys paired (``gate_match``)."""
+    base, cand = dedupe(base, on, "BASE", notes), dedupe(cand, on, "CAND", notes)
+    both = pd.concat([base, cand], ignore_index=True)
+    side = pd.Series(["base"] * len(base) + ["cand"] * len(cand), index=both.index)
+    extra = pd.DataFrame({"_side": side, "_label": point_labels(both, side), "_key": match_keys(both, on)},
+                         index=both.index)  # fmt: skip
+    both = pd.concat([both, extra], axis=1)  # at once: column by column, pandas warns the frame is fragmented
+    b = both[both["_side"] == "base"].set_index("_key")
+    c = both[both["_side"] == "cand"].set_index("_key")
+    if "point_key" in on:
+        c = pair_changed_keys(b, c, notes)
+    return b, c
+
+
+def compare(base: pd.DataFrame, cand: pd.DataFrame, settings: Settings | None = None,
+            noise: Noise | None = None) -> GateResult:  # fmt: skip
+    """Match points by ``settings.match`` columns and give each a verdict per gated metric; ``noise`` (from
+    ``--history``) raises unpaired timed thresholds to the points' run-to-run spread."""
     settings = settings or Settings()
     metrics = [check_metric(m) for m in settings.metrics]
     on = list(settings.match)
@@ -398,13 +296,7 @@ def compare(base: pd.DataFrame, cand: pd.DataFrame, settings: Settings | None = 
         if absent:
             notes.append(f"thresholds: points[{i}]: no column {', '.join(map(repr, absent))} in BASE or CAND: "
                          "the rule applies to no point")  # fmt: skip
-    base, cand = _dedupe(base, on, "BASE", notes), _dedupe(cand, on, "CAND", notes)
-    both = pd.concat([base, cand], ignore_index=True)
-    extra = pd.DataFrame({"_side": ["base"] * len(base) + ["cand"] * len(cand), "_label": point_labels(both),
-                          "_key": match_keys(both, on)}, index=both.index)  # fmt: skip
-    both = pd.concat([both, extra], axis=1)  # at once: column by column, pandas warns the frame is fragmented
-    b = both[both["_side"] == "base"].set_index("_key")
-    c = both[both["_side"] == "cand"].set_index("_key")
+    b, c = _sides(base, cand, on, notes)
     common = [k for k in b.index if k in c.index]
     if not common:
         raise GateInputError(
@@ -416,18 +308,12 @@ def compare(base: pd.DataFrame, cand: pd.DataFrame, settings: Settings | None = 
     judged = []
     for key in common:
         rb, rc = b.loc[key].to_dict(), c.loc[key].to_dict()
-        ident = {"key": key, "label": rb["_label"], "point_key": rc.get("point_key")}
-        verdicts: list[tuple[str, Verdict]] = []
-        sv = status_verdict(rb, rc)
-        if sv is not None:
-            verdicts.append(("status", sv))
-        else:
-            for m in metrics:
-                v = metric_verdict(rb, rc, m, settings)
-                if v is None:
-                    unmeasured[m.name] = unmeasured.get(m.name, 0) + 1
-                else:
-                    verdicts.append((m.name, v))
+        label = rb["_label"] if rb["_label"] == rc["_label"] else f"{rb['_label']} → {rc['_label']}"
+        ident = {"key": key, "label": label, "point_key": rc.get("point_key")}
+        verdicts = _judge(rb, rc, metrics, settings, noise, unmeasured)
+        if "point_key" in on and rb.get("point_key") != rc.get("point_key"):
+            for _, v in verdicts:
+                v.reason += f"; point key changed ({str(rb.get('point_key'))[:8]} -> {str(rc.get('point_key'))[:8]})"
         judged.append((ident, rb, rc, verdicts))
     if settings.correction == "holm":
         notes.append(holm(
@@ -451,21 +337,18 @@ def compare(base: pd.DataFrame, cand: pd.DataFrame, settings: Settings | None = 
     order = {v: i for i, v in enumerate(VERDICTS)}
     rows_df = pd.DataFrame(rows, columns=ROW_COLUMNS)
     rows_df = rows_df.assign(_o=rows_df["verdict"].map(order)).sort_values(["_o", "label", "metric"]).drop(columns="_o")
-    return GateResult(
-        rows=rows_df.reset_index(drop=True),
-        points=pd.DataFrame(points),
-        base_only=_unmatched(b, c),
-        cand_only=_unmatched(c, b),
-        notes=notes,
-        settings=settings,
-    )
+    result = GateResult(rows=rows_df.reset_index(drop=True), points=pd.DataFrame(points), base_only=unmatched(b, c),
+                        cand_only=unmatched(c, b), notes=notes, settings=settings)  # fmt: skip
+    if result.unpaired:
+        notes.append(UNPAIRED_NOTE.format(n=result.unpaired))
+    return result
 
 
 def holm(verdicts: list[Verdict], alpha: float) -> str:
     """Holm-Bonferroni over the verdicts a rank test decided (those with a p-value): the i-th smallest p of m
     must be below alpha / (m - i), and from the first that is not, none is significant. A regression or
-    improvement that does not hold is no change, or unknown where its sample counts cannot reach that level.
-    Returns the note that says what was corrected."""
+    improvement that does not hold is inconclusive (unknown: the change is beyond the threshold, the evidence
+    not strong enough). Returns the note that says what was corrected."""
     tested = sorted((v for v in verdicts if math.isfinite(v.p_value)), key=lambda v: v.p_value)
     m, held = len(tested), True
     for i, v in enumerate(tested):
@@ -474,13 +357,7 @@ def holm(verdicts: list[Verdict], alpha: float) -> str:
         if held or v.verdict not in (REGRESSION, IMPROVEMENT):
             continue
         reach = min_p_value(v.n_base) if v.mode == "paired" else min_p_value(v.n_base, v.n_cand)
-        v.verdict = UNKNOWN if reach >= level else NO_CHANGE
-        v.reason = f"{_pct(v.change)} but p={v.p_value:.2g} is not below Holm's {level:.2g} (test {i + 1} of {m})"
+        why = " (these sample counts cannot reach it)" if reach >= level else ""
+        _inconclusive(v, f"{_pct(v.change)} but p={v.p_value:.2g} is not below Holm's {level:.2g} (test {i + 1} of "
+                         f"{m}){why}")  # fmt: skip
     return f"Holm-Bonferroni over {m} rank test(s): alpha {alpha:g} bounds the chance of any false verdict"
-
-
-def _unmatched(side: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
-    """Points of ``side`` with no partner in ``other``: listed in every output, never silently dropped."""
-    rows = side.loc[~side.index.isin(other.index)]
-    cols = [c for c in ("_label", "point_key", "status", "error") if c in rows.columns]
-    return rows[cols].rename(columns={"_label": "label"}).reset_index(drop=True)

@@ -1,8 +1,9 @@
 """`harness compare BASE CAND` (the CI gate) and `harness export DIR --format ...`.
 
 Exit codes of compare: 0 no regression, 1 at least one regression, 2 usage or input error (one line on stderr,
-no traceback). An unreadable record is named in a warning and the other records are still compared and shown;
-the status is then 2 (unless something regressed: 1), since the gate cannot vouch for a point it did not read.
+no traceback), 3 nothing gated (no gated metric of any matched point got a verdict; ``--allow-ungated``: 0). An
+unreadable record is named in a warning and the other records are still compared and shown; the status is then 2
+(unless something regressed: 1), since the gate cannot vouch for a point it did not read.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from harness.export import (
     ExportError,
     missing_errors,
     read_points,
+    strict_json,
     table_with_samples,
     write,
 )
 from harness.gate import compare
+from harness.gate_noise import load_noise
 from harness.gate_report import Sources, exit_code, render_markdown, render_terminal, to_json
 from harness.gate_settings import (
     CORRECTIONS,
@@ -46,13 +49,15 @@ from harness.gate_settings import (
 
 COMPARE_EPILOG = f"""metrics (default: {", ".join(DEFAULT_METRICS)}): {", ".join(METRICS)}
 
-verdicts: regression (worse: U test p < alpha, change beyond the threshold and non-overlapping median CIs, all
-three), improvement (the same, better), no change (measured, within noise or threshold), unknown (too few
-samples, timings not representative, different environment fingerprints, failed or skipped on a side).
+verdicts: regression (worse: U test p < alpha, or signed-rank for points timed in turns, change beyond the
+threshold and non-overlapping median CIs, all three), improvement (the same, better), no change (measured,
+within the threshold), unknown (too few samples, inconclusive: beyond the threshold but not confirmed by the
+tests, timings not representative, different environment fingerprints, failed or skipped on a side).
 A point ok in BASE that fails in CAND (failed, oom, timeout) is a regression.
 
 exit status: 0 no regression, 1 regression, 2 usage or input error (also when a record could not be read and
-nothing regressed among the others, which are still compared).
+nothing regressed among the others, which are still compared), 3 nothing gated (no timed metric of any matched
+point got a regression, improvement or no-change verdict; --allow-ungated makes it 0).
 
 thresholds file (YAML or JSON):
   threshold: 0.05                       # default minimum relative change of timed metrics
@@ -131,6 +136,18 @@ def compare_parser() -> argparse.ArgumentParser:
         help="gate points whose environment fingerprints differ (said in every such reason)",
     )
     p.add_argument(
+        "--allow-ungated",
+        action="store_true",
+        help="exit 0 rather than 3 when nothing could be gated (every timing unknown, e.g. a new runner)",
+    )
+    p.add_argument(
+        "--history",
+        type=Path,
+        metavar="DB",
+        help="history database (harness history add): an unpaired timed change must also exceed 3x the point's "
+        "run-to-run spread of medians over its stored sweeps in the same environment",
+    )
+    p.add_argument(
         "--match",
         default=",".join(DEFAULT_MATCH),
         metavar="COLS",
@@ -173,6 +190,8 @@ def settings_from(opts: argparse.Namespace) -> Settings:
         allow_env_mismatch=opts.allow_env_mismatch,
         match=match,
         correction=opts.correction,
+        history=str(opts.history) if opts.history else None,
+        allow_ungated=opts.allow_ungated,
     )
 
 
@@ -211,7 +230,8 @@ def _compare(opts: argparse.Namespace) -> int:
     settings = settings_from(opts)
     base, base_errors = _read(opts.base, "BASE")
     cand, cand_errors = _read(opts.cand, "CAND")
-    result = compare(base, cand, settings)
+    noise = load_noise(settings.history) if settings.history else None
+    result = compare(base, cand, settings, noise)
     sources = Sources(
         str(opts.base),
         str(opts.cand),
@@ -225,7 +245,7 @@ def _compare(opts: argparse.Namespace) -> int:
         _write_text(opts.markdown, markdown)
     if os.environ.get("GITHUB_STEP_SUMMARY"):
         _write_text(Path(os.environ["GITHUB_STEP_SUMMARY"]), markdown + "\n", append=True)
-    doc = json.dumps(to_json(result, sources), indent=1, default=str)
+    doc = json.dumps(strict_json(to_json(result, sources)), indent=1, default=str, allow_nan=False)
     if opts.json and str(opts.json) == "-":
         sys.stdout.write(doc + "\n")
     else:

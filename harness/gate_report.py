@@ -15,7 +15,9 @@ from harness.gate import IMPROVEMENT, NO_CHANGE, REGRESSION, UNKNOWN, VERDICTS, 
 from harness.gate_settings import METRICS
 
 MARKS = {REGRESSION: "❌", IMPROVEMENT: "🚀", UNKNOWN: "❔", NO_CHANGE: "✅"}
-EXIT_PASS, EXIT_REGRESSION, EXIT_INPUT = 0, 1, 2
+WARN = "⚠️"
+EXIT_PASS, EXIT_REGRESSION, EXIT_INPUT, EXIT_UNGATED = 0, 1, 2, 3
+JSON_VERDICTS = {EXIT_PASS: "pass", EXIT_REGRESSION: REGRESSION, EXIT_INPUT: "incomplete", EXIT_UNGATED: "ungated"}
 
 
 @dataclass
@@ -32,18 +34,42 @@ class Sources:
 
 def exit_code(result: GateResult, sources: Sources) -> int:
     """1 on a regression; else 2 when a record could not be read (the gate cannot vouch for a point it did not
-    see: a corrupted record must not pass as "no regression"); else 0."""
+    see: a corrupted record must not pass as "no regression"); else 3 when nothing was gated (no gated metric of
+    any matched point got a regression, improvement or no-change verdict: a new runner or torch build makes every
+    timing unknown, and that must not read as a pass) unless ``--allow-ungated``; else 0."""
     if result.regressions:
         return EXIT_REGRESSION
-    return EXIT_INPUT if sources.errors else EXIT_PASS
+    if sources.errors:
+        return EXIT_INPUT
+    return EXIT_UNGATED if not result.decisive and not result.settings.allow_ungated else EXIT_PASS
 
 
-def headline(result: GateResult) -> str:
+def headline(result: GateResult, sources: Sources | None = None) -> str:
+    """One line every consumer shows (terminal, Markdown, JSON, the dashboard): what the gate found, and that it
+    is incomplete where records could not be read."""
     c = result.counts()
     n = len(result.points)
-    verdict = f"REGRESSION: {c[REGRESSION]} of {n} points regressed" if c[REGRESSION] else "no regression"
+    if c[REGRESSION]:
+        verdict = f"REGRESSION: {c[REGRESSION]} of {n} points regressed"
+    elif not result.decisive:
+        verdict = f"nothing gated: no {', '.join(result.gated_metrics())} verdict for any of the {n} matched points"
+    else:
+        verdict = "no regression"
     rest = ", ".join(f"{c[v]} {v}" for v in VERDICTS if v != REGRESSION)
-    return f"{verdict} ({rest}; {len(result.base_only)} only in BASE, {len(result.cand_only)} only in CAND)"
+    text = f"{verdict} ({rest}; {len(result.base_only)} only in BASE, {len(result.cand_only)} only in CAND)"
+    if sources is not None and sources.errors:
+        text += f"; incomplete: {len(sources.errors)} record(s) could not be read"
+    return text
+
+
+def mark(result: GateResult, sources: Sources) -> str:
+    """❌ on a regression; ⚠️ when something was not gated (unreadable records, nothing gated, unknown or unmatched
+    points); ✅ only when every point of both sides got a verdict and none regressed."""
+    if result.regressions:
+        return MARKS[REGRESSION]
+    c = result.counts()
+    partial = sources.errors or not result.decisive or c[UNKNOWN] or len(result.base_only) or len(result.cand_only)
+    return WARN if partial else MARKS[NO_CHANGE]
 
 
 def fmt(value: Any, metric: str = "") -> str:
@@ -61,6 +87,8 @@ def fmt(value: Any, metric: str = "") -> str:
 
 def _change(row: pd.Series) -> str:
     ch = row["change"]
+    if ch in ("inf", "-inf"):  # a stored JSON document (strict JSON has no infinity)
+        return "+inf" if ch == "inf" else "-inf"
     if not isinstance(ch, float) or math.isnan(ch):
         return "-"
     if math.isinf(ch):
@@ -111,7 +139,10 @@ def render_terminal(result: GateResult, sources: Sources) -> str:
     extra += [f"unreadable: {e}" for e in sources.errors]
     if extra:
         parts += ["", *extra]
-    parts += ["", headline(result)]
+    parts += ["", headline(result, sources)]
+    if not result.decisive and not result.regressions:
+        status = "exit status 0: --allow-ungated" if result.settings.allow_ungated else "exit status 3"
+        parts.append(f"nothing gated: no gated metric of any matched point got a verdict ({status})")
     if sources.errors:
         parts.append(
             f"incomplete: {len(sources.errors)} record(s) could not be read (exit status 2 unless a regression)"
@@ -129,24 +160,53 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str
     return out
 
 
+def _thresholds(result: GateResult) -> str:
+    """Each gated metric's threshold as it applies (flags, file, built-in defaults), and the per-point rules."""
+    th = result.settings.thresholds
+    parts = []
+    for name in result.settings.metrics:
+        m = METRICS[name]
+        t = th.get(m, {})
+        parts.append(f"{name} {t:g} absolute" if m.kind == "absolute" else f"{name} {t:.1%}")
+    return ", ".join(parts) + (f", {len(th.rules)} per-point rule(s)" if th.rules else "")
+
+
+def settings_line(result: GateResult) -> str:
+    """What a verdict needed, naming the tests the rows really used (U test, signed-rank when timed in turns, CIs
+    only without raw samples), Holm when on, the history's noise floor, and every gated metric's threshold."""
+    s = result.settings
+    modes = set(result.rows["mode"]) if len(result.rows) else set()
+    holm = " (Holm-corrected over all rank tests)" if s.correction == "holm" else ""
+    tests = []
+    if "samples" in modes:
+        tests.append(f"the U test on the raw samples (p < {s.alpha:g}{holm}) and non-overlapping {s.confidence:.0%} "
+                     "CIs of the medians")  # fmt: skip
+    if "paired" in modes:
+        tests.append(f"for points timed in turns, the signed-rank test on the per-round ratios (p < {s.alpha:g}{holm}) "
+                     f"and a {s.confidence:.0%} CI of the median ratio that excludes 1")  # fmt: skip
+    if "table" in modes:
+        tests.append(f"without raw samples, non-overlapping {s.confidence:.0%} CIs of the medians (no rank test)")
+    noise = f", raised to {s.noise_k:g}x each point's run-to-run spread in {s.history}" if s.history else ""
+    need = "; ".join(tests) or "single values against their thresholds"
+    return (
+        f"Gated: {', '.join(s.metrics)}. A timed regression needs {need}, a change beyond the threshold "
+        f"({_thresholds(result)}{noise}) and at least {s.min_samples} samples a side; a change beyond the "
+        "threshold that the tests do not confirm is unknown (inconclusive: needs more samples)."
+    )
+
+
 def render_markdown(result: GateResult, sources: Sources) -> str:
     """The CI summary: headline, the regressions, improvements and unknowns, the rest folded away."""
-    s = result.settings
-    c = result.counts()
-    mark = MARKS[REGRESSION] if c[REGRESSION] else "⚠️" if sources.errors else MARKS[NO_CHANGE]
-    incomplete = f"; incomplete: {len(sources.errors)} record(s) could not be read" if sources.errors else ""
-    th = s.thresholds
     lines = [
-        f"## {mark} LLM inference gate: {headline(result)}{incomplete}",
+        f"## {mark(result, sources)} LLM inference gate: {headline(result, sources)}",
         "",
         f"BASE `{sources.base}` ({sources.n_base} points, {sources.kinds[0]}) vs CAND `{sources.cand}` "
-        f"({sources.n_cand} points, {sources.kinds[1]}). Gated: {', '.join(s.metrics)}; a regression needs the "
-        f"U test (p < {s.alpha:g}), a change beyond the threshold (default {th.default:.1%}"
-        + "".join(f", {k} {v:g}" for k, v in th.metrics.items())
-        + (f", {len(th.rules)} per-point rule(s)" if th.rules else "")
-        + f") and non-overlapping {s.confidence:.0%} CIs of the medians; at least {s.min_samples} samples a side.",
+        f"({sources.n_cand} points, {sources.kinds[1]}). {settings_line(result)}",
         "",
     ]
+    if result.unpaired:
+        lines += [f"{WARN} **Unpaired:** BASE and CAND were timed in separate runs ({result.unpaired} timed "
+                  "verdict(s)): drift between runs is not in the tests (see the notes).", ""]  # fmt: skip
     rows = result.rows
     shown = rows[rows["verdict"] != NO_CHANGE] if len(rows) else rows
     if len(shown):
@@ -166,11 +226,15 @@ def render_markdown(result: GateResult, sources: Sources) -> str:
 
 
 def to_json(result: GateResult, sources: Sources) -> dict[str, Any]:
-    """Everything, machine-readable: the verdict of each point and metric with its numbers."""
+    """Everything, machine-readable: the verdict of each point and metric with its numbers. ``verdict`` follows
+    the exit status (regression, incomplete, ungated, pass)."""
+    code = exit_code(result, sources)
     return {
-        "verdict": REGRESSION if result.regressions else "pass",
-        "exit_code": exit_code(result, sources),
-        "headline": headline(result),
+        "verdict": JSON_VERDICTS[code],
+        "exit_code": code,
+        "headline": headline(result, sources),
+        "gated": result.decisive > 0,
+        "unpaired": result.unpaired,
         "counts": result.counts(),
         "base": {"path": sources.base, "points": sources.n_base, "kind": sources.kinds[0]},
         "cand": {"path": sources.cand, "points": sources.n_cand, "kind": sources.kinds[1]},

@@ -165,6 +165,9 @@ class Settings:
     allow_env_mismatch: bool = False
     match: tuple[str, ...] = DEFAULT_MATCH
     correction: str = "none"  # none | holm: Holm-Bonferroni over every rank-tested metric of every point
+    history: str | None = None  # --history: the database whose stored sweeps give each point's run-to-run spread
+    noise_k: float = 3.0  # with a history, an unpaired timed change must exceed noise_k x that spread
+    allow_ungated: bool = False  # exit 0 (not 3) when no gated metric of any point got a verdict
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -5,9 +5,11 @@ wherever it was copied, changes nothing), with the git SHA of the measured code,
 environment fingerprint. Each record is stored once: a later state of a stored sweep (resumed with
 ``resume=true``, which rewrites its failed records and its ``sweep.json``) supersedes it, where the two share a
 record (the same measurement, from wherever it was copied) or, for a resumed sweep that rewrote every record, it
-is the newest sweep stored from the same directory before it (not an earlier commit's sweep of that folder);
-the points of the stored one that the new one holds again are replaced, its others are kept. A folder holding
-sweeps (``sweep.json`` below it, none of its own) is refused, naming the sweeps to add one by one.
+is the newest sweep stored from the same directory before it that it really resumes: a true resume keeps the
+first run's ``started_at`` in ``sweep.json`` and adds ``resumed_at``, or the two measured the same git commit.
+A sweep of another commit is never replaced (CI measures one folder afresh for each commit, with ``resume=true``
+as a harmless default). The points of the stored one that the new one holds again are replaced, its others kept.
+A folder holding sweeps (``sweep.json`` below it, none of its own) is refused, naming the sweeps to add one by one.
 
 Every record is kept whole (compressed), raw samples included, beside its table row
 (``harness.records.flatten``). One transaction per sweep: a sweep is stored completely or not at all, and a
@@ -98,6 +100,7 @@ class Sweep:
     report: Path | None
     records: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (path inside the sweep, record)
     resumed: bool = False  # some record was measured with resume=true (in this directory's earlier sweep)
+    resumed_at: str | None = None  # sweep.json's: written only where a resume found an earlier sweep.json there
     superseded: list[str] = field(default_factory=list)  # what `add` replaced, one line each
 
     @property
@@ -189,6 +192,7 @@ def read_sweep(directory: str | Path) -> Sweep:
         report=report.resolve() if report.is_file() else None,
         records=records,
         resumed=any((r.get("config") or {}).get("resume") is True for _, r in records),
+        resumed_at=str(meta["resumed_at"]) if meta.get("resumed_at") else None,
     )
 
 
@@ -250,6 +254,15 @@ def _when(iso: str | None) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
+def _resumes(sweep: Sweep, started: str, git_sha: str | None) -> bool:
+    """Whether ``sweep`` is a later state of the stored sweep that started at ``started`` from ``git_sha``: never
+    across commits; a true resume (``resumed_at`` and the same start), or the same commit measured again."""
+    if sweep.git_sha and git_sha and sweep.git_sha != git_sha:
+        return False
+    same_start = _when(started) == _when(sweep.started_at)
+    return bool(sweep.resumed_at and same_start) or bool(sweep.git_sha and sweep.git_sha == git_sha)
+
+
 def _superseded(conn: sqlite3.Connection, sweep: Sweep) -> tuple[dict[str, list[str]], str | None]:
     """The stored points that ``sweep`` holds again, per stored sweep: those of the stored sweeps it is a later
     state of (they share a record, or it rewrote every record resuming the newest one added from its directory)
@@ -269,11 +282,14 @@ def _superseded(conn: sqlite3.Connection, sweep: Sweep) -> tuple[dict[str, list[
                 blob = conn.execute("SELECT record FROM points WHERE rowid = ?", (rowid,)).fetchone()[0]
                 if _content_hash(_unpack(blob)) in hashes:
                     related.add(sid)
-    if sweep.resumed and not related:
+    if (sweep.resumed or sweep.resumed_at) and not related:
         # every record rewritten (all had failed): the state it resumes is the newest one stored from its
-        # directory before it, not every sweep ever added from there (a folder CI measures afresh each time)
-        stored = conn.execute("SELECT id, started_at FROM sweeps WHERE source = ?", (str(sweep.source),)).fetchall()
-        before = [(started, sid) for sid, started in stored if not _later(started, sweep.started_at)]
+        # directory before it that it really resumes, not every sweep ever added from there (a folder CI measures
+        # afresh each time, possibly with resume=true)
+        query = "SELECT id, started_at, git_sha FROM sweeps WHERE source = ?"
+        stored = conn.execute(query, (str(sweep.source),)).fetchall()
+        before = [(started, sid) for sid, started, sha in stored
+                  if not _later(started, sweep.started_at) and _resumes(sweep, started, sha)]  # fmt: skip
         if before:
             related.add(max(before, key=lambda b: _when(b[0]))[1])
     drop: dict[str, list[str]] = {}

@@ -17,7 +17,7 @@ from pytest_benchmark.stats import Stats
 
 from harness.export import PYTEST_METRICS, pytest_stats, read_points, table_with_samples
 from harness.gate import compare
-from harness.records import RECORD_NAME
+from harness.records import RECORD_NAME, write_record
 
 PYTEST_BENCHMARK = Path(sys.executable).parent / "pytest-benchmark"
 
@@ -68,7 +68,8 @@ def test_pytest_benchmark_layout_matches_what_pytest_writes(exported, tmp_path):
     # one benchmark per measured, representative point and timed metric; the rest counted, not exported
     ok = df[(df.status == "ok") & (df.timing_representative != False)]  # noqa: E712
     assert len(doc["benchmarks"]) == len(ok) * len(PYTEST_METRICS) == 2 * 5
-    assert doc["harness"]["left_out"] == {"not ok": 2, "timing not representative": 2}
+    left = {"not ok": 2, "timing not representative": 2, "older record of a re-run point": 0}
+    assert doc["harness"]["left_out"] == left
     assert len({b["fullname"] for b in doc["benchmarks"]}) == len(doc["benchmarks"])
     for b in doc["benchmarks"]:
         row = ok[ok.point_key == b["params"]["point_key"]].iloc[0]
@@ -255,3 +256,56 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temp_file(tmp_path, mo
     with pytest.raises(OSError, match="No space"):
         records.write_bytes_atomic(out, b"new")
     assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+
+
+def test_the_json_table_keeps_an_infinite_perplexity(run_harness, tmp_path, synthetic_point, capsys):
+    """Records derive ppl = inf from the NLL; the table export writes it as null plus a "nonfinite" mark that the
+    reader restores, so a gate on table.json still sees the regression (and the file is strict JSON)."""
+    good = {"top1_agreement": 0.99, "ppl": 10.0, "nll": math.log(10.0), "nonfinite_fraction": 0.0}
+    synthetic_point(tmp_path / "base" / "0", tpot=[2.0] * 10, ttft=[5.0] * 10, quality=good)
+    synthetic_point(tmp_path / "cand" / "0", tpot=[2.0] * 10, ttft=[5.0] * 10,
+                    quality={**good, "ppl": None, "nll": 800.0})  # fmt: skip
+    out = tmp_path / "cand.json"
+    assert run_harness("export", str(tmp_path / "cand"), "--format", "json", "-o", str(out)) == 0
+    doc = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the export"))
+    assert doc["rows"][0]["ppl"] is None and doc["nonfinite"] == [[0, "ppl", "inf"]]
+    assert read_points(out)["ppl"].tolist() == [math.inf]
+    capsys.readouterr()
+    assert run_harness("compare", str(tmp_path / "base"), str(out), "--metric", "ppl") == 1
+    assert "regression" in capsys.readouterr().out
+
+
+def test_csv_keeps_identifiers_as_text(run_harness, tmp_path, synthetic_point, capsys):
+    """Fingerprint 123e45678901 reads as a float and a key of digits loses its leading zeros, unless kept as text."""
+    for side in ("base", "cand"):
+        rec = synthetic_point(tmp_path / side / "0", tpot=[2.0] * 10, ttft=[5.0] * 10, env_id="123e45678901")
+    path = tmp_path / "cand" / "0" / RECORD_NAME
+    path.write_text(path.read_text().replace(rec["point_key"], "0012345678901234"))
+    path = tmp_path / "base" / "0" / RECORD_NAME
+    path.write_text(path.read_text().replace(rec["point_key"], "0012345678901234"))
+    out = tmp_path / "cand.csv"
+    assert run_harness("export", str(tmp_path / "cand"), "--format", "csv", "-o", str(out)) == 0
+    back = read_points(out)
+    assert back["fingerprint"].tolist() == ["123e45678901"] and back["point_key"].tolist() == ["0012345678901234"]
+    capsys.readouterr()
+    assert run_harness("compare", str(tmp_path / "base"), str(out)) == 0
+    text = capsys.readouterr().out
+    assert "environments differ" not in text and "2 no change" not in text and "1 no change" in text
+
+
+def test_pytest_benchmark_keeps_the_latest_record_of_a_re_run_point(run_harness, tmp_path, synthetic_point, capsys):
+    """A point re-run into its sweep has two records: one benchmark per name (the latest), the other listed."""
+    old = synthetic_point(tmp_path / "sweep" / "0", tpot=[3.0] * 10, ttft=[5.0] * 10)
+    new = synthetic_point(tmp_path / "sweep" / "0-rerun", tpot=[2.0] * 10, ttft=[5.0] * 10)
+    for d, rec, when in (("0", old, "2026-11-23T12:00:00+00:00"), ("0-rerun", new, "2026-11-23T13:00:00+00:00")):
+        write_record(tmp_path / "sweep" / d, {**rec, "started_at": when})
+    out = tmp_path / "bench.json"
+    assert run_harness("export", str(tmp_path / "sweep"), "--format", "pytest-benchmark", "-o", str(out)) == 0
+    assert "(left out: 1 older record of a re-run point)" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    names = [b["fullname"] for b in doc["benchmarks"]]
+    assert len(names) == len(set(names)) == len(PYTEST_METRICS)
+    tpot = next(b for b in doc["benchmarks"] if b["group"] == "tpot_ms")
+    assert tpot["stats"]["median"] == pytest.approx(0.002)  # the re-run's 2 ms, not the first 3 ms
+    assert doc["harness"]["superseded"] == [{"point_key": old["point_key"], "started_at": "2026-11-23T12:00:00+00:00",
+                                             "record_path": str(tmp_path / "sweep" / "0" / RECORD_NAME)}]  # fmt: skip

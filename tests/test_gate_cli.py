@@ -47,7 +47,7 @@ def test_cli_exit_codes_table_markdown_and_json(run_harness, two_sweeps, tmp_pat
         "compare", str(base), str(cand), "--metric", "tpot_ms:0.25", "--markdown", str(tmp_path / "g.md")
     )
     assert code == 0 and "no regression" in capsys.readouterr().out
-    assert "tpot_ms 0.25" in (tmp_path / "g.md").read_text()
+    assert "tpot_ms 25.0%" in (tmp_path / "g.md").read_text()
     assert run_harness("compare", str(base), str(base), "--json", "-") == 0
     assert json.loads(capsys.readouterr().out)["counts"]["no change"] == 3
 
@@ -178,3 +178,22 @@ def test_cli_a_record_whose_schema_version_is_not_an_integer_is_named(run_harnes
         read_record(path)
     assert run_harness("compare", str(base), str(cand)) == 2
     assert "schema_version must be an integer" in capsys.readouterr().err
+
+
+def test_the_workflow_fails_loudly_when_a_pull_request_finds_no_baseline():
+    """An evicted or expired cache must not skip the gate and leave the pull request green."""
+    wf = yaml.safe_load((REPO / "examples" / "github-actions.yml").read_text())
+    steps = wf["jobs"]["gate"]["steps"]
+    names = [s.get("name") for s in steps]
+    guard = steps[names.index("Require a baseline")]
+    assert "pull_request" in guard["if"] and "steps.baseline.outputs.cache-matched-key == ''" in guard["if"]
+    assert "::error" in guard["run"] and guard["run"].rstrip().endswith("exit 1")
+    assert names.index("Restore main's baseline") < names.index("Require a baseline") < names.index("CI sweep")
+    gate = steps[names.index("Gate")]
+    assert "cache-matched-key" in gate["run"] and "GITHUB_STEP_SUMMARY" in gate["run"]  # which baseline was used
+
+
+def test_cli_help_names_exit_3_and_the_new_flags(run_harness, capsys):
+    assert run_harness("compare", "--help") == 0
+    out = capsys.readouterr().out
+    assert "3 nothing gated" in out and "--allow-ungated" in out and "--history DB" in out

@@ -341,3 +341,46 @@ def test_a_folder_of_sweeps_is_refused_naming_them(tmp_path, synthetic_point, ru
     assert not db.exists()
     assert run_harness("history", "add", str(parent / "a"), str(parent / "b"), "--db", str(db)) == 0
     assert _counts(db) == (2, 4, 0)
+
+
+def _ci_sweep(sweep, synthetic_point, sha, started, meta=None, scale=1.0):
+    """What CI writes into its one folder for a commit: every point measured afresh, with resume=true."""
+    shutil.rmtree(sweep, ignore_errors=True)
+    for b in (1, 2):
+        rec = synthetic_point(sweep / str(b - 1), ttft=[5.0 * b * scale] * 3, tpot=[1.0 * b * scale] * 3,
+                              batch_size=b)  # fmt: skip
+        rec["env"]["git"]["sha"] = sha
+        write_record(sweep / str(b - 1), {**rec, "started_at": started, "config": {"resume": True}})
+    write_sweep_meta(sweep, {"started_at": started, "total": 2, **(meta or {})})
+
+
+def test_resume_true_in_ci_never_replaces_another_commits_sweep(tmp_path, synthetic_point, run_harness, capsys):
+    """One folder, three commits, each measured afresh with resume=true (nothing to resume): three sweeps."""
+    sweep, db = tmp_path / "ci", tmp_path / "h.sqlite"
+    for i in range(3):
+        _ci_sweep(sweep, synthetic_point, f"{i:040d}", f"2026-11-2{i}T12:00:00+00:00", scale=1 + i / 10)
+        assert run_harness("history", "add", str(sweep), "--db", str(db)) == 0
+    assert "replaced" not in capsys.readouterr().out
+    sweeps, points = _read(db)
+    assert sweeps.git_sha.tolist() == [f"{i:040d}" for i in range(3)] and len(points) == 6
+
+
+def test_a_true_resume_replaces_the_state_it_resumed_even_without_a_commit(tmp_path, synthetic_point, run_harness,
+                                                                           capsys):  # fmt: skip
+    """Not a git checkout (no SHA): a resume is known by sweep.json's resumed_at and its unchanged start; a sweep
+    measured afresh with resume=true (a new start, no resumed_at) replaces nothing."""
+    sweep, db = tmp_path / "ci", tmp_path / "h.sqlite"
+    _ci_sweep(sweep, synthetic_point, None, "2026-11-20T12:00:00+00:00")
+    assert run_harness("history", "add", str(sweep), "--db", str(db)) == 0
+    first = _read(db)[0].id.tolist()
+    _ci_sweep(sweep, synthetic_point, None, "2026-11-21T12:00:00+00:00", scale=1.2)
+    assert run_harness("history", "add", str(sweep), "--db", str(db)) == 0
+    assert len(_read(db)[0]) == 2 and "replaced" not in capsys.readouterr().out
+    second = [i for i in _read(db)[0].id if i not in first]
+    resumed = {"resumed_at": "2026-11-21T13:00:00+00:00"}
+    _ci_sweep(sweep, synthetic_point, None, "2026-11-21T12:00:00+00:00", resumed, scale=1.3)
+    assert run_harness("history", "add", str(sweep), "--db", str(db)) == 0
+    out = capsys.readouterr().out
+    assert f"replaced: sweep {second[0]}" in out and first[0] not in out
+    sweeps = _read(db)[0]
+    assert len(sweeps) == 2 and first[0] in sweeps.id.tolist()
