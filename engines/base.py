@@ -84,7 +84,7 @@ class Engine:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """An engine written against ``available(self, device)`` (before the dtype was passed) keeps working:
-        its method is wrapped to take and ignore the dtype."""
+        its method is wrapped to take and ignore the dtype (or to pass it by name when it is keyword-only)."""
         super().__init_subclass__(**kwargs)
         own = cls.__dict__.get("available")
         if own is None:
@@ -93,14 +93,17 @@ class Engine:
             params = list(inspect.signature(own).parameters.values())
         except (TypeError, ValueError):
             return
-        takes_dtype = len(params) >= 3 or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
-        if not takes_dtype:
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(positional) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in params):
+            return  # takes the dtype as the harness passes it, positionally
+        # a keyword-only dtype (``available(self, device, *, dtype=None)``) is passed by name, else dropped
+        by_name = any(p.kind is p.VAR_KEYWORD or (p.kind is p.KEYWORD_ONLY and p.name == "dtype") for p in params)
 
-            @functools.wraps(own)
-            def available(self: Engine, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
-                return own(self, device)
+        @functools.wraps(own)
+        def available(self: Engine, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+            return own(self, device, dtype=dtype) if by_name else own(self, device)
 
-            cls.available = available  # type: ignore[method-assign]
+        cls.available = available  # type: ignore[method-assign]
 
     def available(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
         """None when this engine (with its params) can run on ``device`` with weights in ``dtype`` (when given),
@@ -143,7 +146,8 @@ class Engine:
 
 
 _REGISTRY: dict[str, type[Engine]] = {}
-_LOADED = False
+_LOADED = False  # set once the built-in engines are imported (a failure among them is retried on the next call)
+_LOADING = False  # a module being imported may ask for the registry: it gets what is there so far
 
 
 def register(cls: type[Engine]) -> type[Engine]:
@@ -156,28 +160,43 @@ def register(cls: type[Engine]) -> type[Engine]:
     return cls
 
 
+def _provides_engine(module: types.ModuleType) -> bool:
+    """Whether a registered engine is defined in ``module`` (or imported into it). Decided per module, not by
+    whether the registry grew: a module imported earlier (by user code, HARNESS_ENGINES or another entry point)
+    registers nothing new when loaded again, yet its engines are there."""
+    names = vars(module)
+    return any(c.__module__ == module.__name__ or names.get(c.__name__) is c for c in _REGISTRY.values())
+
+
 def _load_all() -> None:
-    global _LOADED
-    if _LOADED:
+    global _LOADED, _LOADING
+    if _LOADED or _LOADING:
         return
-    _LOADED = True
-    for mod in BUILTIN_MODULES:
-        importlib.import_module(mod)
+    _LOADING = True
+    try:
+        for mod in BUILTIN_MODULES:
+            importlib.import_module(mod)
+        _LOADED = True
+        _load_plugins()
+    finally:
+        _LOADING = False
+
+
+def _load_plugins() -> None:
+    global _LOADED
     for mod in (m.strip() for m in os.environ.get(ENGINE_MODULES_ENV, "").split(",")):
         if not mod:
             continue
-        before = set(_REGISTRY)
         try:
-            importlib.import_module(mod)
+            module = importlib.import_module(mod)
         except Exception as exc:
             _LOADED = False
             why = f"{exc.__class__.__name__}: {exc}"
             raise EngineError(f"{ENGINE_MODULES_ENV}: cannot import {mod!r} ({why})") from None
-        if set(_REGISTRY) == before:
+        if not _provides_engine(module):
             log.warning("%s: module %r registered no engine (decorate its Engine subclass with "
                         "@engines.base.register)", ENGINE_MODULES_ENV, mod)  # fmt: skip
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        before = set(_REGISTRY)
         try:
             obj = ep.load()
         except Exception as exc:  # a broken plugin must not take the harness down
@@ -188,7 +207,7 @@ def _load_all() -> None:
                 register(obj)
             except TypeError as exc:  # a name another engine holds: this plugin is left out, the others load
                 log.warning("engine entry point %r not registered: %s", ep.name, exc)
-        elif not isinstance(obj, types.ModuleType) or set(_REGISTRY) == before:
+        elif not isinstance(obj, types.ModuleType) or not _provides_engine(obj):
             what = "a module that registered no engine" if isinstance(obj, types.ModuleType) else type(obj).__name__
             log.warning("engine entry point %r (%s) is %s, not an Engine subclass: ignored (point it at the "
                         "class, or at a module that decorates it with @register)", ep.name, ep.value, what)  # fmt: skip
@@ -265,8 +284,12 @@ def make_engine(cfg: dict[str, Any]) -> Engine:
 
 def engine_info(model: nn.Module) -> dict[str, Any]:
     """What an engine reports about its prepared model (``model.engine_info``, a dict set by ``prepare``):
-    measured sparsity, the student's shape and training, stored bytes per scheme... Goes into the record."""
-    info = getattr(model, "engine_info", None)
+    measured sparsity, the student's shape and training, stored bytes per scheme... Goes into the record; the
+    harness calls this once per point, as the point begins. A model whose information grows as it runs (a
+    compiled engine's compilations, reused by later points) defines ``point_info()``, the info of a point that
+    begins now, so that each record carries its own point's share only."""
+    point_info = getattr(model, "point_info", None)
+    info = point_info() if callable(point_info) else getattr(model, "engine_info", None)
     return dict(info) if isinstance(info, dict) else {}
 
 

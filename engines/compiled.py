@@ -26,15 +26,18 @@ at 29-32 GB/s, the machine's read bandwidth; ``small`` at batch 1 decoded 2.45x 
 and loses to the library (5 GB/s against 10), hence the default limit of 4.
 
 Compilation is lazy and never timed: the first call of each new shape compiles it (and, with CUDA graphs, runs
-it again to record the graph; re-running a step rewrites the same cache rows with the same values), which
-happens in the quality measurement and in warm-up, outside the timed window. Each compilation is appended to
-``engine_info["compile"]`` (shape, phase, seconds), which the record carries; ``metrics.warmup_s`` includes those
-of the timed shape (compiled in warm-up).
+a decode step again to record the graph; re-running a step rewrites the same cache rows with the same values),
+which happens in the quality measurement and in warm-up, outside the timed window. Prefill is compiled without
+CUDA graphs, as in gpt-fast (a graph would hold its [B, S, vocab] logits in the graph pool, plus a clone per
+call). Each compilation is appended to ``engine_info["compile"]`` (shape, phase, seconds); the record of a point
+carries that point's own (``point_info``: a prepared engine is reused by later points of the same variant), and
+``metrics.warmup_s`` includes those of the timed shape (compiled in warm-up).
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -46,6 +49,7 @@ from torch import Tensor, nn
 
 from engines.base import Engine, PrepareContext, choice, register
 from engines.base import weight_bytes as plain_weight_bytes
+from engines.llama import starts_at_zero
 
 MODES = ("default", "reduce-overhead", "max-autotune")
 GEMV = ("auto", "reduction", "library")
@@ -126,8 +130,8 @@ def _decode_step(model: nn.Module, tokens: Tensor, input_pos: Tensor) -> Tensor:
     return model(tokens, input_pos)
 
 
-def _prefill(model: nn.Module, tokens: Tensor, input_pos: Tensor) -> Tensor:
-    return model(tokens, input_pos)
+def _prefill(model: nn.Module, tokens: Tensor, input_pos: Tensor, from_zero: bool) -> Tensor:
+    return model(tokens, input_pos, from_zero=from_zero)  # read outside: reading input_pos would break the graph
 
 
 def recompile_kwargs() -> dict[str, Any]:
@@ -160,11 +164,17 @@ class CompiledModel(nn.Module):
         self.gemv = params.gemv_for(device)
         if self.gemv == "reduction":
             use_reduction_gemv(model, params.gemv_max_rows)
-        compile_kw = dict(fullgraph=True, dynamic=params.dynamic, options=self.options, **recompile_kwargs())
-        self._decode = torch.compile(_decode_step, **compile_kw)
-        self._prefill = torch.compile(_prefill, **compile_kw) if params.prefill else _prefill
+        compile_kw = dict(fullgraph=True, dynamic=params.dynamic, **recompile_kwargs())
+        self._decode = torch.compile(_decode_step, options=self.options, **compile_kw)
+        # prefill without CUDA graphs (as gpt-fast): a graph would keep its [B, S, vocab] logits in the graph pool
+        # and need a clone of them per call, for launches that a prefill's size makes negligible anyway
+        self.prefill_options = {**self.options, "triton.cudagraphs": False} if self.cuda_graphs else self.options
+        self._prefill = _prefill
+        if params.prefill:
+            self._prefill = torch.compile(_prefill, options=self.prefill_options, **compile_kw)
         self._weight_bytes = plain_weight_bytes(model)
-        self.compile_log: dict[str, Any] = {"count": 0, "seconds": 0.0, "events": []}
+        self.compile_log: dict[str, Any] = new_compile_log()  # since prepare
+        self._point_log: dict[str, Any] = new_compile_log()  # since the current point began (``point_info``)
 
     def weight_bytes(self) -> int:
         """The module's weights (frozen constants and prepacked copies are working copies of them)."""
@@ -182,38 +192,67 @@ class CompiledModel(nn.Module):
         if input_pos is None:  # the cacheless causal forward (tests, training-style use): not a compiled path
             return self.model(tokens)
         decode = tokens.shape[1] == 1
-        fn = self._decode if decode else self._prefill
+        call = self._call_decode if decode else self._call_prefill
         before = _graphs_compiled()
         t0 = time.perf_counter()
-        out = self._call(fn, tokens, input_pos)
+        out = call(tokens, input_pos)
         if _graphs_compiled() != before:
-            for _ in range(CUDA_GRAPH_WARM_CALLS if self.cuda_graphs else 0):
-                out = self._call(fn, tokens, input_pos)
+            for _ in range(CUDA_GRAPH_WARM_CALLS if self.cuda_graphs and decode else 0):
+                out = call(tokens, input_pos)
             if tokens.device.type == "cuda":
                 torch.cuda.synchronize(tokens.device)
             self._log_compile("decode" if decode else "prefill", tokens, time.perf_counter() - t0)
         return out
 
-    def _call(self, fn, tokens: Tensor, input_pos: Tensor) -> Tensor:
+    def _call_decode(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         if not self.cuda_graphs:
-            return fn(self.model, tokens, input_pos)
+            return self._decode(self.model, tokens, input_pos)
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer in use
-        return fn(self.model, tokens, input_pos).clone()  # the next replay overwrites the graph's output
+        return self._decode(self.model, tokens, input_pos).clone()  # the next replay overwrites the graph's output
+
+    def _call_prefill(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        return self._prefill(self.model, tokens, input_pos, starts_at_zero(input_pos, tokens.shape[1]))
 
     def _log_compile(self, phase: str, tokens: Tensor, seconds: float) -> None:
         cache = self.model.layers[0].attention.kv_cache.k_cache.shape
-        log = self.compile_log
-        log["events"].append({"phase": phase, "tokens": list(tokens.shape), "cache_rows": cache[0],
-                              "cache_len": cache[2], "seconds": round(seconds, 3)})  # fmt: skip
-        log["count"] += 1
-        log["seconds"] = round(log["seconds"] + seconds, 3)
+        event = {"phase": phase, "tokens": list(tokens.shape), "cache_rows": cache[0], "cache_len": cache[2],
+                 "seconds": round(seconds, 3)}  # fmt: skip
+        for log in (self.compile_log, self._point_log):
+            log["events"].append(dict(event))
+            log["count"] += 1
+            log["seconds"] = round(log["seconds"] + seconds, 3)
+
+    def point_info(self) -> dict[str, Any]:
+        """``engine_info`` for a point that begins now: its ``compile`` holds this point's compilations only
+        (filled while the point runs: quality, warm-up), not those of earlier points that reused this engine."""
+        self._point_log = new_compile_log()
+        return {**self.engine_info, "compile": self._point_log,
+                "compiled_before": {k: self.compile_log[k] for k in ("count", "seconds")}}  # fmt: skip
+
+
+def new_compile_log() -> dict[str, Any]:
+    return {"count": 0, "seconds": 0.0, "events": []}
+
+
+C_COMPILERS = ("cc", "gcc", "clang")
+
+
+def triton_launcher_unavailable() -> str | None:
+    """Triton builds each kernel's CUDA launcher with the host C compiler at first launch (``CC``, else cc, gcc
+    or clang on PATH); CUDA runtime images often have none, and the point would fail mid-run instead of skipping."""
+    cc = os.environ.get("CC")
+    if (cc and shutil.which(cc)) or any(shutil.which(c) for c in C_COMPILERS):
+        return None
+    return "Triton on CUDA needs a host C compiler to build its launchers (set CC, or put cc, gcc or clang on PATH)"
 
 
 def _unavailable_compiler(device: torch.device) -> str | None:
     if device.type == "cuda":
         from torch.utils._triton import has_triton
 
-        return None if has_triton() else "torch.compile on CUDA needs triton (not importable here)"
+        if not has_triton():
+            return "torch.compile on CUDA needs triton (not importable here)"
+        return triton_launcher_unavailable()
     if device.type == "cpu":
         from torch._inductor import config
 
@@ -242,7 +281,7 @@ class CompiledEngine(Engine):
         compiled.engine_info = {
             "mode": self.params.mode,
             "inductor_options": compiled.options,
-            "cuda_graphs": compiled.cuda_graphs,
+            "cuda_graphs": compiled.cuda_graphs,  # decode's only: prefill is compiled without them
             "dynamic": self.params.dynamic,
             "gemv": compiled.gemv,
             "gemv_max_rows": self.params.gemv_max_rows if compiled.gemv == "reduction" else None,

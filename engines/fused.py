@@ -10,7 +10,9 @@ subclass of its class that overrides ``forward`` with the kernels of ``engines.k
 - ``rope``: q and k rotated in place, in one launch;
 - ``attention``: split-K decode attention over the static KV cache (prefill keeps scaled_dot_product_attention).
 
-``engine.kernels`` picks a subset (an ablation: which fusion buys what). ``engine.cuda_graphs=true`` (CUDA only)
+``engine.kernels`` picks a subset (an ablation: which fusion buys what). A kernel left out is replaced by the
+reference's own code for that step (the same functions eager calls), so ``kernels=[]`` dispatches exactly eager's
+operations (a test counts them) and needs no Triton. ``engine.cuda_graphs=true`` (CUDA only)
 replays each decode step from a CUDA graph captured per batch size, so launch overhead disappears too.
 
 On CUDA the engine is timed like any other. Without CUDA the kernels run under Triton's interpreter (see
@@ -22,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engines.base import Engine, PrepareContext, register
@@ -32,7 +33,6 @@ from engines.llama import (
     RMSNorm,
     Transformer,
     TransformerBlock,
-    rope_pair_tables,
     rotate_pairs,
 )  # fmt: skip
 from engines.surgery import clone
@@ -80,10 +80,14 @@ class FusedFeedForward(FeedForward):
 
 
 class FusedAttention(Attention):
+    """With a kernel off, the reference's own code runs in its place (``rotate_pairs`` on the pair tables,
+    ``Attention.attend``), so an ablation measures the kernel and nothing else."""
+
     fused_rope: bool = True
     fused_decode: bool = True
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+        """cos/sin: [S, D/2] tables for the rope kernel, else the reference's [S, 1, D] pair tables."""
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
@@ -93,20 +97,13 @@ class FusedAttention(Attention):
 
             rope_(q, k, cos, sin)
         else:
-            cos2, sin2 = rope_pair_tables(cos, sin)  # once for q and k
-            q, k = rotate_pairs(q, cos2, sin2), rotate_pairs(k, cos2, sin2)
-        gqa = self.n_heads != self.n_kv_heads
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if input_pos is None or self.kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            return self.wo(y.transpose(1, 2).reshape(b, s, -1))
-        k_cache, v_cache = self.kv_cache.update(input_pos, k, v)
-        if s == 1 and self.fused_decode:
+            q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
+        if s == 1 and self.fused_decode and input_pos is not None and self.kv_cache is not None:
             from engines.kernels.attention import decode_attention
 
-            return self.wo(decode_attention(q[:, :, 0], k_cache, v_cache, input_pos).reshape(b, 1, -1))
-        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=gqa)
-        return self.wo(y.transpose(1, 2).reshape(b, s, -1))
+            k_cache, v_cache = self.kv_cache.update(input_pos, k.transpose(1, 2), v.transpose(1, 2))
+            return self.wo(decode_attention(q[:, 0], k_cache, v_cache, input_pos).reshape(b, 1, -1))
+        return self.wo(self.attend(q, k, v, mask, input_pos))
 
 
 class FusedBlock(TransformerBlock):
@@ -123,8 +120,12 @@ class FusedBlock(TransformerBlock):
 
 
 class FusedTransformer(Transformer):
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
-        mask, cos, sin = self.positions(tokens, input_pos)
+    fused_rope: bool = True
+
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, from_zero: bool | None = None) -> Tensor:
+        mask, cos, sin = self.positions(tokens, input_pos, pairs=not self.fused_rope, from_zero=from_zero)
+        if not self.fused_rope:  # the reference's [S, 1, D] pair tables, shaped once for every layer
+            cos, sin = cos[:, None], sin[:, None]
         x, delta = self.tok_embeddings(tokens), None
         for layer in self.layers:
             x, delta = layer.fused_forward(x, delta, cos, sin, mask, input_pos)
@@ -147,6 +148,8 @@ def fuse(model: Transformer, kernels: tuple[str, ...] = KERNELS) -> FusedTransfo
             module.fused = "swiglu" in kernels
         elif cls is FusedAttention:
             module.fused_rope, module.fused_decode = "rope" in kernels, "attention" in kernels
+        elif cls is FusedTransformer:
+            module.fused_rope = "rope" in kernels
     return fused
 
 
@@ -201,23 +204,30 @@ class FusedEngine(Engine):
     def available(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
         if self.params.cuda_graphs and device.type != "cuda":
             return f"engine.cuda_graphs=true needs CUDA (this device: {device.type})"
+        if not self.params.kernels:  # the reference's code throughout
+            return None
         from engines import kernels
 
-        return kernels.unavailable(device) or kernels.dtype_unavailable(dtype)
+        return kernels.unavailable(device) or kernels.dtype_unavailable(dtype, device)
 
     def timing_caveat(self, device: torch.device) -> str | None:
+        if not self.params.kernels:
+            return None
         from engines import kernels
 
         return kernels.timing_caveat(device)
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
-        from engines import kernels
+        interpreted = False
+        if self.params.kernels:
+            from engines import kernels
 
-        kernels.check_dtype(ctx.dtype)
+            kernels.check_dtype(ctx.dtype, ctx.device)
+            interpreted = kernels.interpreted()
         fused = fuse(model, self.params.kernels)
         info = {
             "kernels": list(self.params.kernels),
-            "interpreted": kernels.interpreted(),
+            "interpreted": interpreted,
             "cuda_graphs": self.params.cuda_graphs,
             "weights": "shared with the reference (no copy)",
         }

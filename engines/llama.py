@@ -146,6 +146,13 @@ class Attention(nn.Module):
         q = rotate_pairs(self.wq(x).view(b, s, self.n_heads, self.head_dim), cos, sin)
         k = rotate_pairs(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
+        return self.wo(self.attend(q, k, v, mask, input_pos))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+        """Rotated q [B, S, Hq, D], k/v [B, S, Hkv, D] -> [B, S, Hq * D], through the cache when there is one. One
+        function for every engine that keeps the reference's attention (the fused engine's ablations too).
+        ``mask`` None with ``input_pos``: a prefill from position 0 (see ``Transformer.positions``)."""
+        b, s = q.shape[:2]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         gqa = self.n_heads != self.n_kv_heads
         if input_pos is not None and self.kv_cache is not None:
@@ -155,15 +162,22 @@ class Attention(nn.Module):
                 # so keys and values are not expanded per query head (about half the time on a CPU)
                 y = F.scaled_dot_product_attention(q.reshape(b, self.n_kv_heads, -1, self.head_dim), k, v,
                                                    attn_mask=mask)  # fmt: skip
-                return self.wo(y.reshape(b, 1, self.n_heads * self.head_dim))
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+                return y.reshape(b, 1, self.n_heads * self.head_dim)
+            if mask is not None:  # a chunk at a later offset: the masked static cache
+                return self._sdpa(q, k, v, mask, gqa)
+            # prefill from 0: causal over the S rows it wrote, whatever the cache's length, and without a mask
+            # (a mask with enable_gqa sends CUDA's SDPA to its math backend)
+            k, v = k[:, :, :s], v[:, :, :s]
         elif q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             # bf16 training on CPU: the flash-attention backward is ~4x slower in bf16 than in fp32
             with torch.autocast("cpu", enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        return self.wo(y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+                return self._sdpa(q.float(), k.float(), v.float(), None, gqa)
+        return self._sdpa(q, k, v, None, gqa)
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, gqa: bool) -> Tensor:
+        """Causal (``mask`` None) or masked attention: [B, H, S, D] in, [B, S, Hq * D] out."""
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        return y.transpose(1, 2).reshape(q.shape[0], q.shape[2], self.n_heads * self.head_dim)
 
 
 class FeedForward(nn.Module):
@@ -249,22 +263,35 @@ class Transformer(nn.Module):
         self.causal_mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=w.device))
 
     def positions(
-        self, tokens: Tensor, input_pos: Tensor | None, pairs: bool = False
+        self, tokens: Tensor, input_pos: Tensor | None, pairs: bool = False, from_zero: bool | None = None
     ) -> tuple[Tensor | None, Tensor, Tensor]:
         """The attention mask and RoPE tables of these positions (no mask and no cache without input_pos): cos/sin
-        [S, D/2], or with ``pairs`` the [S, D] tables of ``rotate_pairs``."""
+        [S, D/2], or with ``pairs`` the [S, D] tables of ``rotate_pairs``. A prefill from position 0 has no mask
+        either: its attention is causal over the cache rows it writes (``from_zero``: whether it starts at 0,
+        read from ``input_pos`` when not given)."""
         cos, sin = self.rope_pairs(tokens.device) if pairs else self.rope(tokens.device)
+        s = tokens.shape[1]
         if input_pos is None:
-            return None, cos[: tokens.shape[1]], sin[: tokens.shape[1]]
+            return None, cos[:s], sin[:s]
         if self.causal_mask is None:
             raise RuntimeError("call setup_caches() before forward with input_pos")
+        if starts_at_zero(input_pos, s) if from_zero is None else (from_zero and s > 1):
+            return None, cos[:s], sin[:s]
         return self.causal_mask[None, None, input_pos], cos[input_pos], sin[input_pos]
 
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
-        """tokens [B, S] -> logits [B, S, vocab]. With input_pos, uses and fills the KV cache."""
-        mask, cos, sin = self.positions(tokens, input_pos, pairs=True)
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, from_zero: bool | None = None) -> Tensor:
+        """tokens [B, S] -> logits [B, S, vocab]. With input_pos, uses and fills the KV cache (``from_zero``: see
+        ``positions``; a compiled caller passes it, since reading input_pos would break its graph)."""
+        mask, cos, sin = self.positions(tokens, input_pos, pairs=True, from_zero=from_zero)
         cos, sin = cos[:, None], sin[:, None]  # [S, 1, D]: broadcast over heads, shaped once for every layer
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)
         return self.output(self.norm(x)).float()
+
+
+def starts_at_zero(input_pos: Tensor, s: int) -> bool:
+    """Whether a prefill of S > 1 tokens is at positions 0..S-1 (ascending, as the decoding loops pass them). It
+    reads two positions, once per prefill (a sync on CUDA); a decode step (S = 1) reads nothing, so decode graphs
+    (CUDA graphs, torch.compile) stay free of host reads."""
+    return s > 1 and input_pos.shape[0] == s and input_pos[[0, -1]].tolist() == [0, s - 1]

@@ -64,6 +64,11 @@ STRUCTURED_PARTS = {
 MASKS_VERSION = 1
 
 
+def format_methods(fmt: str) -> tuple[str, ...]:
+    """The methods a storage format can hold (csr: unstructured; semi_structured: 2:4; auto and dense: any)."""
+    return {"csr": ("magnitude", "wanda"), "semi_structured": ("2:4",)}.get(fmt, METHODS)
+
+
 @dataclass(frozen=True)
 class PrunedParams:
     method: str = choice("magnitude", METHODS, "what is removed, and how it is chosen")
@@ -93,10 +98,10 @@ class PrunedParams:
         if self.granularity != "layer" and self.method not in ("magnitude", "wanda"):
             raise ValueError(f"engine.granularity: applies to method=magnitude or wanda only; leave it at layer for "
                              f"method={self.method}")  # fmt: skip
-        fmt_ok = {"csr": ("magnitude", "wanda"), "semi_structured": ("2:4",)}.get(self.format, METHODS)
-        if self.method not in fmt_ok:
-            raise ValueError(f"engine.format: {self.format} is for method={' or '.join(fmt_ok)}; allowed for "
-                             f"method={self.method}: auto, dense")  # fmt: skip
+        if self.method not in format_methods(self.format):
+            allowed = [f for f in FORMATS if self.method in format_methods(f)]
+            raise ValueError(f"engine.format: {self.format} is for method={' or '.join(format_methods(self.format))}; "
+                             f"allowed for method={self.method}: {', '.join(allowed)}")  # fmt: skip
         layers = self.layers
         check_layers(layers)
         if self.method == "structured" and tuple(layers) not in STRUCTURED_PARTS:
@@ -157,7 +162,7 @@ class PrunedEngine(Engine):
     def available(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
         fmt = self.params.resolved_format()
         if fmt == "semi_structured":
-            reason = sparse_formats.semi_structured_unavailable(device)
+            reason = sparse_formats.semi_structured_unavailable(device, dtype)
             return reason or (sparse_formats.semi_structured_dtype_error(dtype) if dtype is not None else None)
         if fmt == "csr" and dtype is not None:
             return sparse_formats.csr_unsupported(device, dtype)

@@ -185,7 +185,7 @@ class QuantizedEngine(Engine):
                 return f"engine.backend=triton runs int8_weight_only only (got scheme={p.scheme})"
             from engines import kernels
 
-            return kernels.unavailable(device) or kernels.dtype_unavailable(dtype)
+            return kernels.unavailable(device) or kernels.dtype_unavailable(dtype, device)
         if self.backend(device) == "aten":
             if device.type != "cpu":
                 return (f"engine.backend=aten runs CPU kernels (fbgemm, aten int8/int4 pack); on {device.type} use "
@@ -247,6 +247,11 @@ class QuantizedEngine(Engine):
             extra = {"activations": f"uint8 per token, {bits}-bit range, quantized on every call"}
         else:
             extra = {"activations": f"{_DTYPE_NAMES[kwargs['dtype']]} (the kernel's input dtype)"}
+            act, model = _DTYPE_NAMES[kwargs["dtype"]], _DTYPE_NAMES.get(dtype, str(dtype))
+            if act != model:  # a reader of the speedup over eager must know it is not the scheme's alone
+                extra["precision_caveat"] = (f"the quantized linears take {act} activations (the model is "
+                                             f"{model}): part of any speedup over {model} eager is that lower "
+                                             "precision")  # fmt: skip
         return skipped, cls.kernel, extra
 
     def _quantize_triton(self, qmodel: nn.Module, selected: list[str], dtype: torch.dtype):

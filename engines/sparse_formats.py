@@ -12,6 +12,7 @@ as many bytes as the reference. Only a format with a kernel that skips the zeros
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -71,18 +72,38 @@ def csr_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def semi_structured_unavailable(device: torch.device) -> str | None:
-    """None on a CUDA GPU of compute capability 8.0+ (sparse tensor cores), else the reason. The dtype must also
-    be fp16 or bf16 (``semi_structured_dtype_error``, which ``PrunedEngine.available`` checks when given it)."""
-    hint = "; engine.format=dense applies the 2:4 mask to dense weights (for its quality cost, without a speedup)"
+SEMI_STRUCTURED_HINT = "; engine.format=dense applies the 2:4 mask to dense weights (for its quality cost, without " \
+                       "a speedup)"  # fmt: skip
+
+
+def semi_structured_unavailable(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """None where a 2:4 weight really multiplies on this device, else the reason. Past the capability check
+    (sparse tensor cores: sm_80+) a small 2:4 matmul is tried once per device and dtype: CUTLASS's kernels are
+    built for sm_8x only, so on a newer GPU whose torch lacks cuSPARSELt the point is skipped, not failed. The
+    dtype must also be fp16 or bf16 (``semi_structured_dtype_error``, which ``PrunedEngine.available`` checks)."""
     if device.type != "cuda":
         return f"2:4 semi-structured sparsity needs a CUDA GPU with compute capability 8.0+ (this device: " \
-               f"{device.type}){hint}"  # fmt: skip
+               f"{device.type}){SEMI_STRUCTURED_HINT}"  # fmt: skip
     cap = torch.cuda.get_device_capability(device)
     if cap < SEMI_STRUCTURED_CAPABILITY:
         name = torch.cuda.get_device_name(device)
         return (f"2:4 semi-structured sparsity needs a CUDA GPU with compute capability 8.0+ (this device: {name}, "
-                f"{cap[0]}.{cap[1]}){hint}")  # fmt: skip
+                f"{cap[0]}.{cap[1]}){SEMI_STRUCTURED_HINT}")  # fmt: skip
+    return probe_semi_structured(str(device), dtype if dtype in SEMI_STRUCTURED_DTYPES else torch.float16)
+
+
+@functools.cache
+def probe_semi_structured(device: str, dtype: torch.dtype) -> str | None:
+    """Compress a 128x128 2:4 weight and run one ``F.linear`` with it on ``device``: any failure is the reason."""
+    try:
+        keep = torch.tensor([1, 1, 0, 0], device=device, dtype=dtype).repeat(32)  # two of every four
+        sparse = to_semi_structured(torch.randn(128, 128, device=device, dtype=dtype) * keep)
+        with torch.inference_mode():
+            torch.nn.functional.linear(torch.randn(32, 128, device=device, dtype=dtype), sparse)
+    except Exception as exc:  # a missing kernel for this architecture or build is a reason, not a crash
+        text = " ".join(str(exc).split())[:200]
+        return (f"2:4 semi-structured sparsity cannot run on {device} in {dtype_name(dtype)} here "
+                f"({semi_structured_kernel()}): {type(exc).__name__}: {text}{SEMI_STRUCTURED_HINT}")  # fmt: skip
     return None
 
 

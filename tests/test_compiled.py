@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from engines.base import EngineError, PrepareContext, make_engine
+from engines.base import EngineError, PrepareContext, engine_info, make_engine
 from engines.compiled import CompiledModel, ReductionGemvLinear, inductor_options
 from engines.generate import greedy
 from engines.llama import ModelArgs, Transformer
@@ -95,6 +95,38 @@ def test_decoding_never_recompiles_per_token(pair):
     assert sorted(e["phase"] for e in new) == ["decode", "prefill"] and {e["cache_rows"] for e in new} == {3}
     ref.setup_caches(2, 20)
     assert torch.equal(out, greedy(ref, prompt, 10))
+
+
+def test_each_point_records_its_own_compilations_and_a_later_chunk_keeps_the_mask(pair):
+    """A prepared engine reused by later points (other batch sizes) gives each record the compilations of that
+    point only, plus how many came before it. A prefill chunk at a later offset is compiled as its own graph,
+    over the masked static cache, and matches eager."""
+    ref, compiled = pair
+    prompt = torch.randint(1, 97, (1, 12), generator=torch.Generator().manual_seed(2))
+    first = engine_info(compiled)  # point 1 begins
+    with torch.inference_mode():
+        for m in (ref, compiled):
+            m.setup_caches(1, 24)
+        pos = torch.arange(8)
+        assert relative_error(compiled(prompt[:, :8], pos), ref(prompt[:, :8], pos)) < 1e-4
+        later = engine_info(compiled)  # point 2 begins: point 1's record keeps its own list
+        chunk = torch.arange(8, 12)
+        assert relative_error(compiled(prompt[:, 8:], chunk), ref(prompt[:, 8:], chunk)) < 1e-4
+    assert [(e["phase"], e["tokens"], e["cache_len"]) for e in first["compile"]["events"]] == [("prefill", [1, 8], 24)]
+    assert [(e["phase"], e["tokens"]) for e in later["compile"]["events"]] == [("prefill", [1, 4])]
+    assert later["compile"]["count"] == 1 and later["compiled_before"]["count"] == compiled.compile_log["count"] - 1
+    assert compiled.engine_info["compile"] is compiled.compile_log  # the engine's own log holds every one
+
+
+def test_prefill_is_compiled_without_cuda_graphs():
+    """Only decode is graphed: a prefill graph would hold its [B, S, vocab] logits in the pool, plus a clone."""
+    params = make_engine({"name": "compiled", "mode": "reduce-overhead"}).params
+    model = CompiledModel(Transformer.build(ARGS, seed=0), params, torch.device("cuda"))  # compiles lazily
+    assert model.cuda_graphs and model.options["triton.cudagraphs"] is True
+    assert model.prefill_options["triton.cudagraphs"] is False
+    assert {k: v for k, v in model.prefill_options.items() if k != "triton.cudagraphs"} == {
+        k: v for k, v in model.options.items() if k != "triton.cudagraphs"
+    }
 
 
 def test_the_reference_is_left_alone_and_weights_are_shared(pair):

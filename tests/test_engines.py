@@ -145,6 +145,72 @@ def test_an_engine_module_that_registers_nothing_is_named(monkeypatch, caplog, t
     assert "module 'unregistered_engines_test' registered no engine (decorate its Engine subclass" in caplog.text
 
 
+def test_a_plugin_module_imported_before_its_entry_point_loads_is_not_called_empty(monkeypatch, caplog, tmp_path):
+    """Registration is decided per module: a module already imported (here through HARNESS_ENGINES, then named
+    again by two entry points) registers nothing new on load, yet its engine is there and no warning says
+    otherwise. A package that re-exports an engine from a submodule provides it too."""
+    (tmp_path / "plugin_mod_test.py").write_text(
+        "from engines.base import Engine, register\n\n@register\nclass P(Engine):\n    name = 'plugin-x-test'\n"
+    )
+    (tmp_path / "plugin_pkg_test").mkdir()
+    (tmp_path / "plugin_pkg_test" / "__init__.py").write_text("from plugin_mod_test import P\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(base.ENGINE_MODULES_ENV, "plugin_mod_test")
+
+    class EP:
+        def __init__(self, name, module):
+            self.name, self.value = name, module
+
+        def load(self):
+            import importlib
+
+            return importlib.import_module(self.value)
+
+    eps = [EP("px", "plugin_mod_test"), EP("px-again", "plugin_mod_test"), EP("pkg", "plugin_pkg_test")]
+    monkeypatch.setattr(base, "entry_points", lambda group: eps)
+    monkeypatch.setattr(base, "_LOADED", False)
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    with caplog.at_level(logging.WARNING):
+        assert "plugin-x-test" in engine_names()
+    assert "registered no engine" not in caplog.text
+
+
+def test_a_failing_builtin_module_is_retried_not_left_half_loaded(monkeypatch):
+    monkeypatch.setattr(base, "_LOADED", False)
+    monkeypatch.setattr(base, "BUILTIN_MODULES", ("engines.eager", "engines.no_such_engine_test"))
+    monkeypatch.setattr(base, "entry_points", lambda group: [])
+    for _ in range(2):  # the second call tries again (and says why again), instead of a silent partial registry
+        with pytest.raises(ModuleNotFoundError, match="no_such_engine_test"):
+            engine_names()
+    assert base._LOADED is False
+    monkeypatch.setattr(base, "BUILTIN_MODULES", ("engines.eager",))
+    assert "eager" in engine_names() and base._LOADED is True
+
+
+def test_a_keyword_only_dtype_is_passed_by_name():
+    """The harness calls available(device, dtype) positionally: a keyword-only dtype still gets it."""
+    seen = []
+
+    class KwEngine(Engine):
+        name = "kw-dtype-test"
+
+        def available(self, device, *, dtype=None):
+            seen.append(dtype)
+            return None if dtype != torch.bfloat16 else "no bf16 here"
+
+    cpu = torch.device("cpu")
+    assert KwEngine().available(cpu, torch.float32) is None and KwEngine().available(cpu, torch.bfloat16)
+    assert KwEngine().available(cpu) is None and seen == [torch.float32, torch.bfloat16, None]
+
+    class KwargsEngine(Engine):
+        name = "kwargs-dtype-test"
+
+        def available(self, device, **kw):
+            return f"got {kw}"
+
+    assert KwargsEngine().available(cpu, torch.float16) == "got {'dtype': torch.float16}"
+
+
 def test_weight_bytes_counts_tied_weights_once_and_prefers_the_models_own():
     tied = Transformer.build(ModelArgs(tie_embeddings=True))
     assert weight_bytes(tied) == tied.args.num_params() * 4

@@ -5,9 +5,12 @@ record of a CPU run marks its timings as not representative."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engines import kernels
 from engines.base import EngineError, PrepareContext, make_engine
@@ -94,6 +97,56 @@ def test_each_kernel_subset_is_exact_too(small_args, small_model, subset):
         assert relative_error(fused(x, pos), model(x, pos)) < 1e-4
         tok, p = x[:, :1], torch.tensor([5], device=DEV)
         assert relative_error(fused(tok, p), model(tok, p)) < 1e-4
+
+
+class OpLog(TorchDispatchMode):
+    """The aten ops a forward dispatches, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+def decode_ops(model: nn.Module, prompt: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """Prefill ``prompt``, then the aten ops and logits of one decode step after it."""
+    b, p = prompt.shape
+    model.setup_caches(b, p + 4)
+    with torch.inference_mode():
+        model(prompt, torch.arange(p, device=DEV))
+        with OpLog() as log:
+            out = model(prompt[:, -1:], torch.tensor([p], device=DEV))
+    return log.ops, out
+
+
+def test_fused_with_every_kernel_off_dispatches_exactly_eagers_ops(small_args, small_model):
+    """An ablation's baseline is eager itself: no rebuilt RoPE tables, no K/V-expanding GQA attention."""
+    model = small_model.to(DEV)
+    prompt = torch.randint(1, small_args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4)).to(DEV)
+    eager_ops, eager_out = decode_ops(model, prompt)
+    fused_ops, fused_out = decode_ops(prepare(model, small_args, kernels=[]), prompt)
+    assert len(eager_ops) > 50 and Counter(fused_ops) == Counter(eager_ops)  # the same ops, as many times
+    assert torch.equal(fused_out, eager_out)
+    rope_ops, _ = decode_ops(prepare(model, small_args, kernels=["rope"]), prompt)  # the kernel replaces RoPE
+    assert eager_ops.count("addcmul") == 2 * small_args.n_layers and "addcmul" not in rope_ops
+    assert make_engine({"name": "fused", "kernels": []}).available(torch.device("meta"), torch.bfloat16) is None
+    assert make_engine({"name": "fused", "kernels": []}).timing_caveat(torch.device("cpu")) is None
+
+
+def test_fused_prefill_does_not_depend_on_the_cache_length(small_args, small_model):
+    """Like eager's, the fused prefill from position 0 attends over its own rows only (no mask, no S x T)."""
+    fused = prepare(small_model.to(DEV), small_args)
+    x = torch.randint(1, small_args.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5)).to(DEV)
+    out = []
+    with torch.inference_mode():
+        for cache_len in (8, 120):
+            fused.setup_caches(2, cache_len)
+            out.append(fused(x, torch.arange(7, device=DEV)))
+        want = small_model.to(DEV)(x)  # the plain causal forward
+    assert torch.equal(out[0], out[1]) and relative_error(out[0], want) < 1e-4
 
 
 def test_params_availability_and_caveat():

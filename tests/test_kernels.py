@@ -266,3 +266,34 @@ def test_every_gpu_autotune_config_computes_the_same(module, kernel, check):
             check()
     finally:
         tuner.configs = saved
+
+
+@pytest.mark.parametrize("module,kernel,offsets", [
+    ("swiglu", "_swiglu_kernel", ["offs = tl.program_id(0).to(tl.int64) * BLOCK"]),
+    ("rmsnorm", "_add_rmsnorm_kernel", ["r64 = rows.to(tl.int64)", "X + r64 * stride_x", "R + r64 * stride_r",
+                                        "H + r64 * stride_h", "Y + r64 * stride_y"]),
+    ("rope", "_rotate", ["X + rows.to(tl.int64)[:, None] * stride"]),
+])  # fmt: skip
+def test_element_offsets_are_int64_past_2_to_the_31(module, kernel, offsets):
+    """tokens x width passes 2**31 in large prefills (swiglu at 149,797 tokens of Llama-3-8B, the norms and RoPE
+    at 524,288 tokens of dim 4096): an int32 offset would wrap negative and still pass its mask. Too large to run
+    here, so the kernels' source is read: every pointer offset is computed in int64, as the int8 kernel's are."""
+    import importlib
+    import inspect
+
+    fn = getattr(importlib.import_module(f"engines.kernels.{module}"), kernel)
+    fn = getattr(fn, "fn", fn)  # an autotuner wraps the jit function
+    source = inspect.getsource(getattr(fn, "fn", fn))
+    assert all(o in source for o in offsets)
+    # no pointer is offset by an int32 product of rows and a stride
+    assert "rows[:, None] * stride" not in source and "tl.program_id(0) * BLOCK " not in source
+
+
+def test_row_count_buckets_key_the_autotuners_of_row_kernels():
+    """The block a prefill (many rows) was tuned for must not be reused for decode (batch-size rows)."""
+    from engines.kernels import row_bucket
+    from engines.kernels.rmsnorm import _add_rmsnorm_kernel
+    from engines.kernels.rope import _rope_kernel
+
+    assert "M_BUCKET" in _add_rmsnorm_kernel.keys and "M_BUCKET" in _rope_kernel.keys
+    assert [row_bucket(m) for m in (1, 2, 3, 8, 9, 64, 65, 32768)] == [1, 2, 4, 8, 16, 64, 64, 64]

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engines.llama import (
     ModelArgs,
@@ -15,6 +16,7 @@ from engines.llama import (
     rope_frequencies,
     rope_pair_tables,
     rotate_pairs,
+    starts_at_zero,
 )
 from harness.paths import model_shape as shape
 
@@ -148,3 +150,79 @@ def test_forward_with_positions_requires_caches(small_args):
     model = Transformer.build(small_args)
     with pytest.raises(RuntimeError, match="setup_caches"):
         model(torch.tensor([[1, 2]]), torch.arange(2))
+
+
+class KeyLengths(TorchDispatchMode):
+    """The key length of every scaled-dot-product attention a forward dispatches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "scaled_dot_product" in func.overloadpacket.__name__:
+            self.keys.append(args[1].shape[-2])
+        return func(*args, **(kwargs or {}))
+
+
+def test_prefill_from_zero_attends_over_its_own_rows_whatever_the_cache_length():
+    """TTFT must not grow with gen_len: a prefill at positions 0..S-1 attends over S keys, causally and
+    without a mask, and its logits are the plain causal forward's."""
+    args = ModelArgs(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96,
+                     max_seq_len=1100, tie_embeddings=False)  # fmt: skip
+    model = Transformer.build(args, seed=3)
+    tokens = torch.randint(0, args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        full = model(tokens)
+        out = {}
+        for cache_len in (25, 1024):
+            model.setup_caches(2, cache_len)
+            with KeyLengths() as seen:
+                out[cache_len] = model(tokens, torch.arange(24))
+            assert seen.keys == [24] * args.n_layers
+            cache = model.layers[0].attention.kv_cache.k_cache  # filled at the prompt's rows, zero past them
+            assert cache[:, :, :24].abs().sum() > 0 and not cache[:, :, 24:].any()
+        torch.testing.assert_close(out[25], full, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[1024], out[25], rtol=0, atol=0)
+        # the masked static path (forced, or a chunk at a later offset) gives the same logits over the whole cache
+        with KeyLengths() as seen:
+            masked = model(tokens, torch.arange(24), from_zero=False)
+        assert seen.keys == [1024] * args.n_layers
+        torch.testing.assert_close(masked, full, rtol=1e-5, atol=1e-5)
+        chunk = model(tokens[:, 16:], torch.arange(16, 24))
+        torch.testing.assert_close(chunk, full[:, 16:], rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_from_zero_is_read_from_the_positions_only_for_prefills():
+    assert starts_at_zero(torch.arange(5), 5) and not starts_at_zero(torch.arange(3, 8), 5)
+    assert not starts_at_zero(torch.tensor([0]), 1)  # a decode step (or a one-token prompt) keeps its mask
+    model = Transformer.build(ModelArgs(vocab_size=11, dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                                        intermediate_size=8, max_seq_len=16))  # fmt: skip
+    model.setup_caches(1, 8)
+    tok = torch.tensor([[3, 4, 5]])
+    assert model.positions(tok, torch.arange(3))[0] is None
+    assert model.positions(tok, torch.arange(3), from_zero=False)[0].shape == (1, 1, 3, 8)
+    assert model.positions(tok[:, :1], torch.tensor([0]), from_zero=True)[0].shape == (1, 1, 1, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gqa_prefill_and_decode_on_cuda_never_need_sdpas_math_backend():
+    """A mask with enable_gqa sends CUDA's SDPA to its math backend (scores of [B, Hq, S, T] materialized): with
+    only flash and memory-efficient attention allowed, a bf16 GQA generation still runs, and matches the math one."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    args = ModelArgs(vocab_size=512, dim=512, n_layers=2, n_heads=8, n_kv_heads=2, intermediate_size=1024,
+                     max_seq_len=1024)  # fmt: skip
+    model = Transformer.build(args, device="cuda", dtype=torch.bfloat16, seed=0)
+    tokens = torch.randint(0, args.vocab_size, (4, 128), device="cuda")
+    out = {}
+    with torch.inference_mode():
+        for name, backends in (("fast", [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]),
+                               ("math", [SDPBackend.MATH])):  # fmt: skip
+            model.setup_caches(4, 1024)
+            with sdpa_kernel(backends):
+                prefill = model(tokens, torch.arange(128, device="cuda"))
+                step = model(tokens[:, :1], torch.tensor([128], device="cuda"))
+            out[name] = torch.cat([prefill, step], dim=1)
+    torch.testing.assert_close(out["fast"], out["math"], rtol=2e-2, atol=2e-2)

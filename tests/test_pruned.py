@@ -399,8 +399,18 @@ def test_invalid_params_are_refused_naming_the_field():
     cases = {
         r"engine.sparsity: method=2:4 keeps two of every four": {"method": "2:4", "sparsity": 0.7},
         r"engine.sparsity: must be in \[0, 1\)": {"sparsity": 1.0},
-        r"engine.format: csr is for method=magnitude or wanda": {"method": "structured", "format": "csr"},
-        r"engine.format: semi_structured is for method=2:4": {"method": "wanda", "format": "semi_structured"},
+        r"engine.format: csr is for method=magnitude or wanda; allowed for method=structured: auto, dense$": {
+            "method": "structured",
+            "format": "csr",
+        },
+        r"engine.format: semi_structured is for method=2:4; allowed for method=wanda: auto, dense, csr$": {
+            "method": "wanda",
+            "format": "semi_structured",
+        },
+        r"engine.format: csr is for method=magnitude or wanda; allowed for method=2:4: auto, dense, semi_structured$": {
+            "method": "2:4",
+            "format": "csr",
+        },
         r"engine.score: picks the kept pair of method=2:4 only": {"method": "magnitude", "score": "wanda"},
         r"engine.layers: method=structured prunes every block alike": {
             "method": "structured",

@@ -165,6 +165,11 @@ def test_weight_bytes_count_what_is_stored_and_tied_weights_once():
     head = ARGS.vocab_size * ARGS.dim + ARGS.vocab_size * 2
     assert weight_bytes(q_all) == weight_bytes(q) + head and q_all.engine_info["layers_unquantized"] == []
     assert q.engine_info["weight_bytes_ratio"] == pytest.approx(weight_bytes(q) / weight_bytes(ref))
+    # an fp32 model's weight-only linears run bf16 activations: the record says so beside the speedup
+    assert q.engine_info["activations"].startswith("bf16") and q.engine_info["precision_caveat"] == (
+        "the quantized linears take bf16 activations (the model is fp32): part of any speedup over fp32 eager is that "
+        "lower precision"
+    )
 
 
 def test_torchao_backend_runs_on_cpu_and_counts_its_tensor_subclass_bytes():

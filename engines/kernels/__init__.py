@@ -45,7 +45,9 @@ def unavailable(device: torch.device) -> str | None:
     if IMPORT_ERROR:
         return IMPORT_ERROR
     if device.type == "cuda":
-        return None
+        from engines.compiled import triton_launcher_unavailable
+
+        return triton_launcher_unavailable()
     if device.type != "cpu":
         return f"Triton kernels run on CUDA, or on the CPU under the interpreter (this device: {device.type})"
     if not interpreted():
@@ -66,15 +68,23 @@ def timing_caveat(device: torch.device) -> str | None:
 INTERPRETER_DTYPES = (torch.float32, torch.float16)  # the interpreter's numpy has no bfloat16
 
 
-def dtype_unavailable(dtype: torch.dtype | None) -> str | None:
-    """Why these kernels cannot run in ``dtype`` here (None when they can, or when the dtype is not known)."""
+def dtype_unavailable(dtype: torch.dtype | None, device: torch.device | None = None) -> str | None:
+    """Why these kernels cannot run in ``dtype`` here (None when they can, or when the dtype is not known): the
+    interpreter has no bf16, and the kernels' bf16 ``tl.dot`` compiles for sm_80+ only."""
+    from engines.sparse_formats import dtype_name
+
     if dtype is not None and interpreted() and dtype not in INTERPRETER_DTYPES:
-        return f"dtype: Triton's interpreter runs fp32 and fp16 only (got {dtype}); use dtype=fp32 on a CPU"
+        return f"dtype: Triton's interpreter runs fp32 and fp16 only (got {dtype_name(dtype)}); use dtype=fp32 on a CPU"
+    if dtype == torch.bfloat16 and device is not None and device.type == "cuda" and not interpreted():
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 0):
+            return (f"dtype=bf16: the Triton kernels' bf16 matmuls need compute capability 8.0+ (this device: "
+                    f"{torch.cuda.get_device_name(device)}, {cap[0]}.{cap[1]}); use dtype=fp16")  # fmt: skip
     return None
 
 
-def check_dtype(dtype: torch.dtype) -> None:
-    if reason := dtype_unavailable(dtype):
+def check_dtype(dtype: torch.dtype, device: torch.device | None = None) -> None:
+    if reason := dtype_unavailable(dtype, device):
         raise ValueError(reason)
 
 
@@ -82,6 +92,12 @@ def tuning(gpu: list, interpreter: object) -> list:
     """Autotuner candidates: the GPU configs, or one fixed config under the interpreter (which cannot time them;
     with a single config the autotuner runs it without benchmarking)."""
     return [interpreter] if interpreted() else list(gpu)
+
+
+def row_bucket(rows: int, cap: int = 64) -> int:
+    """An autotune key for the row count: its next power of two, capped. Without it the first shape seen (often a
+    quality pass's prefill, many rows) fixes the block for every later one (decode: batch-size rows)."""
+    return min(1 << max(rows - 1, 0).bit_length(), cap)
 
 
 if IMPORT_ERROR is None:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from engines.kernels import reduce_sum, tuning
+from engines.kernels import reduce_sum, row_bucket, tuning
 
 GPU_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m, w in ((1, 4), (1, 8), (2, 4), (4, 4), (8, 8))]
 _CONFIGS = tuning(GPU_CONFIGS, triton.Config({"BLOCK_M": 16}))
@@ -29,25 +29,26 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
     return [c for c in configs if c.kwargs["BLOCK_M"] * width <= 16384] or configs[:1]
 
 
-@triton.autotune(configs=_CONFIGS, key=["N"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_CONFIGS, key=["N", "M_BUCKET"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _add_rmsnorm_kernel(
-    X, R, W, Y, H, M, N, stride_x, stride_r, stride_y, stride_h, eps,
+    X, R, W, Y, H, M, N, stride_x, stride_r, stride_y, stride_h, eps, M_BUCKET,
     HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    r64 = rows.to(tl.int64)[:, None]  # int64 offsets: rows x stride passes 2**31 from 524,288 tokens at dim 4096
+    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        r = tl.load(R + r64 * stride_r + cols[None, :], mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(H.dtype.element_ty)
-        tl.store(H + rows[:, None] * stride_h + cols[None, :], x, mask=mask)
+        tl.store(H + r64 * stride_h + cols[None, :], x, mask=mask)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(reduce_sum(xf * xf, axis=1) / N + eps)
     w = tl.load(W + cols, mask=cols < N, other=0.0)
     y = (xf * rstd[:, None]).to(Y.dtype.element_ty) * w[None, :]
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + r64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -64,7 +65,7 @@ def add_rmsnorm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) 
     h = y if residual is None else x2.new_empty(m, n)  # without a residual nothing is written to h
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
     _add_rmsnorm_kernel[grid](
-        x2, r2, weight, y, h, m, n, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), eps,
+        x2, r2, weight, y, h, m, n, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), eps, row_bucket(m),
         HAS_RESIDUAL=residual is not None, BLOCK_N=triton.next_power_of_2(n),
     )  # fmt: skip
     return y.view(x.shape), (x if residual is None else h.view(x.shape))

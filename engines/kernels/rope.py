@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from engines.kernels import tuning
+from engines.kernels import row_bucket, tuning
 
 GPU_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m, w in ((1, 2), (1, 4), (2, 4), (4, 4), (4, 8))]
 _CONFIGS = tuning(GPU_CONFIGS, triton.Config({"BLOCK_M": 64}))
@@ -31,7 +31,7 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
 def _rotate(X, rows, row_mask, stride, pos, COS, SIN, stride_cs, HALF_D, PAIRS, BLOCK_P: tl.constexpr):
     p = tl.arange(0, BLOCK_P)
     mask = row_mask[:, None] & (p < PAIRS)[None, :]
-    ptr = X + rows[:, None] * stride + 2 * p[None, :]
+    ptr = X + rows.to(tl.int64)[:, None] * stride + 2 * p[None, :]  # int64: past 2**31 from 524,288 tokens
     x0 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     x1 = tl.load(ptr + 1, mask=mask, other=0.0).to(tl.float32)
     f = pos[:, None] * stride_cs + p[None, :] % HALF_D
@@ -42,12 +42,12 @@ def _rotate(X, rows, row_mask, stride, pos, COS, SIN, stride_cs, HALF_D, PAIRS, 
 
 
 @triton.autotune(
-    configs=_CONFIGS, key=["PAIRS_Q", "PAIRS_K"], prune_configs_by={"early_config_prune": _prune},
+    configs=_CONFIGS, key=["PAIRS_Q", "PAIRS_K", "M_BUCKET"], prune_configs_by={"early_config_prune": _prune},
     restore_value=["Q", "K"],  # in place: each config tried while tuning starts from the same q and k
 )  # fmt: skip
 @triton.jit
 def _rope_kernel(
-    Q, K, COS, SIN, M, S, stride_q, stride_k, stride_cs, HALF_D, PAIRS_Q, PAIRS_K,
+    Q, K, COS, SIN, M, S, stride_q, stride_k, stride_cs, HALF_D, PAIRS_Q, PAIRS_K, M_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_PQ: tl.constexpr, BLOCK_PK: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -73,7 +73,7 @@ def rope_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tenso
     cos, sin = cos.contiguous(), sin.contiguous()
     m, pq, pk = b * s, q2.shape[1] // 2, k2.shape[1] // 2
     _rope_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
-        q2, k2, cos, sin, m, s, q2.stride(0), k2.stride(0), cos.stride(0), d // 2, pq, pk,
+        q2, k2, cos, sin, m, s, q2.stride(0), k2.stride(0), cos.stride(0), d // 2, pq, pk, row_bucket(m),
         BLOCK_PQ=triton.next_power_of_2(pq), BLOCK_PK=triton.next_power_of_2(pk),
     )  # fmt: skip
     return q, k

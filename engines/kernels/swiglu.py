@@ -24,7 +24,8 @@ _CONFIGS = tuning(GPU_CONFIGS, triton.Config({"BLOCK": 1 << 16}))
 @triton.autotune(configs=_CONFIGS, key=["n"])
 @triton.jit
 def _swiglu_kernel(G, U, OUT, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # int64 offsets: a large prefill has tokens x intermediate_size past 2**31 (Llama-3-8B: from 149,797 tokens)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + offs, mask=mask, other=0.0)
