@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from engines.base import Engine, PrepareContext, choice, register
 from engines.base import weight_bytes as plain_weight_bytes
-from engines.llama import starts_at_zero
+from engines.positions import starts_at_zero
 
 MODES = ("default", "reduce-overhead", "max-autotune")
 GEMV = ("auto", "reduction", "library")

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from engines.llama import KVCache
+from engines.positions import from_zero_positions
 
 
 class StepClock(Protocol):
@@ -46,8 +47,9 @@ def greedy(model: nn.Module, prompt: Tensor, gen_len: int, clock: StepClock | No
     b, p = prompt.shape
     positions = torch.arange(p + gen_len, device=prompt.device)
     out = torch.empty(b, gen_len, dtype=prompt.dtype, device=prompt.device)
+    prefill_pos = from_zero_positions(positions[:p])  # known to start at 0 without reading the device
     clock.start()
-    tok = model(prompt, positions[:p])[:, -1].argmax(-1, keepdim=True)
+    tok = model(prompt, prefill_pos)[:, -1].argmax(-1, keepdim=True)
     out[:, :1] = tok
     clock.mark()
     for i in range(1, gen_len):
@@ -74,8 +76,9 @@ def beam_search(
     scores = torch.full((b, k), float("-inf"), device=dev)
     scores[:, 0] = 0.0  # all beams start identical: expand from the first only
     tokens = torch.empty(b, k, 0, dtype=prompt.dtype, device=dev)
+    prefill_pos = from_zero_positions(positions[:p])
     clock.start()
-    logits = model(prompt.repeat_interleave(k, dim=0), positions[:p])[:, -1]
+    logits = model(prompt.repeat_interleave(k, dim=0), prefill_pos)[:, -1]
     for step in range(gen_len):
         logp = torch.log_softmax(logits.float(), dim=-1)
         v = logp.shape[-1]

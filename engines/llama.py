@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from engines.positions import starts_at_zero
+
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -288,10 +290,3 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)
         return self.output(self.norm(x)).float()
-
-
-def starts_at_zero(input_pos: Tensor, s: int) -> bool:
-    """Whether a prefill of S > 1 tokens is at positions 0..S-1 (ascending, as the decoding loops pass them). It
-    reads two positions, once per prefill (a sync on CUDA); a decode step (S = 1) reads nothing, so decode graphs
-    (CUDA graphs, torch.compile) stay free of host reads."""
-    return s > 1 and input_pos.shape[0] == s and input_pos[[0, -1]].tolist() == [0, s - 1]

@@ -107,3 +107,21 @@ def test_generate_dispatch_and_errors(small_model):
     with pytest.raises(ValueError, match="decoding"):
         generate(small_model, prompt, 4, decoding="nucleus")
     assert cache_rows(3, "beam", 4) == 12 and cache_rows(3, "greedy", 1) == 3
+
+
+def test_the_decoding_loops_prefill_needs_no_host_read_to_start_at_zero(monkeypatch, small_model):
+    """The prefill's positions are declared by the loop that made them: telling a prefill from 0 apart from a
+    later chunk reads nothing from the device (on CUDA a read would sync inside the timed TTFT)."""
+    from engines.positions import from_zero_positions, starts_at_zero
+
+    declared = from_zero_positions(torch.arange(8))
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or real(self))
+    assert starts_at_zero(declared, 8) and not reads
+    assert starts_at_zero(torch.arange(8), 8) and len(reads) == 1  # undeclared: read, and still right
+    assert not starts_at_zero(torch.arange(3, 11), 8) and not starts_at_zero(torch.arange(1), 1)
+    reads.clear()
+    small_model.setup_caches(1, 24)
+    greedy(small_model, torch.randint(1, small_model.args.vocab_size, (1, 8)), 4)
+    assert not reads
