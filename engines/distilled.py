@@ -21,12 +21,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engines.base import Engine, PrepareContext, register
-from engines.cache import cache_key, cached, file_lock, load_weights, save_weights
+from engines.cache import building, cache_key, cached, file_lock, load_weights, save_weights
 from engines.llama import Transformer
 from engines.surgery import evenly_spaced, ffn_importance, kept_width, kv_group_importance, shrink, top_k_sorted
 from engines.train import PRECISIONS, TrainConfig, fit, heldout_nll, resolve_precision
 
 log = logging.getLogger(__name__)
+
+DISTILL_VERSION = 1  # bump when what distillation computes changes: older students are then never read
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class DistilledParams:
             isinstance(i, int) and not isinstance(i, bool) for i in self.layers_kept
         ):
             raise ValueError(f"engine.layers_kept: layer indices must be integers, got {list(self.layers_kept)}")
+        if self.layers_kept is not None:  # depth is unused then: one student, one variant and one key
+            object.__setattr__(self, "depth", DistilledParams.__dataclass_fields__["depth"].default)
 
 
 def distillation_loss(teacher: nn.Module, temperature: float, alpha: float):
@@ -130,7 +134,7 @@ class DistilledEngine(Engine):
             raise ValueError(f"engine.seq_len: {p.seq_len} exceeds the teacher's context ({model.args.max_seq_len})")
         student = student.float()
         params = {**asdict(p), "precision": resolve_precision(p.precision, ctx.device)}
-        key = cache_key({"teacher": ctx.reference_key, "params": params, "seed": ctx.seed})
+        key = cache_key({"teacher": ctx.reference_key, "params": params, "seed": ctx.seed, "version": DISTILL_VERSION})
         if not ctx.reference_key:  # nothing identifies the teacher: a cache entry could be another teacher's
             meta = {**self._distill(model, student, ctx), "key": key, "cached": False}
             info.update(trained=True, **meta)
@@ -139,14 +143,15 @@ class DistilledEngine(Engine):
             return student
         path = Path(ctx.cache_dir) / "students" / f"distilled-{key}.safetensors"
         with file_lock(path.with_suffix(".lock")):
-            if cached(path):
+            if cached(path, student):
                 meta = load_weights(student, path, str(ctx.device))
                 meta["cached"] = True
             else:
-                meta = self._distill(model, student, ctx)
-                meta["key"] = key
-                save_weights(student, path, meta)
-                meta["cached"] = False
+                with building() as build:  # once for every point of this variant: not one point's time
+                    meta = self._distill(model, student, ctx)
+                    meta["key"] = key
+                    save_weights(student, path, meta)
+                meta.update(cached=False, build_s=build.seconds)
         info.update(trained=True, **meta)
         student = student.to(ctx.dtype).eval()
         student.engine_info = info

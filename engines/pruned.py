@@ -43,7 +43,7 @@ from torch import nn
 from engines import pruning, sparse_formats
 from engines.base import Engine, PrepareContext, choice, register
 from engines.base import weight_bytes as plain_weight_bytes
-from engines.cache import cache_key, cached, file_lock
+from engines.cache import building, cache_key, cached, file_lock
 from engines.quantized import check_layers, meta_model, select_linears
 from engines.surgery import clone, kept_width, shrink, top_k_sorted
 
@@ -222,8 +222,9 @@ class PrunedEngine(Engine):
                 packed, _ = pruning.load_tensors(path)
                 if self._complete(model, names, packed):
                     return packed, {**meta, "cached": True}
-            packed = self._compute_masks(model, names, cal)
-            pruning.save_tensors(path, packed, meta)
+            with building():  # a cache entry, once for every batch size of this variant: not one point's time
+                packed = self._compute_masks(model, names, cal)
+                pruning.save_tensors(path, packed, meta)
         return packed, {**meta, "cached": False}
 
     def _complete(self, model: nn.Module, names: list[str], packed: dict) -> bool:

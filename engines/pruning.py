@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from engines.cache import cache_key, cached
+from engines.cache import building, cache_key, cached, write_entry
 from engines.llama import Attention
 from engines.train import random_windows
 
@@ -163,11 +162,15 @@ def calibrate(model: nn.Module, windows: Tensor, key: str, path: Path | None) ->
         tensors, meta = load_tensors(path)
         split = _split_prefixed(tensors)
         return Calibration(key, meta["n_tokens"], split["input_sq"], split["group_sq"], cached=True, info=meta)
-    input_sq, group_sq = collect(model, windows)
     meta = {"key": key, "n_tokens": windows.numel(), "seqs": windows.shape[0], "seq_len": windows.shape[1]}
-    if path is not None:
-        tensors = {f"input_sq/{k}": v for k, v in input_sq.items()} | {f"group_sq/{k}": v for k, v in group_sq.items()}
-        save_tensors(path, tensors, meta)
+    if path is None:
+        input_sq, group_sq = collect(model, windows)
+    else:
+        with building():  # a cache entry, once for every point that calibrates alike: not one point's time
+            input_sq, group_sq = collect(model, windows)
+            tensors = {f"input_sq/{k}": v for k, v in input_sq.items()}
+            tensors |= {f"group_sq/{k}": v for k, v in group_sq.items()}
+            save_tensors(path, tensors, meta)
     return Calibration(key, windows.numel(), input_sq, group_sq, cached=False, info=meta)
 
 
@@ -195,15 +198,8 @@ def kv_group_importance(cal: Calibration, layer: int) -> Tensor:
 
 # -- cache files -----------------------------------------------------------------------------------------------
 def save_tensors(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    """Tensors as safetensors plus a JSON sidecar, each written to a temporary name and renamed (atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for target, write in (
-        (path, lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))),
-        (path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=1, default=str))),
-    ):
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        write(tmp)
-        os.replace(tmp, target)
+    """Tensors as safetensors plus a JSON sidecar with their sha256, each written atomically (engines.cache)."""
+    write_entry(path, lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp)), meta)
 
 
 def load_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:

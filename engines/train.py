@@ -76,11 +76,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def random_windows(tokens: Tensor, n: int, length: int, generator: torch.Generator) -> Tensor:
-    """``n`` windows of ``length`` consecutive tokens at random offsets: [n, length]."""
+    """``n`` windows of ``length`` consecutive tokens at random offsets: [n, length], int64 (``tokens`` may be a
+    compact dtype such as a corpus's uint8 bytes: only the windows are widened)."""
     if tokens.numel() <= length:
         raise ValueError(f"{tokens.numel()} tokens cannot give windows of {length}")
     starts = torch.randint(0, tokens.numel() - length, (n,), generator=generator)
-    return torch.stack([tokens[s : s + length] for s in starts.tolist()])
+    return torch.stack([tokens[s : s + length] for s in starts.tolist()]).long()
 
 
 def lm_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -149,8 +150,8 @@ def heldout_nll(model: nn.Module, tokens: Tensor, seq_len: int = 256, batch_size
     was_training = model.training
     model.eval()
     for i in range(0, n, batch_size):
-        logits = model(x[i : i + batch_size].to(device))
-        target = y[i : i + batch_size].to(device)
+        logits = model(x[i : i + batch_size].to(device).long())
+        target = y[i : i + batch_size].to(device).long()
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
         count += target.numel()
     model.train(was_training)

@@ -15,7 +15,7 @@ from harness import interleave
 from harness.config import validate
 from harness.isolation import run_isolated
 from harness.paths import config_dir
-from harness.point import identity, run_point
+from harness.point import apply_process_settings, identity, run_point
 from harness.progress import progress, progress_text
 from harness.records import RECORD_NAME, earlier_records, key_and_status, measured_ok, point_key
 
@@ -99,6 +99,16 @@ def record_dir(root: Path, job_dir: Path, key: str) -> Path:
     return job_dir if here is None else root / RESUMED_DIR / key
 
 
+def already_measured(spec, directory: Path, key: str) -> Path | None:
+    """The ok record of point ``key`` under ``directory`` that resume may keep: measured under this config, on an
+    environment of the same id and at the same git SHA (``records.measured_ok``). The fingerprint is taken as
+    the point's record would take it (its thread count set first)."""
+    from harness.env import fingerprint
+
+    apply_process_settings(spec)
+    return measured_ok(directory, key, spec.cfg, fingerprint(spec.device))
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def task(cfg: DictConfig) -> dict[str, Any]:
     spec = validate(cfg)
@@ -114,7 +124,7 @@ def task(cfg: DictConfig) -> dict[str, Any]:
     # holds an ok record by now: that is this run's measurement, not an earlier one to skip)
     measured = interleave.take(job_dir)
     if measured is None and spec.resume:
-        done = measured_ok(sweep_dir or job_dir, key)
+        done = already_measured(spec, sweep_dir or job_dir, key)
         if done is not None:
             log.info("%s%s: already measured ok in %s, skipped (resume=true)", prefix, _describe(spec), done)
             return {"status": "ok", "point_key": key, "resumed": str(done)}

@@ -406,40 +406,6 @@ def _roofline(r: Any) -> RooflineSpec:
     return RooflineSpec(enabled=_bool(r.get("enabled", True), "roofline.enabled"), **peaks)
 
 
-def check_train_fits(model: ModelSpec, train: TrainConfig) -> None:
-    """Training windows of ``train.seq_len`` tokens must fit the model's context (its rotary table and mask).
-
-    validate() calls this when the weights are trained; `harness train` trains whatever model.weights says, so a
-    caller that trains regardless of the weights calls it directly."""
-    limit = model.args.max_seq_len
-    if train.seq_len > limit:
-        raise ConfigError(
-            f"train.seq_len: {train.seq_len} exceeds model.max_seq_len={limit} of model {model.name!r}; "
-            f"allowed: 1..{limit}"
-        )
-
-
-def check_heldout_fits(corpus: CorpusSpec, train: TrainConfig, quality: QualitySpec, workload: Workload) -> None:
-    """Trained weights read their prompts, quality windows and held-out figures from the corpus's held-out split:
-    refuse up front a split shorter than the longest of them (not a point that fails once its model is built)."""
-    from harness.corpus import CorpusError, load_corpus
-
-    try:
-        c = load_corpus(corpus.path, corpus.heldout_every)
-    except CorpusError as exc:
-        raise ConfigError(str(exc)) from None
-    needs = [("workload.prompt_len", workload.prompt_len), ("train.seq_len + 1", train.seq_len + 1)]
-    if quality.enabled:
-        needs += [("quality.seq_len", quality.seq_len), ("quality.greedy_prompt_len", quality.greedy_prompt_len)]
-    field, need = max(needs, key=lambda fn: fn[1])
-    have = len(c.heldout)
-    if have < need:
-        raise ConfigError(
-            f"corpus.heldout_every: the held-out split of {c.files[0]!r} has {have} bytes, fewer than the {need} of "
-            f"one window ({field}); hold out more (a smaller corpus.heldout_every) or give a larger file"
-        )
-
-
 def to_container(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Plain dict of the job config (Hydra's own node excluded), interpolations resolved."""
     data: dict[str, Any] = {}
@@ -481,13 +447,16 @@ def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
     if data.get("cache_dir") is not None:
         data["cache_dir"] = _from_launch_dir(data["cache_dir"])
     corpus, train, quality = _corpus(data.get("corpus")), _train(data.get("train"), seed), _quality(data.get("quality"))
+    if corpus.path is not None:  # resolved, as cache_dir: an isolated child or a job under chdir reads the same file
+        data["corpus"] = {**(data.get("corpus") or {}), "path": corpus.path}
     if model.weights == "trained" and model.args.vocab_size < 256:
         raise ConfigError(
             f"model.weights: 'trained' needs a byte vocabulary (vocab_size >= 256), got {model.args.vocab_size}"
         )
     if model.weights == "trained":
-        check_train_fits(model, train)
-        check_heldout_fits(corpus, train, quality, workload)
+        from harness.corpus_checks import check_corpus_fits  # it loads the corpus (and imports training)
+
+        check_corpus_fits(model, corpus, train, quality, workload)
     if quality.enabled:
         longest = max(quality.seq_len, quality.greedy_prompt_len + quality.greedy_len)
         if longest > model.args.max_seq_len:

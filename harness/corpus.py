@@ -25,6 +25,7 @@ from engines.train import random_windows
 BYTE_VOCAB = 256
 CHUNK = 4096
 MIN_BYTES = 16 * CHUNK
+SPLIT_VERSION = 1  # bump when how chunks are held out changes: the corpus hash (and what was trained on it) follows
 
 
 class CorpusError(ValueError):
@@ -50,9 +51,16 @@ class Corpus:
         }
 
     def tokens(self, split: str) -> torch.Tensor:
-        """The split as a 1-D int64 tensor of byte ids."""
-        data = {"train": self.train, "heldout": self.heldout}[split]
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+        """The split as a 1-D uint8 tensor of byte ids, made once: windows and batches become int64 one at a time
+        (engines.train), so a large corpus is not held eight times over."""
+        return self._tokens[split]
+
+    @functools.cached_property
+    def _tokens(self) -> dict[str, torch.Tensor]:
+        return {
+            name: torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+            for name, data in (("train", self.train), ("heldout", self.heldout))
+        }
 
 
 def distinct_topics(topics: dict[str, str]) -> list[str]:
@@ -107,8 +115,15 @@ def load_corpus(path: str | None = None, heldout_every: int = 20) -> Corpus:
             f"{files[0]!r} has {chunks}; use at most {chunks} or a larger file"
         )
     train, heldout = split_chunks(data, heldout_every)
-    digest = hashlib.sha256(data + f"|heldout_every={heldout_every}".encode()).hexdigest()
-    return Corpus(name=name, files=files, train=train, heldout=heldout, sha256=digest)
+    return Corpus(name=name, files=files, train=train, heldout=heldout, sha256=corpus_sha256(data, heldout_every))
+
+
+def corpus_sha256(data: bytes, heldout_every: int) -> str:
+    """The corpus's identity: its bytes and how they are split (chunk size, held-out rate, split version), so a
+    change of the split never reuses what was trained on text now held out. Hashed without a copy of the data."""
+    h = hashlib.sha256(data)
+    h.update(f"|heldout_every={heldout_every}|chunk={CHUNK}|split_version={SPLIT_VERSION}".encode())
+    return h.hexdigest()
 
 
 def unigram_bits_per_byte(corpus: Corpus) -> float:

@@ -1,12 +1,15 @@
 """Keeping one bad point from costing the rest: deadlines, and points run in their own process.
 
 * ``deadline(seconds)`` interrupts a point that runs too long in this process (SIGALRM; work inside one
-  long C call is interrupted when it returns to Python).
+  long C call is interrupted when it returns to Python). Building a shared cache entry (reference training, a
+  distilled student) pauses it (``deadline_paused``): that work is done once for every point that needs it, and
+  cut off it would start again from scratch in each of them.
 * ``run_isolated(...)`` runs the point in a fresh child process (spawned, so CUDA state is never inherited).
   The parent waits at most the deadline (counted from the child's start-up, itself limited to
-  STARTUP_LIMIT_S), kills the child when it is exceeded, and writes the record itself when the child could not:
-  killed by a signal (kill -9, the kernel's out-of-memory killer, a segfault), exited abnormally, left an
-  unreadable record, did not start, or timed out. This works under every Hydra launcher, in-process or not.
+  STARTUP_LIMIT_S, and not counting the cache entries the child builds), kills the child when it is exceeded,
+  and writes the record itself when the child could not: killed by a signal (kill -9, the kernel's
+  out-of-memory killer, a segfault), exited abnormally, left an unreadable record, did not start, or timed
+  out. This works under every Hydra launcher, in-process or not.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from engines.cache import set_build_pause
 from harness.config import PointSpec, validate
 from harness.records import RECORD_NAME, RecordError, read_record, write_record
 
@@ -49,22 +53,61 @@ def _in_import(frame: Any) -> bool:
     return False
 
 
+_pause = {"depth": 0, "total_s": 0.0}  # open deadline_paused blocks, and the seconds they lasted in this process
+
+
+def paused_s() -> float:
+    """Seconds deadlines were paused in this process so far (cache entries built): a point's share is the
+    difference across it."""
+    return float(_pause["total_s"])
+
+
+@contextmanager
+def deadline_paused() -> Iterator[None]:
+    """Stop the running deadline's timer while a shared cache entry is built, and re-arm it with what was left."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    left = 0.0
+    if not _pause["depth"]:
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        if left:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    _pause["depth"] += 1
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        _pause["depth"] -= 1
+        if not _pause["depth"]:
+            _pause["total_s"] += time.monotonic() - t0
+            if left:
+                signal.setitimer(signal.ITIMER_REAL, left)
+
+
+set_build_pause(deadline_paused)
+
+
 @contextmanager
 def deadline(seconds: float | None) -> Iterator[None]:
-    """Raise PointTimeout in this (main) thread after ``seconds``; no limit when None or not the main thread."""
+    """Raise PointTimeout in this (main) thread after ``seconds`` (not counting ``deadline_paused`` blocks); no
+    limit when None or not the main thread."""
     if not seconds or threading.current_thread() is not threading.main_thread():
         yield
         return
 
+    def elapsed() -> float:
+        return time.monotonic() - started - (paused_s() - paused_before)
+
     def expire(signum: int, frame: Any) -> None:
-        late = time.monotonic() - started - seconds
+        late = elapsed() - seconds
         if late < IMPORT_GRACE_S and _in_import(frame):  # let the import finish: a half-run module stays broken
             signal.setitimer(signal.ITIMER_REAL, IMPORT_RETRY_S)
             return
         raise PointTimeout(f"point exceeded measure.timeout_s={seconds:g} s")
 
     outer_left, _ = signal.getitimer(signal.ITIMER_REAL)  # a deadline around this one (0: none)
-    started = time.monotonic()
+    started, paused_before = time.monotonic(), paused_s()
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, min(seconds, outer_left) if outer_left else seconds)
     try:
@@ -75,17 +118,51 @@ def deadline(seconds: float | None) -> Iterator[None]:
         finally:
             signal.signal(signal.SIGALRM, previous)
             if outer_left:  # re-arm the outer deadline with what is left of it (at least a moment: it is due)
-                signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - started), 1e-3))
+                signal.setitimer(signal.ITIMER_REAL, max(outer_left - elapsed(), 1e-3))
 
 
 STARTUP_LIMIT_S = 600.0  # a child that has not even imported its modules by then is counted as hung
 
 
-def _child(cfg: dict[str, Any], out_dir: str, sweep: dict[str, Any], log_level: int, ready: Any) -> None:
+@contextmanager
+def _shared_pause(shared: Any) -> Iterator[None]:
+    """deadline_paused in an isolated child, told to the parent that keeps its deadline: ``shared`` holds the
+    builds open now and the seconds they took."""
+    with shared.get_lock():
+        shared[0] += 1
+    t0 = time.monotonic()
+    try:
+        with deadline_paused():
+            yield
+    finally:
+        with shared.get_lock():
+            shared[0] -= 1
+            shared[1] += time.monotonic() - t0
+
+
+def wait_for(child: Any, timeout_s: float | None, shared: Any) -> bool:
+    """Wait for ``child`` at most ``timeout_s`` of its own time, not counting the cache entries it builds (never
+    killed while it builds one); returns whether it ran past that."""
+    if not timeout_s:
+        child.join()
+        return False
+    start = time.monotonic()
+    while child.is_alive():
+        left = start + timeout_s + shared[1] - time.monotonic()
+        if left <= 0 and not shared[0]:
+            return True
+        child.join(min(max(left, 0.0), 0.5) or 0.5)
+    return False
+
+
+def _child(
+    cfg: dict[str, Any], out_dir: str, sweep: dict[str, Any], log_level: int, ready: Any, shared: Any
+) -> None:
     """Entry point of the isolated process: validate again (nothing but plain data crosses) and run."""
     logging.basicConfig(level=log_level, format="[%(asctime)s][%(levelname)s] %(message)s", datefmt="%H:%M:%S")
     from harness.point import run_point
 
+    set_build_pause(lambda: _shared_pause(shared))
     spec = validate(cfg)
     ready.set()  # the deadline counts from here: interpreter start-up and imports are not the point's time
     run_point(spec, Path(out_dir), sweep, timeout_s=None)
@@ -109,9 +186,9 @@ def run_isolated(spec: PointSpec, out_dir: Path, sweep: dict[str, Any], timeout_
     record_path.unlink(missing_ok=True)  # a previous attempt's record must not pass for this one's
     ctx = mp.get_context("spawn")
     started = time.time()
-    ready = ctx.Event()
+    ready, shared = ctx.Event(), ctx.Array("d", 2)  # shared: builds open in the child, seconds they took
     level = logging.getLogger().getEffectiveLevel()
-    child = ctx.Process(target=_child, args=(spec.cfg, str(out_dir), sweep, level, ready), daemon=False)
+    child = ctx.Process(target=_child, args=(spec.cfg, str(out_dir), sweep, level, ready, shared), daemon=False)
     child.start()
     startup_end = started + STARTUP_LIMIT_S
     while child.is_alive() and not ready.is_set() and time.time() < startup_end:
@@ -119,7 +196,7 @@ def run_isolated(spec: PointSpec, out_dir: Path, sweep: dict[str, Any], timeout_
     startup_s = time.time() - started if ready.is_set() else None
     stuck = child.is_alive() and not ready.is_set()  # still starting up: the deadline never began
     if not stuck:
-        child.join(timeout_s)
+        wait_for(child, timeout_s, shared)
     timed_out = child.is_alive()
     if timed_out:
         child.kill()

@@ -35,10 +35,18 @@ _prepared: dict[str, nn.Module] = {}  # the last prepared engine, or the held on
 _held: set[str] = set()
 
 
+def device_name(device: torch.device) -> str:
+    """The device with its index resolved (``cuda`` and ``cuda:0`` are one GPU, and so one set of weights)."""
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device() if torch.cuda.is_available() else 0}"
+    return str(device)
+
+
 def reference_key(spec: PointSpec) -> str:
     """Identity of the reference weights: shape, weights kind, seed, device, dtype (and the training setup as it
     runs on this device: ``precision=auto`` trains in bf16 on one machine and fp32 on another)."""
-    parts: list[Any] = [spec.model.name, spec.model.weights, spec.model.args.to_dict(), spec.seed, str(spec.device)]
+    parts: list[Any] = [spec.model.name, spec.model.weights, spec.model.args.to_dict(), spec.seed]
+    parts.append(device_name(spec.device))
     parts.append(str(spec.dtype))
     if spec.model.weights == "trained":
         corpus = load_corpus(spec.corpus.path, spec.corpus.heldout_every)
@@ -48,10 +56,13 @@ def reference_key(spec: PointSpec) -> str:
 
 def weights_key(spec: PointSpec, info: dict[str, Any]) -> str:
     """The name engines' own caches (calibration statistics, masks, students) give the reference weights: its
-    identity and, for trained weights, the checkpoint file as written (size, mtime), so a checkpoint trained
-    again (``harness train --force``) is not pruned or distilled from statistics of the one it replaced."""
+    identity and, for trained weights, the checkpoint's content (its sha256, from its sidecar; else the file's size
+    and mtime), so a checkpoint trained again (``harness train --force``) is not pruned or distilled from
+    statistics of the one it replaced, and a cache restored without mtimes is still hit."""
     parts: list[Any] = [reference_key(spec)]
-    if checkpoint := info.get("checkpoint"):
+    if sha := (info.get("training") or {}).get("sha256"):
+        parts.append(sha)
+    elif checkpoint := info.get("checkpoint"):
         stat = Path(checkpoint).stat()
         parts.append([stat.st_size, stat.st_mtime_ns])
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
@@ -92,6 +103,19 @@ def release() -> None:
     _free()
 
 
+def _release_other_than(key: str) -> None:
+    """Drop the reference and the prepared engines not made from reference ``key``: a point that builds this
+    reference again only to measure quality (another quality config) keeps the engine it can reuse."""
+    global _reference
+    _reference = None
+    fidelity.forget_reference()
+    other = {k for k in (*_prepared, *_held) if json.loads(k)[0] != key}
+    for k in other & set(_prepared):
+        del _prepared[k]
+    _held.difference_update(other)
+    _free()
+
+
 def hold(keys: set[str]) -> None:
     """Keep the engines prepared under ``keys`` (``prepared_key``) when others are prepared; drop every other."""
     _held.clear()
@@ -118,7 +142,7 @@ def reference_model(spec: PointSpec) -> tuple[Transformer, dict[str, Any]]:
     key = reference_key(spec)
     if _reference is not None and _reference[0] == key:
         return _reference[1], reference_info(spec)
-    release()
+    _release_other_than(key)
     t0 = time.perf_counter()
     info: dict[str, Any] = {"weights": spec.model.weights}
     if spec.model.weights == "trained":

@@ -1,8 +1,10 @@
 """Reference training: the embedded quality baseline, trained once and cached.
 
-The checkpoint (safetensors) is keyed by the model shape, the corpus hash, the training config, the seed and the
-device type, so a change to any of them trains anew and an unchanged setup loads in milliseconds. A file lock
-keeps two processes of one sweep from training the same checkpoint twice; the file is written atomically.
+The checkpoint (safetensors) is keyed by the model shape, the corpus hash, the training config, the seed, the
+device type and TRAIN_VERSION, so a change to any of them trains anew and an unchanged setup loads in
+milliseconds. A file lock keeps two processes of one sweep from training the same checkpoint twice; the file is
+written atomically, and a cached one whose tensors no longer fit the model (or whose hash is wrong) is trained
+again. Training pauses the point's deadline (engines.cache.building): it is done once for the whole sweep.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 
-from engines.cache import cache_key, cached, file_lock, load_weights, save_weights
+from engines.cache import building, cache_key, cached, file_lock, load_weights, save_weights
 from engines.llama import ModelArgs, Transformer
 from engines.train import TrainConfig, fit, heldout_nll, resolve_precision
 from harness.corpus import Corpus, bits_per_byte, unigram_bits_per_byte
@@ -26,9 +28,18 @@ from harness.progress import format_duration
 log = logging.getLogger(__name__)
 
 
+# bump when what training computes changes (fit, lm_loss, the model's math under the same tensor names): older
+# checkpoints are then never read
+TRAIN_VERSION = 1
+EVAL_LEN = 256  # the held-out evaluation's window (engines.train.heldout_nll), capped by model.max_seq_len
+
+
 def checkpoint_key(args: ModelArgs, corpus: Corpus, cfg: TrainConfig, seed: int, device_type: str) -> str:
-    return cache_key({"args": args.to_dict(), "corpus": corpus.sha256, "train": asdict(cfg), "seed": seed,
-                      "dev": device_type})  # fmt: skip
+    """The checkpoint's cache key. ``max_seq_len`` is left out (it sizes the rotary table, not the trained weights),
+    except as the held-out evaluation's window it caps (the summary's bits per byte)."""
+    shape = {k: v for k, v in args.to_dict().items() if k != "max_seq_len"}
+    return cache_key({"args": shape, "corpus": corpus.sha256, "train": asdict(cfg), "seed": seed, "dev": device_type,
+                      "eval_len": min(EVAL_LEN, args.max_seq_len), "version": TRAIN_VERSION})  # fmt: skip
 
 
 def resolved_train(cfg: TrainConfig, device: torch.device) -> TrainConfig:
@@ -61,13 +72,13 @@ def train_reference(
         raise ValueError(f"model.vocab_size: a byte-level corpus needs at least 256 tokens, got {args.vocab_size}")
     model = Transformer.build(args, device=device, dtype=torch.float32, seed=seed)
     unigram = unigram_bits_per_byte(corpus)
-    init_bpb = bits_per_byte(heldout_nll(model, corpus.tokens("heldout")))
+    init_bpb = bits_per_byte(heldout_nll(model, corpus.tokens("heldout"), EVAL_LEN))
     log.info("training %s (%.2fM params) on %s: %d steps of %dx%d tokens, %s", name, args.num_params() / 1e6,
              corpus.name, cfg.steps, cfg.batch_size, cfg.seq_len, resolve_precision(cfg.precision, device))  # fmt: skip
     t0 = time.perf_counter()
     losses = fit(model, corpus.tokens("train"), cfg, on_step=_progress_logger(cfg, every=max(cfg.steps // 10, 1)))
     seconds = time.perf_counter() - t0
-    heldout = bits_per_byte(heldout_nll(model, corpus.tokens("heldout")))
+    heldout = bits_per_byte(heldout_nll(model, corpus.tokens("heldout"), EVAL_LEN))
     info = {
         "model": name,
         "steps": cfg.steps,
@@ -103,16 +114,26 @@ def ensure_trained(
     key = checkpoint_key(args, corpus, cfg, seed, device.type)
     ckpt = Path(cache_dir) / "checkpoints" / f"{name}-{key}.safetensors"
     with file_lock(ckpt.with_suffix(".lock")):
-        if cached(ckpt) and not force:
+        if not force and cached(ckpt, layout(args)):
             return ckpt, {**json.loads(ckpt.with_suffix(".json").read_text()), "cached": True}
         if cfg.warmup_steps >= cfg.steps:  # allowed (a schedule under test), but rarely what was meant
             log.warning("train.warmup_steps=%d is not below train.steps=%d: the learning rate never reaches "
                         "train.lr=%g", cfg.warmup_steps, cfg.steps, cfg.lr)  # fmt: skip
-        model, info = train_reference(name, args, corpus, cfg, seed, device)
-        info["key"] = key
-        save_weights(model, ckpt, info)
-        log.info("checkpoint: %s", ckpt)
-    return ckpt, {**info, "cached": False}
+        with building() as build:
+            model, info = train_reference(name, args, corpus, cfg, seed, device)
+            info["key"] = key
+            save_weights(model, ckpt, info)
+        log.info("checkpoint: %s (built in %s)", ckpt, format_duration(build.seconds))
+    return ckpt, {**info, "build_s": build.seconds, "cached": False}
+
+
+def layout(args: ModelArgs) -> Transformer:
+    """The model's tensors (names and shapes, tied ones shared) without memory: what a cached checkpoint must hold."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model
 
 
 def load_trained(args: ModelArgs, ckpt: Path, device: torch.device, dtype: torch.dtype) -> Transformer:

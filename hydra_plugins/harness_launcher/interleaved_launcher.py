@@ -54,9 +54,9 @@ class InterleavedLauncher(Launcher):
 
     def launch(self, job_overrides: Any, initial_job_idx: int) -> list[JobReturn]:
         from harness import interleave
-        from harness.app import record_dir, sweep_info
+        from harness.app import already_measured, record_dir, sweep_info
         from harness.config import validate
-        from harness.records import measured_ok, point_key
+        from harness.records import point_key
 
         setup_globals()
         assert self.hydra_context is not None and self.config is not None and self.task_function is not None
@@ -72,8 +72,8 @@ class InterleavedLauncher(Launcher):
             job_dir = sweep_dir / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
             out_dir, key = job_dir, point_key(interleave.identity(spec))
             if spec.resume:
-                if measured_ok(sweep_dir, key):
-                    continue  # its task reports the earlier record (resume=true)
+                if already_measured(spec, sweep_dir, key):
+                    continue  # its task reports the earlier record (resume=true: same config, env and SHA)
                 out_dir = record_dir(sweep_dir, job_dir, key)  # never over another point's record
             jobs.append(interleave.Job(spec, out_dir, sweep_info(cfg.hydra), job_dir=job_dir))
         interleave.run(jobs)
