@@ -31,7 +31,7 @@ import torch
 from harness import reference
 from harness.config import ConfigError, PointSpec
 from harness.env import fingerprint
-from harness.isolation import PointTimeout, deadline
+from harness.isolation import PointTimeout, deadline, paused_s
 from harness.memory import PeakMemory, current_rss_mb
 from harness.monitor import Sampler
 from harness.point import (
@@ -42,7 +42,9 @@ from harness.point import (
     finish,
     guarded,
     identity,
+    keep_partial,
     new_record,
+    roofline_peaks,
     setup,
 )
 from harness.progress import format_duration
@@ -76,6 +78,7 @@ class _Entry:
     point: TimedPoint | None = None
     warm: Repetitions = field(default_factory=Repetitions)
     spent_s: float = 0.0  # the point's own time so far (its phases, its repetitions): what measure.timeout_s limits
+    peaks: dict[str, Any] | None = None  # the roofline's device peaks (point.roofline_peaks), before its setup
 
 
 class _Expired(Exception):
@@ -94,7 +97,7 @@ def _budget(entry: _Entry) -> Iterator[None]:
     The budget covers the point's own work: its prepare (build, quality), its warm-up and its own repetitions
     in the rounds, not the time it waits while the other points of its group run theirs."""
     limit = entry.job.spec.policy.timeout_s
-    t0 = time.perf_counter()
+    t0, paused0 = time.perf_counter(), paused_s()
     try:
         if not limit:
             yield
@@ -107,8 +110,8 @@ def _budget(entry: _Entry) -> Iterator[None]:
                 yield
         except PointTimeout:
             raise PointTimeout(f"point exceeded measure.timeout_s={limit:g} s") from None
-    finally:
-        entry.spent_s += time.perf_counter() - t0
+    finally:  # a shared cache entry built meanwhile (training, a student) is none of the point's own time
+        entry.spent_s += time.perf_counter() - t0 - (paused_s() - paused0)
 
 
 def _budgeted_rep(entry: _Entry) -> RepFn:
@@ -217,6 +220,7 @@ def _prepare(job: Job) -> _Entry:
         if reason:
             record["status"], record["error"] = "skipped", reason
             return entry
+        entry.peaks = roofline_peaks(spec, record)
         entry.point = setup(spec, record, job.out_dir, keep_reference=True)
     if record["status"] is not None:
         entry.point = None
@@ -258,6 +262,7 @@ def _time_in_turns(ready: list[_Entry]) -> None:
     for i, (e, res) in enumerate(zip(ready, results, strict=True)):
         with guarded(e.record):
             if isinstance(res, BaseException):
+                keep_partial(e.record, e.warm)  # its rounds before the exception: e.warm is what the rounds filled
                 raise res
             e.record["timing"] = {
                 "interleaved": {"id": turns_id, "points": len(ready), "position": i, "rounds": rounds, "group": keys},
@@ -266,7 +271,8 @@ def _time_in_turns(ready: list[_Entry]) -> None:
                 paired = paired_speedups(results[base], res, policy.confidence)  # type: ignore[arg-type]
                 e.record["timing"]["interleaved"]["vs_" + BASELINE] = {"point_key": keys[base], **paired}
             with _budget(e):  # the summary, roofline and profile are the point's own work, as in a basic run
-                finish(e.point, res, (peak_mb, f"{method}, {shared}"), rss_before, _shared_monitor(monitor, shared))
+                finish(e.point, res, (peak_mb, f"{method}, {shared}"), rss_before, _shared_monitor(monitor, shared),
+                       e.peaks)  # fmt: skip
             e.record["status"] = "ok"
 
 

@@ -44,6 +44,33 @@ LABELS = {
 }
 
 
+# NVML's clocks-event (throttle) reason bits, nvml.h's nvmlClocksEventReason*
+THROTTLE_BITS = {
+    0x1: "gpu_idle",
+    0x2: "applications_clocks_setting",
+    0x4: "sw_power_cap",
+    0x8: "hw_slowdown",
+    0x10: "sync_boost",
+    0x20: "sw_thermal_slowdown",
+    0x40: "hw_thermal_slowdown",
+    0x80: "hw_power_brake_slowdown",
+    0x100: "display_clock_setting",
+}
+IDLE_BIT = 0x1
+
+
+def throttle_summary(values: np.ndarray) -> dict[str, Any]:
+    """The window's throttle reasons: a bitmask has no mean, so its union (``any``, with the reasons' names)
+    and the fraction of samples with a reason other than idle, the ones that slow clocks under load."""
+    masks = values.astype(np.int64)
+    union = int(np.bitwise_or.reduce(masks)) if masks.size else 0
+    return {
+        "any": union,
+        "reasons": [name for bit, name in THROTTLE_BITS.items() if union & bit],
+        "fraction_throttled": float(np.mean((masks & ~IDLE_BIT) != 0)) if masks.size else 0.0,
+    }
+
+
 def _reason(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {' '.join(str(exc).split())}"
 
@@ -219,9 +246,12 @@ class Sampler:
         self._sample_cpu_s += time.thread_time() - c0
 
     def _run(self, t0: float) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample(t0)
-        self._sample(t0)  # the window's end: even a window shorter than the interval has a sample
+        try:
+            while not self._stop.wait(self.interval_s):
+                self._sample(t0)
+            self._sample(t0)  # the window's end: even a window shorter than the interval has a sample
+        except Exception as exc:  # a thread that dies says so: the timeline ends there, and `missing` says why
+            self.missing["sampler"] = f"the sampler stopped at {time.perf_counter() - t0:.2f} s: {_reason(exc)}"
 
     def __enter__(self) -> Sampler:
         self._proc.cpu_percent(None)  # prime the counters: the first call has no interval to measure
@@ -241,6 +271,13 @@ class Sampler:
         self.window_s = time.perf_counter() - self._t0
         self.energy_j = self._energy_delta(self._e0, self._energy())
 
+    def _util_source(self, aggregates: dict[str, Any]) -> str | None:
+        """The series the table's ``util_mean`` reads: NVML's on a GPU, the process's CPU use on a CPU. A CUDA
+        point whose NVML could not be read has none: host CPU use is not GPU utilization."""
+        if self.device.type == "cuda":
+            return "gpu_util" if "gpu_util" in aggregates else None
+        return "cpu_util_process" if "cpu_util_process" in aggregates else None
+
     def result(self, tokens: int) -> dict[str, Any]:
         """The monitor section: timeline, per-series mean/max, energy (J and J/token), missing figures, overhead."""
         names = sorted({k for s in self.samples for k in s} - {"t_s"})
@@ -251,7 +288,9 @@ class Sampler:
             timeline[name] = values
             v = np.array([x for x in values if x is not None], dtype=float)
             if v.size:
-                aggregates[name] = {"mean": float(v.mean()), "max": float(v.max())}
+                aggregates[name] = throttle_summary(v) if name == "throttle_reasons" else {
+                    "mean": float(v.mean()), "max": float(v.max())
+                }  # fmt: skip
         missing = {**self.missing, **(self._nvml.missing if self._nvml else {})}
         energy = self.energy_j
         return {
@@ -262,7 +301,7 @@ class Sampler:
             "timeline": timeline,
             "labels": {k: LABELS.get(k, k) for k in names},
             "aggregates": aggregates,
-            "util_source": "gpu_util" if "gpu_util" in aggregates else "cpu_util_process",
+            "util_source": self._util_source(aggregates),
             "energy_j": energy,
             "energy_source": self._energy_source if energy is not None else None,
             "tokens": tokens,

@@ -28,7 +28,7 @@ from harness import fidelity, reference
 from harness.config import PointSpec
 from harness.corpus import Corpus, CorpusError, load_corpus, windows
 from harness.env import fingerprint
-from harness.isolation import PointTimeout, deadline
+from harness.isolation import PointTimeout, deadline, paused_s
 from harness.memory import PeakMemory, current_rss_mb
 from harness.monitor import Sampler
 from harness.profiling import profile_decode
@@ -222,27 +222,72 @@ def setup(spec: PointSpec, record: dict[str, Any], out_dir: Path, keep_reference
 
 def measure(spec: PointSpec, record: dict[str, Any], out_dir: Path) -> None:
     """Prepare the engine, measure its quality and time generations; fills the record's sections."""
+    peaks = roofline_peaks(spec, record)  # before the model is built: the measurement needs its memory
     point = setup(spec, record, out_dir)
     peak = PeakMemory(spec.device)
     rss_before = current_rss_mb()
     sampler = Sampler(spec.device, spec.monitor.interval_s) if spec.monitor.enabled else None
-    peak.reset()
-    reps = repeat(point.rep, spec.policy, CONVERGE_ON, timed_window=lambda: sampler or nullcontext())
+
+    @contextmanager
+    def timed_window() -> Iterator[None]:
+        peak.reset()  # after the warm-up: compilation and autotuning transients are not the engine's footprint
+        with sampler or nullcontext():
+            yield
+
+    reps = Repetitions()
+    try:
+        repeat(point.rep, spec.policy, CONVERGE_ON, timed_window=timed_window, res=reps)
+    except BaseException:
+        keep_partial(record, reps)
+        raise
     w = spec.workload
     monitor = sampler.result(tokens=reps.reps * w.batch_size * w.gen_len) if sampler is not None else None
-    finish(point, reps, peak.read(), rss_before, monitor)
+    finish(point, reps, peak.read(), rss_before, monitor, peaks)
+
+
+def keep_partial(record: dict[str, Any], reps: Repetitions) -> None:
+    """The samples a point took before its timing stopped on an exception (a timeout, a failing repetition):
+    every raw sample is kept, with ``timing.partial`` saying the loop did not end by its policy."""
+    if reps.reps or reps.warmup_times_s:
+        record["samples"] = reps.samples
+        record["timing"] = {**record.get("timing", {}), **reps.to_dict(), "partial": True}
+
+
+def roofline_peaks(spec: PointSpec, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The device's measured peaks (cached per device and dtype) when the roofline is on. A failure to measure
+    them is the roofline section's ``error``: it never fails the point."""
+    if not spec.roofline.enabled:
+        return None
+    try:
+        return device_peaks(
+            spec.device, spec.dtype, record["env"]["id"], spec.cache_dir,
+            {"bandwidth_gbs": spec.roofline.bandwidth_gbs, "tflops": spec.roofline.tflops},
+        )  # fmt: skip
+    except Exception as exc:  # not PointTimeout (a BaseException): the point's deadline still ends it
+        log.warning("roofline peaks could not be measured: %s", _one_line(exc))
+        record["roofline"] = {"error": _one_line(exc)}
+        if spec.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
 
 
 def finish(
-    point: TimedPoint, reps: Repetitions, peak: tuple[float, str], rss_before: float, monitor: dict[str, Any] | None
+    point: TimedPoint,
+    reps: Repetitions,
+    peak: tuple[float, str],
+    rss_before: float,
+    monitor: dict[str, Any] | None,
+    peaks: dict[str, Any] | None,
 ) -> None:
-    """Fill the record's timing, samples, summary, metrics, monitor, roofline and profile sections."""
+    """Fill the record's timing, samples, summary, metrics, monitor, roofline and profile sections (``peaks``:
+    ``roofline_peaks``, measured before the point's model was built; None: no roofline)."""
     spec, record, prepared, clock = point.spec, point.record, point.prepared, point.clock
     w = spec.workload
     caveat = spec.engine.timing_caveat(spec.device)
     record["timing"] = {
         "clock": clock.kind,
         "overhead_ns": clock.overhead_ns,
+        "host_mark_ns": getattr(clock, "host_mark_ns", None),
         "policy": spec.policy.__dict__,
         **reps.to_dict(),
         "representative": caveat is None,
@@ -250,7 +295,8 @@ def finish(
         **record.get("timing", {}),
     }
     record["samples"] = reps.samples
-    summary = {k: summarize(v, spec.policy.confidence) for k, v in reps.samples.items()}
+    blocks = {"itl_ms": w.gen_len - 1}  # one generation's token gaps come together: its repetition is the unit
+    summary = {k: summarize(v, spec.policy.confidence, blocks.get(k)) for k, v in reps.samples.items()}
     record["summary"] = summary
     b = w.batch_size
     wbytes = weight_bytes(prepared)
@@ -269,14 +315,15 @@ def finish(
     }
     if monitor is not None:
         record["monitor"] = monitor
-        source = monitor["aggregates"].get(monitor["util_source"])
+        source = monitor["aggregates"].get(monitor["util_source"]) if monitor["util_source"] else None
         metrics["util_mean"] = source["mean"] if source else None
+        if monitor.get("window_s") and "shared" not in monitor:
+            # the window also holds each repetition's untimed host work (prompt, sync, reading the clock): where
+            # that is a large part, utilization and energy per token carry idle time the timings do not
+            monitor["timed_fraction"] = float(np.sum(reps.samples["e2e_ms"])) / 1e3 / monitor["window_s"]
+
         metrics["energy_j_per_token"] = monitor["energy_j_per_token"]
-    if spec.roofline.enabled:
-        peaks = device_peaks(
-            spec.device, spec.dtype, record["env"]["id"], spec.cache_dir,
-            {"bandwidth_gbs": spec.roofline.bandwidth_gbs, "tflops": spec.roofline.tflops},
-        )  # fmt: skip
+    if peaks is not None:
         roof = record["roofline"] = roofline(
             getattr(prepared, "args", spec.model.args), wbytes, spec.dtype.itemsize, point.rows, w.prompt_len,
             w.gen_len, summary["tpot_ms"]["p50"], summary["ttft_ms"]["p50"], peaks, unread_table_bytes(prepared),
@@ -363,7 +410,7 @@ def run_point(
     Never raises for a problem of the point itself: it is recorded as ``skipped`` (engine unavailable here),
     ``oom``, ``timeout`` (``timeout_s`` passed) or ``failed``, memory is released, and the sweep goes on.
     """
-    started = time.time()
+    started, paused_before = time.time(), paused_s()
     record = new_record(spec, sweep)
     torch.manual_seed(spec.seed)
     apply_process_settings(spec)
@@ -377,5 +424,7 @@ def run_point(
                 measure(spec, record, out_dir)
                 record["status"] = "ok"
     finally:
+        if built := paused_s() - paused_before:  # shared cache entries built (training, a student): not timed out
+            record["cache_build_s"] = built
         close_record(record, spec, out_dir, started)
     return record

@@ -58,6 +58,12 @@ SCALAR_COLUMNS: dict[str, tuple[str, ...]] = {
     "peak_memory_mb": ("metrics", "peak_memory_mb"),
     "weight_bytes": ("metrics", "weight_bytes"),
     "util_mean": ("metrics", "util_mean"),
+    # the series util_mean is the mean of: gpu_util (NVML: % of time a kernel ran) or cpu_util_process; empty
+    # on a GPU point whose NVML could not be read (its host CPU use is cpu_util_mean, never util_mean)
+    "util_source": ("monitor", "util_source"),
+    "cpu_util_mean": ("monitor", "aggregates", "cpu_util_process", "mean"),
+    # GPM's SM activity (% of SM cycles with work; Hopper and newer drivers): how busy the SMs were
+    "sm_active_mean": ("monitor", "aggregates", "sm_active", "mean"),
     "energy_j_per_token": ("metrics", "energy_j_per_token"),
     "mbu": ("metrics", "mbu"),
     "mfu": ("metrics", "mfu"),
@@ -112,6 +118,8 @@ NUMERIC_COLUMNS = {
     "peak_memory_mb",
     "weight_bytes",
     "util_mean",
+    "cpu_util_mean",
+    "sm_active_mean",
     "energy_j_per_token",
     "mbu",
     "mfu",
@@ -290,9 +298,60 @@ def earlier_records(directory: Path, key: str) -> list[tuple[Path, str]]:
     return hits
 
 
-def measured_ok(directory: Path, key: str) -> Path | None:
-    """A record under ``directory`` with status ok for point ``key`` (what resume must not measure again)."""
-    return next((path for path, status in earlier_records(directory, key) if status == "ok"), None)
+def measured_ok(
+    directory: Path, key: str, config: dict[str, Any] | None = None, env: dict[str, Any] | None = None
+) -> Path | None:
+    """A record under ``directory`` with status ok for point ``key`` (what resume must not measure again). Given
+    the point's resolved ``config`` and ``env`` fingerprint, only one measured under the same config (but for
+    ``RESUME_IGNORES``), environment id and git SHA: any other is measured again, with one line naming what
+    differs, so a report never mixes numbers measured another way as this run's."""
+    for path, status in earlier_records(directory, key):
+        if status != "ok":
+            continue
+        if config is None:
+            return path
+        try:
+            differ = record_differences(read_record(path), config, env or {})
+        except (RecordError, OSError):
+            continue
+        if not differ:
+            return path
+        shown = ", ".join(differ[:6]) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+        log.info("  %s was measured with another %s: measured again (resume=true)", path, shown)
+    return None
+
+
+# config fields that cannot change an ok record's numbers: free text, how the run was launched, where files go
+RESUME_IGNORES = ("note", "resume", "hydra", "isolate", "cache_dir", "measure.timeout_s")
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {dotted.field: value}."""
+    if not isinstance(node, dict) or not node:
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def record_differences(record: dict[str, Any], config: dict[str, Any], env: dict[str, Any]) -> list[str]:
+    """What differs between an earlier record and this point: config fields (dotted), ``env.id``, ``env.git.sha``,
+    and ``quality`` where this point measures quality and the record holds none."""
+
+    def kept(leaves: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in leaves.items() if not any(k == i or k.startswith(i + ".") for i in RESUME_IGNORES)}
+
+    old, new = kept(_leaves(record.get("config") or {})), kept(_leaves(config))
+    differ = sorted(k for k in old.keys() | new.keys() if old.get(k, ...) != new.get(k, ...))
+    stored = record.get("env") or {}
+    if env.get("id") != stored.get("id"):
+        differ.append("env.id")
+    if (env.get("git") or {}).get("sha") != (stored.get("git") or {}).get("sha"):
+        differ.append("env.git.sha")
+    if (config.get("quality") or {}).get("enabled", True) and not record.get("quality"):
+        differ.append("quality (the record has none)")
+    return differ
 
 
 def _get(record: dict[str, Any], path: tuple[str, ...]) -> Any:

@@ -30,13 +30,14 @@ from typing import Any
 import psutil
 import torch
 
+from engines.cache import file_lock
 from engines.llama import ModelArgs
 from harness.records import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 MIN_BUFFER = 1 << 30  # bytes
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: GPU peaks from batches of launches after a warm-up
 
 
 def last_level_cache_bytes() -> int | None:
@@ -52,22 +53,43 @@ def last_level_cache_bytes() -> int | None:
     return best
 
 
+GPU_WARMUP_S = 0.1  # clocks ramp up and the first launches pay for lazy init: as triton.testing.do_bench warms up
+GPU_BATCH_S = 0.02  # launches timed between one pair of events, so a launch's latency is a sliver of the batch
+
+
 def _timed(fn, device: torch.device, reps: int) -> float:
-    """Best-of-``reps`` seconds of ``fn()`` after one untimed call (first touch, page faults)."""
+    """Best-of-``reps`` seconds of one ``fn()`` after an untimed call (first touch, page faults). On CUDA, after
+    ``GPU_WARMUP_S`` of calls, each of the ``reps`` samples is a batch of back-to-back calls between two events
+    (``GPU_BATCH_S`` long), per call: one launch of a millisecond-long kernel would carry its launch latency."""
     fn()
+    if device.type == "cuda":
+        return _timed_cuda(fn, device, reps)
     best = float("inf")
     for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _timed_cuda(fn, device: torch.device, reps: int) -> float:
+    torch.cuda.synchronize(device)
+    t0, calls = time.perf_counter(), 0
+    while time.perf_counter() - t0 < GPU_WARMUP_S or calls < 3:
+        fn()
+        torch.cuda.synchronize(device)
+        calls += 1
+    per_call = (time.perf_counter() - t0) / calls
+    n = max(1, min(1000, round(GPU_BATCH_S / max(per_call, 1e-7))))
+    best = float("inf")
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
             fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            best = min(best, start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
+        end.record()
+        torch.cuda.synchronize(device)
+        best = min(best, start.elapsed_time(end) / 1e3 / n)
     return best
 
 
@@ -100,6 +122,22 @@ def _positive(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+def _read_peaks(path: Path) -> dict[str, Any]:
+    """The cached peaks of this version; a peak held as 0, < 0 or nan (a broken or edited cache) is dropped, so
+    it is measured again."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+        return {}
+    for name in ("bandwidth_gbs", "flops"):
+        if name in data and not _positive(data[name]):
+            log.warning("peaks cache %s holds %s=%r: measured again", path, name, data[name])
+            data.pop(name)
+    return data
+
+
 def device_peaks(
     device: torch.device,
     dtype: torch.dtype,
@@ -114,29 +152,22 @@ def device_peaks(
     dtype_name = str(dtype).removeprefix("torch.")
     path = Path(cache_dir) / "peaks" / f"{fingerprint_id}-{dtype_name}.json"
     bw_given, flops_given = bool(overrides.get("bandwidth_gbs")), bool(overrides.get("tflops"))
-    cached: dict[str, Any] = {}
-    try:
-        data = json.loads(path.read_text())
-        if isinstance(data, dict) and data.get("version") == CACHE_VERSION:
-            cached = data
-    except (OSError, ValueError):
-        pass
-    for name in ("bandwidth_gbs", "flops"):  # a peak a broken or edited cache holds as 0, < 0 or nan: measured again
-        if name in cached and not _positive(cached[name]):
-            log.warning("peaks cache %s holds %s=%r: measured again", path, name, cached[name])
-            cached.pop(name)
-    measured: dict[str, Any] = {}
-    if not bw_given and (remeasure or "bandwidth_gbs" not in cached):
-        log.info("measuring %s copy bandwidth once for this device", device.type)
-        measured.update(measure_bandwidth(device))
-    if not flops_given and (remeasure or "flops" not in cached):
-        log.info("measuring %s %s matmul FLOP/s once for this device", device.type, dtype_name)
-        measured.update(measure_flops(device, dtype))
-    peaks = {"version": CACHE_VERSION, "device": device.type, "dtype": dtype_name, "fingerprint": fingerprint_id,
-             **cached, **measured}  # fmt: skip
-    if measured:  # what the cache held already (e.g. the other peak) is kept beside what was measured now
-        peaks["measured_at"] = time.time()
-        write_json_atomic(path, peaks)
+    # one measurement per device at a time: parallel jobs (joblib, submitit) starting together would otherwise
+    # each measure while the others load the machine, and cache a fraction of the peak for every later run
+    with file_lock(path.with_suffix(".lock")):
+        cached = _read_peaks(path)
+        measured: dict[str, Any] = {}
+        if not bw_given and (remeasure or "bandwidth_gbs" not in cached):
+            log.info("measuring %s copy bandwidth once for this device", device.type)
+            measured.update(measure_bandwidth(device))
+        if not flops_given and (remeasure or "flops" not in cached):
+            log.info("measuring %s %s matmul FLOP/s once for this device", device.type, dtype_name)
+            measured.update(measure_flops(device, dtype))
+        peaks = {"version": CACHE_VERSION, "device": device.type, "dtype": dtype_name, "fingerprint": fingerprint_id,
+                 **cached, **measured}  # fmt: skip
+        if measured:  # what the cache held already (e.g. the other peak) is kept beside what was measured now
+            peaks["measured_at"] = time.time()
+            write_json_atomic(path, peaks)
     peaks = {**peaks, "cache": str(path) if cached or measured else None}
     if bw_given:
         peaks.update(bandwidth_gbs=float(overrides["bandwidth_gbs"]))

@@ -22,6 +22,7 @@ DRIFT_ALPHA = 0.01
 DRIFT_HALVES_REL = 0.02
 DRIFT_MIN_SAMPLES = 10
 PERCENTILES = (50, 90, 95, 99)
+BOOTSTRAP_RESAMPLES = 1000
 
 
 def median_ci(samples: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
@@ -46,15 +47,46 @@ def median_ci(samples: Sequence[float], confidence: float = 0.95) -> tuple[float
     return float(x[j - 1]), float(x[k - 1]), coverage
 
 
-def summarize(samples: Sequence[float], confidence: float = 0.95) -> dict[str, float | int | bool]:
-    """Everything the record and the table need about one metric's samples."""
+def block_median_ci(x: np.ndarray, block: int, confidence: float = 0.95) -> tuple[float, float, float]:
+    """CI of the pooled median of samples that come in blocks of ``block`` consecutive values (the token gaps of
+    one generation): a bootstrap that resamples whole blocks (repetitions), not single values.
+
+    Gaps within one generation share its machine state and grow with position as attention reads more
+    context, so they are not independent draws: an order-statistic CI over all of them would be several times
+    too narrow. The independent unit is the repetition; with too few of them for ``median_ci`` to reach
+    ``confidence`` over their medians, the whole range is returned with that coverage.
+    """
+    blocks = x.reshape(-1, block)
+    nb = blocks.shape[0]
+    _, _, unit_coverage = median_ci(np.median(blocks, axis=1), confidence)
+    if unit_coverage < confidence - 1e-12:
+        return float(x.min()), float(x.max()), unit_coverage
+    rng = np.random.default_rng(0)  # a fixed stream: the same samples give the same interval
+    picks = rng.integers(0, nb, size=(BOOTSTRAP_RESAMPLES, nb))
+    step = max(1, 4_000_000 // x.size)  # resamples per batch: a few million values in memory at a time
+    medians = np.concatenate([
+        np.median(blocks[picks[i : i + step]].reshape(len(picks[i : i + step]), -1), axis=1)
+        for i in range(0, BOOTSTRAP_RESAMPLES, step)
+    ])  # fmt: skip
+    alpha = 1.0 - confidence
+    lo, hi = np.quantile(medians, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi), confidence
+
+
+def summarize(
+    samples: Sequence[float], confidence: float = 0.95, block: int | None = None
+) -> dict[str, float | int | bool]:
+    """Everything the record and the table need about one metric's samples. ``block``: the samples come in
+    blocks of that many consecutive values from one repetition (``block_median_ci``); the drift test then runs
+    over the blocks' medians, since a within-block trend (later tokens attend more) is no drift."""
     x = np.asarray(samples, dtype=float)
     n = int(x.size)
     if n == 0:
         return {"n": 0}
+    blocked = block is not None and block > 1 and n % block == 0
     q = np.percentile(x, [25, 75, *PERCENTILES])
     median = float(q[2])
-    lo, hi, coverage = median_ci(x, confidence)
+    lo, hi, coverage = block_median_ci(x, block, confidence) if blocked else median_ci(x, confidence)
     iqr = float(q[1] - q[0])
     out: dict[str, float | int | bool] = {
         "n": n,
@@ -69,7 +101,7 @@ def summarize(samples: Sequence[float], confidence: float = 0.95) -> dict[str, f
         "ci_coverage": coverage,
         "ci_rel_halfwidth": ci_relative_halfwidth(lo, hi, median),
         "noisy": bool(median > 0 and iqr / median > NOISE_IQR_OVER_MEDIAN),
-        **drift(x),
+        **drift(np.median(x.reshape(-1, block), axis=1) if blocked else x),
     }
     for p, v in zip(PERCENTILES, q[2:], strict=True):
         out[f"p{p}"] = float(v)
