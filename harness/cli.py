@@ -31,7 +31,7 @@ commands:
   env [--json]          print the device, threads, versions and git SHA this machine would record
   train [overrides...]  train a reference model on the corpus and cache it (model.weights=trained does it on use)
   report DIR [-o FILE]  write the comparative HTML report of a sweep (default: DIR/report.html)
-  compare BASE CAND     CI gate: verdict per point and metric; exit 0 no regression, 1 regression, 2 bad input
+  compare BASE CAND     CI gate per point and metric: exit 0 no regression, 1 regression, 2 bad input, 3 nothing gated
   export DIR --format F write pytest-benchmark JSON, csv, parquet or json (the table with raw samples)
   history add DIR...    store sweeps in the history database (results/history.sqlite); history list shows them
   dashboard [DIR...]    write the dashboard over history (storing the sweeps under DIR first): trends, steps
@@ -208,8 +208,10 @@ def cmd_train(args: Sequence[str]) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from harness.config import ConfigError, check_train_fits, validate
+    from engines.cache import CacheUnreadable
+    from harness.config import ConfigError, validate
     from harness.corpus import CorpusError, load_corpus
+    from harness.corpus_checks import check_corpus_fits
     from harness.training import ensure_trained
 
     try:
@@ -217,7 +219,7 @@ def cmd_train(args: Sequence[str]) -> int:
             if not d.expanduser().is_dir():
                 raise UsageError(f"--config-dir: {str(d)!r} is not a directory")
         spec = validate(compose(opts.overrides, [d.expanduser() for d in opts.config_dir]))
-        check_train_fits(spec.model, spec.train)  # `harness train` trains whatever model.weights says
+        check_corpus_fits(spec.model, spec.corpus, spec.train)  # `harness train` trains whatever model.weights says
         corpus = load_corpus(spec.corpus.path, spec.corpus.heldout_every)
     except (ConfigError, CorpusError) as exc:
         raise UsageError(str(exc)) from None
@@ -229,9 +231,12 @@ def cmd_train(args: Sequence[str]) -> int:
     if spec.model.args.vocab_size < 256:
         raise UsageError(f"model.vocab_size: a byte-level corpus needs at least 256, got {spec.model.args.vocab_size}")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
-    ckpt, info = ensure_trained(
-        spec.model.name, spec.model.args, corpus, spec.train, spec.seed, spec.device, spec.cache_dir, opts.force
-    )
+    try:
+        ckpt, info = ensure_trained(
+            spec.model.name, spec.model.args, corpus, spec.train, spec.seed, spec.device, spec.cache_dir, opts.force
+        )
+    except CacheUnreadable as exc:  # another user's checkpoint, an I/O error: left in place, named in one line
+        raise UsageError(str(exc)) from None
     c = corpus.identity()
     print(
         f"model {spec.model.name}: {spec.model.args.num_params() / 1e6:.2f}M params, {info['steps']} steps of "
