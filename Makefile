@@ -1,6 +1,8 @@
 # Set-up and the two everyday commands. `make demo` and `make test` create the virtual environment on first use.
 PYTHON ?= python3
 VENV ?= .venv
+# Optional index for torch alone, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu; empty: pip's own settings.
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -9,8 +11,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first, pinned: the local CPU wheel, not the registry's CUDA build.
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	# torch first, pinned. On the project's machines pip's find-links resolve it to a local CPU wheel; PyPI's
+	# Linux wheel is the CUDA build, so elsewhere set TORCH_INDEX for the CPU one.
+	$(BIN)/python -m pip install --quiet$(if $(TORCH_INDEX), --index-url $(TORCH_INDEX)) torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
