@@ -71,6 +71,8 @@ SCALAR_COLUMNS: dict[str, tuple[str, ...]] = {
     "decode_bytes_per_step": ("roofline", "decode", "bytes_per_step"),
     # what a pruned engine really removed (fraction of the selected weights), beside engine.sparsity requested
     "sparsity": ("engine_info", "sparsity"),
+    # an engine whose speedup is partly a lower precision than the model's (weight-only CPU schemes on an fp32 model)
+    "precision_caveat": ("engine_info", "precision_caveat"),
     "fidelity_top1": ("quality", "top1_agreement"),
     "fidelity_kl": ("quality", "kl"),
     # the same over the positions fed one token at a time through the KV cache (the path TPOT times)

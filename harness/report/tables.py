@@ -239,6 +239,8 @@ def points_table(df: pd.DataFrame) -> str:
         if flag(r, "speedup_suspect"):
             notes.append(f"suspect: {r['speedup_tpot'] / r['bytes_speedup']:.1f}× the memory-traffic bound "
                          "(check eager's timing)")  # fmt: skip
+        if isinstance(r.get("precision_caveat"), str):
+            notes.append(r["precision_caveat"])
         nonfinite = r.get("fidelity_nonfinite")
         if isinstance(nonfinite, float) and nonfinite > 0:
             notes.append(f"NaN/inf logits at {nonfinite:.2%} of the quality positions (KL, perplexity not numbers)")
