@@ -21,7 +21,21 @@ from engines.llama import ModelArgs, Transformer
 from harness.paths import config_dir
 
 REPO = Path(__file__).resolve().parent.parent
-QUICK = ["measure=quick", "workload.prompt_len=16", "workload.gen_len=4"]
+# The one fast point every run test starts from: the CPU (CPU-only assertions hold on a CUDA machine too), random
+# weights, no quality pass, fixed roofline peaks (nothing measures the machine's peaks: test_roofline does, mocked),
+# the quick policy and a short workload. A test that checks one of these features opts back in after it
+# (`quality.enabled=true`, `model.weights=trained`, `roofline.bandwidth_gbs=null`): Hydra's last override wins.
+FAST_POINT = [
+    "device=cpu",
+    "model.weights=random",
+    "quality.enabled=false",
+    "roofline.bandwidth_gbs=20",
+    "roofline.tflops=0.1",
+    "measure=quick",
+    "workload.prompt_len=16",
+    "workload.gen_len=4",
+]
+QUICK = FAST_POINT
 MALICIOUS = "<script>window.__pwned=1</script>"
 
 
@@ -180,11 +194,24 @@ def _run_in_process(*args: str) -> int:
         logging.getLogger().handlers = [h for h in logging.getLogger().handlers if "pytest" in type(h).__module__]
 
 
+def _reset_process_state(threads: int) -> None:
+    """What in-process runs leave behind for the next test: the reference and prepared-engine caches and the
+    quality memo (their keys leave out cache_dir, so a later test could reuse this one's engine and quality and
+    never run prepare or the quality code), and the last point's torch thread count."""
+    from harness import fidelity, reference
+
+    reference.release()
+    fidelity._memo.clear()
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture()
 def run_harness(monkeypatch):
     """Run `harness <args>` in-process (the same code path as the console script); returns the exit code."""
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
-    return _run_in_process
+    threads = torch.get_num_threads()
+    yield _run_in_process
+    _reset_process_state(threads)
 
 
 @dataclass
@@ -201,6 +228,7 @@ def report_sweep(tmp_path_factory) -> Sweep:
     batch 1 and 2, with a `<script>` tag in a config value. Its report is written by the sweep's callback."""
     sweep = tmp_path_factory.mktemp("report-sweep") / "sweep"
     out = io.StringIO()
+    threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
         mp.setenv("HYDRA_FULL_ERROR", "1")
         code = _run_in_process(
@@ -211,10 +239,25 @@ def report_sweep(tmp_path_factory) -> Sweep:
             "model.weights=random",  # the report needs real timings, not a trained model (no training here)
             "workload.batch_size=1,2",
             *QUICK,
+            "quality.enabled=true",  # the report's quality section and Pareto front
             f"+note='{MALICIOUS}'",
             f"hydra.sweep.dir={sweep}",
         )
+    _reset_process_state(threads)
     return Sweep(sweep, code, out.getvalue())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory):
+    """Nothing a test runs reads or writes the user's cache: HOME (inherited by subprocesses and isolated points)
+    and the harness' default cache directory (``cache_dir: null``) point into a session tmp dir."""
+    import harness.config
+
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        mp.setattr(harness.config, "DEFAULT_CACHE_DIR", home / ".cache" / "llm-inference-harness")
+        yield home
 
 
 @pytest.fixture(autouse=True)
@@ -231,9 +274,10 @@ def _no_step_summary(monkeypatch):
 
 
 @pytest.fixture()
-def subprocess_env() -> dict[str, str]:
-    """Environment for subprocess runs of the console script, as a user's shell would have it."""
-    env = dict(os.environ)
+def subprocess_env(_isolated_home) -> dict[str, str]:
+    """Environment for subprocess runs of the console script, as a user's shell would have it, with the
+    session's HOME (its default cache is the session's, never the user's ~/.cache)."""
+    env = dict(os.environ, HOME=str(_isolated_home))
     env.pop("HYDRA_FULL_ERROR", None)
     return env
 

@@ -43,7 +43,9 @@ class FaultEngine(Engine):
         if p.fault == "raise":
             raise RuntimeError("injected failure")
         if p.fault == "oom":
-            torch.empty(1 << 46, dtype=torch.uint8)  # 64 TiB: the allocator refuses it
+            # 4 EiB, past x86-64's 128 TiB of user address space: refused under every vm.overcommit_memory setting
+            # (64 TiB would be mapped lazily, and the point come out ok, with overcommit_memory=1)
+            torch.empty(1 << 62, dtype=torch.uint8)
         if p.fault == "hang":
             while True:
                 time.sleep(0.05)

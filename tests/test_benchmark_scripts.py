@@ -20,8 +20,8 @@ def load(name: str):
     return module
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_sparse_24_linears_says_why_it_skips_without_cuda(capsys):
+def test_sparse_24_linears_says_why_it_skips_without_cuda(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA, on a GPU box too
     bench = load("sparse_24_linears")
     assert bench.main(["--batch", "1"]) == 0
     out = capsys.readouterr().out.strip()
@@ -196,3 +196,14 @@ def test_gate_multiplicity_prints_a_row_per_noise_and_mode_and_holm_never_flags_
             [float(x.rstrip("%")) for x in cell.split(" / ")] for cell in cells[2:]
         )
         assert aa_holm <= aa_none and hit_holm <= hit_none  # over the same samples Holm only takes verdicts back
+
+
+def test_timer_overhead_on_cuda_without_cuda_is_one_line_and_exit_2(subprocess_env):
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: the refusal is for machines without it")
+    out = subprocess.run([sys.executable, "benchmarks/timer_overhead.py", "--device", "cuda"], capture_output=True,
+                         text=True, env=subprocess_env, timeout=120)  # fmt: skip
+    assert out.returncode == 2 and out.stderr.strip().endswith("--device cuda: CUDA is not available here")

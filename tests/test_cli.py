@@ -32,11 +32,33 @@ def _env_value(out: str, key: str) -> str:
     return rows[0][len(key) :].strip()
 
 
-def test_env_prints_device_threads_versions_and_git(capsys):
+@pytest.fixture()
+def fake_peaks(monkeypatch) -> list[str]:
+    """`harness env` without measuring this machine (that is test_roofline's, mocked): the peak measurements
+    return 20 GB/s over 8 MiB buffers and 100 GFLOP/s; the list records each one taken."""
+    import harness.roofline as roof
+
+    calls: list[str] = []
+    monkeypatch.setattr(roof, "measure_bandwidth", lambda d: calls.append("bw") or {
+        "bandwidth_gbs": 20.0, "buffer_bytes": 8 << 20, "llc_bytes": 2 << 20})  # fmt: skip
+    monkeypatch.setattr(roof, "measure_flops", lambda d, t: calls.append("fl") or {"flops": 1e11, "matmul_n": 64})
+    return calls
+
+
+def test_env_prints_device_threads_versions_and_git(capsys, fake_peaks):
+    import harness.config
+
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     for key in ("device", "torch threads", "version.torch", "git", "fingerprint", "cpu"):
         assert any(line.startswith(key) for line in out.splitlines()), key
+    # the peaks, measured once into the default cache (the session's tmp one: tests never touch the user's)
+    assert _env_value(out, "copy bandwidth").startswith("20.0 GB/s (read + write, 8 MiB buffers; last-level cache 2")
+    assert _env_value(out, "matmul").startswith("100.0 GFLOP/s")
+    cache = _env_value(out, "peaks cache")
+    assert cache.startswith(str(harness.config.DEFAULT_CACHE_DIR / "peaks")) and os.path.isfile(cache)
+    assert main(["env"]) == 0 and sorted(fake_peaks) == ["bw", "fl"]  # the second call reads the cache
+    capsys.readouterr()
     assert _env_value(out, "torch threads") == str(torch.get_num_threads())
     before = torch.get_num_threads()
     other = 1 if before != 1 else 2
@@ -48,7 +70,7 @@ def test_env_prints_device_threads_versions_and_git(capsys):
         torch.set_num_threads(before)
 
 
-def test_env_json_is_the_record_fingerprint(capsys):
+def test_env_json_is_the_record_fingerprint(capsys, fake_peaks):
     assert main(["env", "--json", "--device", "cpu"]) == 0
     fp = json.loads(capsys.readouterr().out)
     assert fp["device_type"] == "cpu" and fp["versions"]["torch"].startswith("2.13.0") and len(fp["id"]) == 12
@@ -76,7 +98,8 @@ def test_run_composition_errors_name_what_is_allowed(run_harness, capsys):
     the top-level fields for a mistyped one given without +, a group chosen again with +, a bad flag value."""
     cases = [
         (["engine=quantized/nosuch"],
-         "engine/quantized: unknown option 'nosuch'; allowed: fp8, int4_weight_only, int8_dynamic, int8_weight_only"),
+         "engine/quantized: unknown option 'nosuch'; allowed: fp8, int4_weight_only, int8_dynamic, int8_triton, "
+         "int8_weight_only"),
         (["devcie=cpu"], "devcie: unknown field; allowed: cache_dir, corpus, device, dtype, engine, isolate, "),
         (["+model=small"], "model: already chosen by the config; use model=small (without the leading +)"),
         (["--cfg", "bogus"], "argument --cfg/-c: invalid choice: 'bogus' (choose from 'job', 'hydra', 'all')"),

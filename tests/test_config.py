@@ -87,6 +87,19 @@ def test_bad_values_name_the_field(compose_cfg, overrides, message):
     assert "\n" not in str(info.value)
 
 
+def test_tests_never_use_the_users_cache(compose_cfg, _isolated_home):
+    """conftest's session HOME: `cache_dir: null` resolves (and is created) under it, not under ~/.cache."""
+    import os
+    import pwd
+
+    import harness.config
+
+    spec = validate(compose_cfg())
+    assert spec.cache_dir == harness.config.DEFAULT_CACHE_DIR == _isolated_home / ".cache" / "llm-inference-harness"
+    assert spec.cache_dir.is_dir() and os.environ["HOME"] == str(_isolated_home)
+    assert not str(spec.cache_dir).startswith(pwd.getpwuid(os.getuid()).pw_dir + os.sep)
+
+
 def test_a_cache_dir_that_cannot_take_files_is_refused_before_any_work(compose_cfg, tmp_path):
     """Else every point is measured, then fails writing its peaks or checkpoint there."""
     from harness.config import ConfigError, validate
@@ -126,8 +139,8 @@ def test_threads_is_part_of_the_point_only_when_set(compose_cfg):
     assert identity(one)["threads"] == 1
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_cuda_on_a_machine_without_cuda(compose_cfg):
+def test_cuda_on_a_machine_without_cuda(compose_cfg, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA, on a GPU box too
     for device in ("cuda", "cuda:1"):
         with pytest.raises(ConfigError, match=rf"^device: '{device}' requested but CUDA is not available"):
             validate(compose_cfg(f"device={device}"))
@@ -247,3 +260,23 @@ def test_unknown_train_field_does_not_list_seed(compose_cfg):
     assert "seed" not in allowed and "seq_len" in allowed and "steps" in allowed
     with pytest.raises(ConfigError, match=r"^train\.seed: training uses the top-level seed; set seed=<int> instead$"):
         validate(compose_cfg("+train.seed=1"))
+
+
+def test_a_relative_corpus_path_is_written_back_resolved(compose_cfg, tmp_path, monkeypatch):
+    """Like cache_dir: the validated config holds the resolved corpus.path, so a process that validates it again
+    from another directory (an isolated child in its job folder under hydra.job.chdir=true) reads the same file."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from harness.corpus import load_corpus
+
+    # no job runs here (an in-process run before this test leaves Hydra's runtime config of its own launch)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)
+    (tmp_path / "corp.txt").write_bytes(load_corpus().train[: 20 * 4096])
+    monkeypatch.chdir(tmp_path)
+    spec = validate(compose_cfg("corpus.path=corp.txt", "cache_dir=cache"))
+    assert spec.cfg["corpus"] == {"path": str(tmp_path / "corp.txt"), "heldout_every": 20}
+    assert spec.corpus.path == str(tmp_path / "corp.txt") and spec.cfg["cache_dir"] == str(tmp_path / "cache")
+    job = tmp_path / "job"
+    job.mkdir()
+    monkeypatch.chdir(job)
+    assert validate(spec.cfg).corpus.path == str(tmp_path / "corp.txt")  # what the child does, from its job folder

@@ -16,7 +16,9 @@ def test_default_corpus_is_pythons_own_documentation():
     assert 0.03 < ident["heldout_bytes"] / ident["bytes"] < 0.07  # every 20th 4 KiB chunk
     assert load_corpus() is c  # parsed once per process
     tokens = c.tokens("train")
-    assert tokens.dtype == torch.int64 and int(tokens.max()) < BYTE_VOCAB and int(tokens.min()) >= 0
+    assert tokens.dtype == torch.uint8 and int(tokens.max()) < BYTE_VOCAB and tokens.numel() == len(c.train)
+    assert c.tokens("train") is tokens  # made once: a large corpus is not copied (eight times over) per use
+    assert windows(tokens, 2, 16, seed=0).dtype == torch.int64  # only windows are widened
 
 
 def test_split_is_deterministic_disjoint_and_complete():
@@ -56,8 +58,9 @@ def test_a_held_out_split_shorter_than_one_window_is_refused_up_front(tmp_path, 
     path = tmp_path / "tail.txt"
     path.write_bytes(bytes(range(256)) * 256 + b"0123456789")
     spec = ["model=tiny", f"corpus.path={path}", "corpus.heldout_every=17"]
-    with pytest.raises(ConfigError, match=r"^corpus\.heldout_every: the held-out split of .*tail\.txt' has 10 bytes, "
-                                          r"fewer than the 256 of one window \(quality\.seq_len\); hold out more"):
+    with pytest.raises(ConfigError, match=r"^corpus\.heldout_every: the held-out split of .*tail\.txt' has 10 bytes; "
+                                          r"a window of 256 \(.*\) needs at least 257 \(it and the next token\); hold "
+                                          r"out more"):
         validate(compose_cfg(*spec, "model.weights=trained"))
     validate(compose_cfg(*spec, "model.weights=random"))
     with pytest.raises(ConfigError, match=r"^corpus\.heldout_every: 20 holds out every 20th 4096-byte chunk"):
@@ -84,3 +87,71 @@ def test_unigram_baseline_and_windows():
     w = windows(c.tokens("heldout"), 3, 64, seed=1)
     assert w.shape == (3, 64) and torch.equal(w, windows(c.tokens("heldout"), 3, 64, seed=1))
     assert not torch.equal(w, windows(c.tokens("heldout"), 3, 64, seed=2))
+
+
+def _tail_corpus(tmp_path, tail: int) -> str:
+    """16 full chunks and a ``tail``-byte 17th: with corpus.heldout_every=17 the held-out split is the tail."""
+    path = tmp_path / f"tail{tail}.txt"
+    path.write_bytes(bytes(range(256)) * 256 + b"x" * tail)
+    return str(path)
+
+
+def test_every_reader_of_the_held_out_split_needs_a_window_and_one_more_token(tmp_path, compose_cfg):
+    """A window of L tokens needs L + 1 held-out bytes (its next token is a target): a held-out split of exactly
+    quality.seq_len bytes is refused, one more byte passes; training's own held-out evaluation (256 tokens, at most
+    model.max_seq_len) counts too; train.seq_len is checked against the train split, not the held-out one."""
+    from harness.config import ConfigError, validate
+
+    base = ["model=tiny", "model.weights=trained", "corpus.heldout_every=17", "workload.prompt_len=64"]
+    at = [*base, f"corpus.path={_tail_corpus(tmp_path, 300)}"]
+    with pytest.raises(ConfigError, match=r"^corpus\.heldout_every: .* has 300 bytes; a window of 300 "
+                                          r"\(quality\.seq_len\) needs at least 301"):
+        validate(compose_cfg(*at, "quality.seq_len=300"))
+    assert validate(compose_cfg(*at, "quality.seq_len=299")).quality.seq_len == 299
+    # a held-out split shorter than one window of training's evaluation (not read by prompts nor quality here)
+    short = [*base, f"corpus.path={_tail_corpus(tmp_path, 200)}", "quality.seq_len=128"]
+    evaluation = r"\(the held-out evaluation of training, min\(256, model\.max_seq_len\)\)"
+    with pytest.raises(ConfigError, match=rf"^corpus\.heldout_every: .* has 200 bytes; a window of 256 {evaluation} "
+                                          r"needs at least 257"):
+        validate(compose_cfg(*short))
+    assert validate(compose_cfg(*short, "model.max_seq_len=192")).model.args.max_seq_len == 192  # 192 + 1 <= 200
+    # train.seq_len longer than the held-out split: fine, training reads the train split
+    assert validate(compose_cfg(*at, "train.seq_len=1000")).train.seq_len == 1000
+    # ... which must hold one training window (train.seq_len + 1 tokens) and more: every 2nd chunk of 17 held out
+    half = ["model=tiny", "model.weights=trained", "corpus.heldout_every=2", f"corpus.path={_tail_corpus(tmp_path, 1)}",
+            "model.max_seq_len=40000"]  # fmt: skip
+    train_bytes = 8 * 4096 + 1  # chunks 0, 2, ... 16 (the 1-byte tail)
+    with pytest.raises(ConfigError, match=rf"^train\.seq_len: {train_bytes - 1} needs a train split of at least "
+                                          rf"{train_bytes + 1} bytes, and that of .* has {train_bytes}; allowed: "
+                                          rf"1\.\.{train_bytes - 2}, or give a larger file$"):
+        validate(compose_cfg(*half, f"train.seq_len={train_bytes - 1}"))
+    assert validate(compose_cfg(*half, f"train.seq_len={train_bytes - 2}")).train.seq_len == train_bytes - 2
+
+
+def test_harness_train_checks_the_held_out_split_whatever_model_weights_says(run_harness, capsys, tmp_path):
+    path = _tail_corpus(tmp_path, 200)
+    for weights in ("random", "trained"):
+        code = run_harness("train", "model=tiny", f"model.weights={weights}", f"corpus.path={path}",
+                           "corpus.heldout_every=17", f"cache_dir={tmp_path}/cache")  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith("harness train: error: corpus.heldout_every: ") and "needs at least 257" in err[0]
+    assert not (tmp_path / "cache" / "checkpoints").exists()  # refused before any training
+
+
+def test_the_corpus_hash_names_how_it_is_split(monkeypatch):
+    """A change of chunk size or of the split algorithm (SPLIT_VERSION) is another corpus: what was trained on
+    text now held out is never reused."""
+    import hashlib
+
+    import harness.corpus as corpus
+
+    data = b"some text " * 100
+    base = corpus.corpus_sha256(data, 20)
+    assert base == hashlib.sha256(data + b"|heldout_every=20|chunk=4096|split_version=1").hexdigest()
+    assert corpus.corpus_sha256(data, 10) != base
+    monkeypatch.setattr(corpus, "SPLIT_VERSION", corpus.SPLIT_VERSION + 1)
+    assert corpus.corpus_sha256(data, 20) != base
+    monkeypatch.undo()
+    monkeypatch.setattr(corpus, "CHUNK", 2048)
+    assert corpus.corpus_sha256(data, 20) != base

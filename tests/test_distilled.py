@@ -156,3 +156,47 @@ def test_depth_options_sit_beside_eager_in_one_sweep(compose_cfg):
     for option, depth in (("depth50", 0.5), ("depth75", 0.75)):
         spec = validate(compose_cfg(f"engine=distilled/{option}"))
         assert spec.engine.name == "distilled" and spec.engine.params.depth == depth
+
+
+def test_layers_kept_resets_the_unused_depth():
+    """layers_kept overrides depth: a depth given beside it would make another variant, point key and student
+    for the same student."""
+    a = make_engine({"name": "distilled", "layers_kept": [0, 3]})
+    b = make_engine({"name": "distilled", "depth": 0.75, "layers_kept": [0, 3]})
+    assert a.params == b.params and a.variant() == b.variant() and b.params.depth == 0.5
+    assert make_engine({"name": "distilled", "depth": 0.75}).params.depth == 0.75
+
+
+def test_a_student_entry_is_checked_built_outside_the_deadline_and_versioned(tmp_path, monkeypatch, caplog):
+    """A cached student whose tensors are not the student's (another surgery, a foreign file) is distilled again
+    with a one-line warning; distilling pauses the point's deadline and records how long it took; a new
+    DISTILL_VERSION never reads older students."""
+    import json
+    import logging
+    import time
+
+    import engines.distilled as distilled
+    from harness.isolation import deadline
+
+    real_fit = distilled.fit
+    monkeypatch.setattr(distilled, "fit", lambda *a, **k: time.sleep(0.6) or real_fit(*a, **k))
+    eng = make_engine({"name": "distilled", "steps": 2, "batch_size": 2, "seq_len": 16})
+    teacher = Transformer.build(ARGS, seed=0)
+    with deadline(0.4):  # shorter than the build: the build is not the point's time
+        info = eng.prepare(teacher, ctx(tmp_path, trained=True)).engine_info
+    assert info["cached"] is False and info["build_s"] > 0.6
+    (path,) = (tmp_path / "students").glob("*.safetensors")
+    other = make_engine({"name": "distilled", "steps": 2, "batch_size": 2, "seq_len": 16, "depth": 0.75})
+    other.prepare(teacher, ctx(tmp_path / "other", trained=True))
+    (foreign,) = (tmp_path / "other" / "students").glob("*.safetensors")  # a 3-layer student
+    path.write_bytes(foreign.read_bytes())
+    meta = json.loads(path.with_suffix(".json").read_text())
+    path.with_suffix(".json").write_text(json.dumps({**meta, "sha256": json.loads(
+        foreign.with_suffix(".json").read_text())["sha256"]}))  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="engines.cache"):
+        again = eng.prepare(teacher, ctx(tmp_path, trained=True)).engine_info
+    assert again["cached"] is False and "unexpected tensor layers.2." in caplog.text and str(path) in caplog.text
+    assert eng.prepare(teacher, ctx(tmp_path, trained=True)).engine_info["cached"] is True
+    monkeypatch.setattr(distilled, "DISTILL_VERSION", distilled.DISTILL_VERSION + 1)
+    assert eng.prepare(teacher, ctx(tmp_path, trained=True)).engine_info["cached"] is False
+    assert len(list((tmp_path / "students").glob("*.safetensors"))) == 2

@@ -1,5 +1,5 @@
-"""End to end: real Hydra multiruns on the trained `tiny` (the session's briefly trained checkpoint) with the
-quick policy."""
+"""End to end: real Hydra multiruns with the quick policy, on the trained `tiny` (the session's briefly trained
+checkpoint) where the weights matter, on the random-weight `tiny` where only the harness' handling does."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import FAST_POINT
 
 from harness.progress import SWEEP_META
 from harness.records import RECORD_NAME, load
 
-QUICK = ["measure=quick", "workload.prompt_len=16", "workload.gen_len=4"]
+QUICK = FAST_POINT  # the trained tiny's runs add `*tiny` after it (model.weights=trained, its cache)
 
 
 @pytest.fixture()
@@ -61,7 +62,8 @@ def test_console_script_sweep_writes_one_record_per_point(tmp_path, subprocess_e
 
 
 def test_record_contents(run_harness, tmp_path, tiny):
-    assert run_harness("run", *QUICK, *tiny, "workload.batch_size=2", f"hydra.run.dir={tmp_path}") == 0
+    args = ("run", *QUICK, *tiny, "quality.enabled=true", "workload.batch_size=2", f"hydra.run.dir={tmp_path}")
+    assert run_harness(*args) == 0
     rec = json.loads((tmp_path / RECORD_NAME).read_text())
     assert rec["schema_version"] == 1 and rec["status"] == "ok" and rec["error"] is None
     assert rec["config"]["workload"]["batch_size"] == 2 and "hydra" not in rec["config"]
@@ -96,13 +98,14 @@ def test_record_contents(run_harness, tmp_path, tiny):
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable CPUs")
-def test_threads_sweep_measures_each_count(run_harness, tmp_path, tiny):
+def test_threads_sweep_measures_each_count(run_harness, tmp_path):
     """`-m threads=1,2` (in turns with eager, as the presets run): each point runs with its own count, records
-    it, has its own key, and the report's speedups compare like with like."""
+    it, has its own key, and the report's speedups compare like with like. The thread count is what is tested:
+    a cheap second engine (the test wrapper around eager) on random weights, no compile, no quality pass."""
     from harness.report.data import prepare
 
     sweep = tmp_path / "sweep"
-    args = ("-m", "threads=1,2", "engine=eager,compiled", "hydra/launcher=interleaved", *QUICK, *tiny)
+    args = ("-m", "threads=1,2", "engine.name=eager,slowed-test", "hydra/launcher=interleaved", *QUICK)
     assert run_harness("run", *args, f"hydra.sweep.dir={sweep}") == 0
     df = load(sweep)
     assert len(df) == 4 and df["status"].eq("ok").all()
@@ -116,7 +119,7 @@ def test_threads_sweep_measures_each_count(run_harness, tmp_path, tiny):
     assert report.loc[report["engine"].eq("eager"), "speedup_tpot"].tolist() == [1.0, 1.0]
 
 
-def test_failing_points_are_recorded_and_the_sweep_goes_on(run_harness, tmp_path, capsys, tiny):
+def test_failing_points_are_recorded_and_the_sweep_goes_on(run_harness, tmp_path, capsys):
     sweep = tmp_path / "sweep"
     code = run_harness(
         "run", "-m", "engine.name=eager,failing-test", "+engine.phase=prepare", *QUICK, f"hydra.sweep.dir={sweep}"
@@ -134,7 +137,6 @@ def test_failing_points_are_recorded_and_the_sweep_goes_on(run_harness, tmp_path
         "workload.decoding=greedy,beam",
         "workload.num_beams=1",
         *QUICK,
-        *tiny,
         f"hydra.sweep.dir={sweep}",
     )
     assert code == 0  # some points failed, not all
@@ -149,12 +151,12 @@ def test_failing_points_are_recorded_and_the_sweep_goes_on(run_harness, tmp_path
     assert np.isfinite(ok.tpot_ms_p50).all() and (ok.tpot_ms_p50 > 0).all() and ok.error.isna().all()
 
 
-def test_failure_injection_in_process(run_harness, tmp_path, tiny):
+def test_failure_injection_in_process(run_harness, tmp_path):
     """A failing engine's point is recorded with its error; the healthy points still run."""
     base = tmp_path / "sweep"
     for phase in ("prepare", "oom", "none"):
         code = run_harness(
-            "run", "engine.name=failing-test", f"+engine.phase={phase}", *QUICK, *tiny, f"hydra.run.dir={base}/{phase}"
+            "run", "engine.name=failing-test", f"+engine.phase={phase}", *QUICK, f"hydra.run.dir={base}/{phase}"
         )
         assert code == (1 if phase != "none" else 0)
     df = load(base).set_index(pd.Index([p.split("/")[-2] for p in load(base).record_path]))

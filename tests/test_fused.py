@@ -5,6 +5,7 @@ record of a CPU run marks its timings as not representative."""
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import pytest
@@ -33,6 +34,13 @@ def prepare(ref: Transformer, args: ModelArgs, **params) -> nn.Module:
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max())
+
+
+@pytest.fixture(scope="module")
+def dev_small(small_model) -> Transformer:
+    """The session's small model on DEV, as a copy: ``Module.to`` moves in place, and the session fixture must
+    stay on the CPU for the tests after these (test_generate feeds it CPU prompts)."""
+    return copy.deepcopy(small_model).to(DEV)
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +77,9 @@ def test_module_replacement_shares_the_weights_and_leaves_the_reference_alone(ti
     assert info["interpreted"] == kernels.interpreted()
 
 
-def test_gqa_odd_shapes_greedy_and_beam_search_agree_with_eager(small_args, small_model):
+def test_gqa_odd_shapes_greedy_and_beam_search_agree_with_eager(small_args, dev_small):
     """GQA 4:2, untied head, FFN width 150; generations go through the decode kernel and the cache reorder."""
-    model = small_model.to(DEV)
+    model = dev_small
     fused = prepare(model, small_args)
     prompt = torch.randint(1, small_args.vocab_size, (2, 6), generator=torch.Generator().manual_seed(2)).to(DEV)
     for m in (model, fused):
@@ -86,8 +94,8 @@ def test_gqa_odd_shapes_greedy_and_beam_search_agree_with_eager(small_args, smal
 
 
 @pytest.mark.parametrize("subset", [["rmsnorm"], ["swiglu", "rope"], ["attention"], []])
-def test_each_kernel_subset_is_exact_too(small_args, small_model, subset):
-    model = small_model.to(DEV)
+def test_each_kernel_subset_is_exact_too(small_args, dev_small, subset):
+    model = dev_small
     fused = prepare(model, small_args, kernels=subset)
     x = torch.randint(1, small_args.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3)).to(DEV)
     with torch.inference_mode():
@@ -122,9 +130,9 @@ def decode_ops(model: nn.Module, prompt: torch.Tensor) -> tuple[list[str], torch
     return log.ops, out
 
 
-def test_fused_with_every_kernel_off_dispatches_exactly_eagers_ops(small_args, small_model):
+def test_fused_with_every_kernel_off_dispatches_exactly_eagers_ops(small_args, dev_small):
     """An ablation's baseline is eager itself: no rebuilt RoPE tables, no K/V-expanding GQA attention."""
-    model = small_model.to(DEV)
+    model = dev_small
     prompt = torch.randint(1, small_args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4)).to(DEV)
     eager_ops, eager_out = decode_ops(model, prompt)
     fused_ops, fused_out = decode_ops(prepare(model, small_args, kernels=[]), prompt)
@@ -136,16 +144,16 @@ def test_fused_with_every_kernel_off_dispatches_exactly_eagers_ops(small_args, s
     assert make_engine({"name": "fused", "kernels": []}).timing_caveat(torch.device("cpu")) is None
 
 
-def test_fused_prefill_does_not_depend_on_the_cache_length(small_args, small_model):
+def test_fused_prefill_does_not_depend_on_the_cache_length(small_args, dev_small):
     """Like eager's, the fused prefill from position 0 attends over its own rows only (no mask, no S x T)."""
-    fused = prepare(small_model.to(DEV), small_args)
+    fused = prepare(dev_small, small_args)
     x = torch.randint(1, small_args.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5)).to(DEV)
     out = []
     with torch.inference_mode():
         for cache_len in (8, 120):
             fused.setup_caches(2, cache_len)
             out.append(fused(x, torch.arange(7, device=DEV)))
-        want = small_model.to(DEV)(x)  # the plain causal forward
+        want = dev_small(x)  # the plain causal forward
     assert torch.equal(out[0], out[1]) and relative_error(out[0], want) < 1e-4
 
 

@@ -168,6 +168,7 @@ def test_int8_matmul_matches_the_dequantized_weight(m, k, n):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * math.sqrt(k))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEV.type != "cuda", reason="needs CUDA: the output is 4 GiB and more (2**31 elements)")
 def test_int8_matmul_addresses_outputs_past_2_to_the_31_elements():
     """A prefill through Llama-3's output head: 16800 rows x 128256 outputs overflow 32-bit offsets."""
@@ -277,7 +278,9 @@ def test_every_gpu_autotune_config_computes_the_same(module, kernel, check):
 def test_element_offsets_are_int64_past_2_to_the_31(module, kernel, offsets):
     """tokens x width passes 2**31 in large prefills (swiglu at 149,797 tokens of Llama-3-8B, the norms and RoPE
     at 524,288 tokens of dim 4096): an int32 offset would wrap negative and still pass its mask. Too large to run
-    here, so the kernels' source is read: every pointer offset is computed in int64, as the int8 kernel's are."""
+    to run without a large GPU, so the kernels' source is read too (a lint): every pointer offset is computed in
+    int64, as the int8 kernel's are. The behaviour itself is checked on CUDA by the *_past_2_to_the_31_elements
+    tests below."""
     import importlib
     import inspect
 
@@ -287,6 +290,67 @@ def test_element_offsets_are_int64_past_2_to_the_31(module, kernel, offsets):
     assert all(o in source for o in offsets)
     # no pointer is offset by an int32 product of rows and a stride
     assert "rows[:, None] * stride" not in source and "tl.program_id(0) * BLOCK " not in source
+
+
+BIG_W = 4096
+BIG_ROWS = 2**31 // BIG_W + 8  # the last 8 rows' elements sit past 2**31 (fp16: 4 GiB a tensor)
+gpu_big = [pytest.mark.gpu, pytest.mark.skipif(DEV.type != "cuda", reason="needs CUDA: 2**31+ elements, 4 GiB each")]
+# (applied as two decorators: the gpu marker selects them with -m gpu, the skip names the reason without CUDA)
+
+
+def _free_cuda():
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@gpu_big[0]
+@gpu_big[1]
+def test_swiglu_past_2_to_the_31_elements():
+    """The behaviour the source lint above stands for: the last rows of a 2**31+ element swiglu are right."""
+    g = torch.randn(BIG_ROWS, BIG_W, device=DEV, dtype=torch.float16)
+    u = torch.randn_like(g)
+    out = swiglu(g, u)
+    for rows in (slice(0, 8), slice(BIG_ROWS - 8, BIG_ROWS)):
+        want = F.silu(g[rows].float()) * u[rows].float()
+        torch.testing.assert_close(out[rows].float(), want, rtol=2e-3, atol=2e-3)
+    del g, u, out
+    _free_cuda()
+
+
+@gpu_big[0]
+@gpu_big[1]
+def test_add_rmsnorm_past_2_to_the_31_elements():
+    x = torch.randn(BIG_ROWS, BIG_W, device=DEV, dtype=torch.float16)
+    r = torch.randn_like(x)
+    w = torch.rand(BIG_W, device=DEV, dtype=torch.float16) + 0.5
+    y, h = add_rmsnorm(x, r, w, 1e-5)
+    for rows in (slice(0, 8), slice(BIG_ROWS - 8, BIG_ROWS)):
+        want_h = x[rows].float() + r[rows].float()
+        want_y = want_h * torch.rsqrt(want_h.pow(2).mean(-1, keepdim=True) + 1e-5) * w.float()
+        torch.testing.assert_close(h[rows].float(), want_h, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(y[rows].float(), want_y, rtol=1e-2, atol=1e-2)
+    del x, r, y, h
+    _free_cuda()
+
+
+@gpu_big[0]
+@gpu_big[1]
+def test_rope_past_2_to_the_31_elements():
+    hq, hkv, d = 32, 8, 128  # q: 4096 elements a token; 2**31 // 4096 + 8 tokens
+    s = 2**31 // (hq * d) + 8
+    q = torch.randn(1, s, hq, d, device=DEV, dtype=torch.float16)
+    k = torch.randn(1, s, hkv, d, device=DEV, dtype=torch.float16)
+    cos, sin = _tables(d, torch.arange(s, device=DEV))
+    rows = [slice(0, 8), slice(s - 8, s)]
+    want = [(apply_rope(q[:, r].float(), cos[r], sin[r]), apply_rope(k[:, r].float(), cos[r], sin[r])) for r in rows]
+    rope_(q, k, cos, sin)
+    for r, (want_q, want_k) in zip(rows, want, strict=True):
+        torch.testing.assert_close(q[:, r].float(), want_q, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(k[:, r].float(), want_k, rtol=1e-2, atol=1e-2)
+    del q, k
+    _free_cuda()
 
 
 def test_row_count_buckets_key_the_autotuners_of_row_kernels():

@@ -9,12 +9,13 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import FAST_POINT
 
 from harness.monitor import Sampler
 from harness.profiling import CATEGORIES, categorize
 from harness.records import RECORD_NAME, load
 
-QUICK = ["measure=quick", "workload.prompt_len=16", "workload.gen_len=4", "model.weights=random"]
+QUICK = FAST_POINT
 
 
 def busy(seconds):
@@ -36,20 +37,18 @@ def test_sampler_timeline_aggregates_and_overhead():
         v = np.array(tl[name], dtype=float)
         assert out["aggregates"][name]["mean"] == pytest.approx(v.mean())
         assert out["aggregates"][name]["max"] == v.max()
-    assert out["aggregates"]["cpu_util_process"]["mean"] > 20  # a busy loop keeps at least part of a core busy
+    # the series is % of the usable cores: a single-threaded busy loop reads 100/cores at most. At least 40% of
+    # one core, on any number of cores
+    assert out["aggregates"]["cpu_util_process"]["mean"] * s._cores > 40
     assert out["util_source"] == "cpu_util_process" and "CPU" in out["labels"]["cpu_util_process"]
     assert 0 < out["overhead"]["fraction_of_window"] < 0.05
 
 
-def test_without_nvml_the_sampler_falls_back_and_says_why():
+def test_without_nvml_the_sampler_falls_back_and_says_why(monkeypatch):
     """On a machine without NVML (or without a GPU), asking for a CUDA device's figures records the reason."""
-    try:
-        import pynvml
+    import sys
 
-        pynvml.nvmlInit()
-        pytest.skip("NVML is available here")
-    except Exception:
-        pass
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml fails, as without the package (GPU box too)
     with Sampler(torch.device("cuda", 0), interval_s=0.02) as s:
         busy(0.1)
     out = s.result(tokens=10)
@@ -139,6 +138,76 @@ def test_nvml_watches_the_gpu_torch_runs_on_under_cuda_visible_devices(monkeypat
         nvml_handle(_FakeNvml(uuid_lookup=False), torch.device("cuda", 0))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # no mask: the numbering agrees
     assert nvml_handle(_FakeNvml(uuid_lookup=False), torch.device("cuda", 1)) == ("handle", 1)
+
+
+class _FakePynvml(types.ModuleType):
+    """A ``pynvml`` module over one GPU: fixed readings, a total-energy counter that goes from 1 000 000 mJ to
+    1 250 000 mJ over the window (read once at its start, once at its end), no GPM, and a temperature reader that
+    fails (counted: a reader that failed once must not be called again)."""
+
+    NVML_CLOCK_SM, NVML_CLOCK_MEM, NVML_TEMPERATURE_GPU = 1, 2, 0
+
+    def __init__(self) -> None:
+        super().__init__("pynvml")
+        self.energy_mj = iter([1_000_000, 1_250_000])
+        self.temp_calls = 0
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlGpmQueryDeviceSupport(self, handle):
+        return types.SimpleNamespace(isSupportedDevice=False)
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+        return next(self.energy_mj)
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return types.SimpleNamespace(gpu=70, memory=30)
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return types.SimpleNamespace(used=512 * 2**20)
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        return 250_000  # mW
+
+    def nvmlDeviceGetClockInfo(self, handle, which):
+        return 1980 if which == self.NVML_CLOCK_SM else 2619
+
+    def nvmlDeviceGetTemperature(self, handle, sensor):
+        self.temp_calls += 1
+        raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle):
+        return 0x4  # sw_power_cap
+
+
+def test_gpu_utilization_and_energy_through_nvml(monkeypatch):
+    """The GPU path of the sampler on a fake NVML (no GPU needed): the energy counter's difference over the
+    window as J and J/token, NVML's util as the table's util series, and a reader that fails once listed in
+    ``missing`` and never read again."""
+    import sys
+
+    from harness import monitor
+
+    fake = _FakePynvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(monitor, "nvml_handle", lambda nv, device: "h")
+    with Sampler(torch.device("cuda", 0), interval_s=0.01) as s:
+        busy(0.15)
+    out = s.result(tokens=100)
+    assert out["backend"] == "nvml+psutil" and out["n_samples"] >= 3
+    assert out["energy_j"] == pytest.approx(250.0) and out["energy_j_per_token"] == pytest.approx(2.5)
+    assert out["energy_source"] == "nvml_total_energy" and "energy" not in out["missing"]
+    assert out["util_source"] == "gpu_util" and "kernel was running" in out["labels"]["gpu_util"]
+    agg = out["aggregates"]
+    assert agg["gpu_util"] == {"mean": 70.0, "max": 70.0} and agg["mem_util"]["mean"] == 30.0
+    assert agg["power_w"]["mean"] == 250.0 and agg["mem_used_mb"]["mean"] == 512.0
+    assert agg["sm_clock_mhz"]["mean"] == 1980.0 and agg["mem_clock_mhz"]["mean"] == 2619.0
+    assert agg["throttle_reasons"]["reasons"] == ["sw_power_cap"] and agg["throttle_reasons"]["fraction_throttled"] == 1
+    assert len(out["timeline"]["gpu_util"]) == out["n_samples"] and "cpu_util_process" in agg  # host series too
+    assert out["missing"]["temp_c"] == "NVML: RuntimeError: NVML_ERROR_NOT_SUPPORTED" and "temp_c" not in agg
+    assert fake.temp_calls == 1  # dropped after its first failure
+    assert out["missing"]["sm_active"] == "GPM not supported by this GPU or driver"
 
 
 class _FakeGpm:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,11 +13,28 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _source_copy(dest: Path) -> Path:
+    """The project's files as a commit would hold them (tracked and not ignored, as `git ls-files` lists them),
+    copied into ``dest``: the build writes its build/ and egg-info there, not into the tree being edited, and a
+    stale build/lib cannot ship a module that was deleted from the source."""
+    proc = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                          capture_output=True, timeout=60)  # fmt: skip
+    if proc.returncode != 0:
+        pytest.skip(f"not a git checkout, cannot list the project's files: {proc.stderr.decode()[-300:]}")
+    for rel in filter(None, proc.stdout.decode().split("\0")):
+        src = REPO / rel
+        if src.is_file():  # a tracked file deleted in the work tree is not in the next commit
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    src = _source_copy(tmp_path_factory.mktemp("src"))
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(src)],
         capture_output=True,
         text=True,
         timeout=600,

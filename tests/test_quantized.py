@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FAST_POINT
 from torch import nn
 
 from engines.base import EngineError, PrepareContext, make_engine, weight_bytes
@@ -19,7 +20,7 @@ CPU = torch.device("cpu")
 ARGS = ModelArgs(vocab_size=97, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=256, max_seq_len=64,
                  tie_embeddings=True)  # fmt: skip
 CPU_SCHEMES = ("int8_dynamic", "int8_weight_only", "int4_weight_only")
-QUICK = ["measure=quick", "workload.prompt_len=16", "workload.gen_len=4"]
+QUICK = [*FAST_POINT, "quality.enabled=true"]  # the sweep test checks fidelity against eager
 BF16_EPS = 2.0**-8  # relative rounding error of bf16 (8 significant bits), with a factor 2 of slack
 
 

@@ -367,3 +367,15 @@ def test_no_gain_and_slower_are_said_in_the_report_and_the_summary(tmp_path, mon
     assert "no gain" in next(x for x in lines if x.lstrip().startswith("pruned(method=magnitude)"))
     assert "slower" in next(x for x in lines if x.lstrip().startswith("pruned(format=csr)"))
     assert any("no gain within ±5%" in x for x in lines)
+
+
+def test_points_table_says_when_a_speedup_is_partly_a_lower_precision(data):
+    """A weight-only CPU scheme on an fp32 model runs its linears in bf16: its row says so, the others do not."""
+    from harness.report.tables import points_table
+
+    df, _ = data
+    caveat = "the quantized linears take bf16 activations (the model is fp32): part of any speedup is that"
+    assert caveat not in points_table(df)
+    target = df["status"].eq("ok") & df["variant"].ne("eager")
+    html = points_table(df.assign(precision_caveat=df["variant"].where(~target, caveat).where(target, None)))
+    assert html.count(caveat) == int(target.sum()) > 0

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import FAST_POINT
 
 from harness.records import RECORD_NAME, load
 
 TESTS = Path(__file__).resolve().parent
-QUICK = ["measure=quick", "workload.prompt_len=16", "workload.gen_len=4", "model.weights=random",
-         "quality.enabled=false", "roofline.enabled=false"]  # fmt: skip
+QUICK = [*FAST_POINT, "roofline.enabled=false"]
 
 
 @pytest.fixture()
@@ -141,22 +141,23 @@ def test_fault_injection_sweep_under_submitit_local(fault_env, tmp_path, capsys)
     sweep = tmp_path / "sweep"
     # hang has its own test with a short timeout (test_isolated_hang_is_killed_at_its_timeout): here it would
     # cost the whole timeout_s, which must stay well above what a healthy point takes when all run at once
+    # one point per fault (a batch-size axis doubled the processes starting at once on a 2-core runner, and
+    # tested nothing the faults do not)
     proc = harness(["-m", "hydra/launcher=submitit_local", "isolate=true", "measure.timeout_s=60",
-                    "engine.name=fault-test", "+engine.fault=none,raise,oom,kill", "workload.batch_size=1,2",
-                    *QUICK, f"hydra.sweep.dir={sweep}"], fault_env, tmp_path)  # fmt: skip
+                    "engine.name=fault-test", "+engine.fault=none,raise,oom,kill", *QUICK, f"hydra.sweep.dir={sweep}"],
+                   fault_env, tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = load(sweep)
-    assert len(df) == 8 and df.point_key.nunique() == 8
-    status = {(r["engine.fault"], r.batch_size): (r.status, r.error) for _, r in df.iterrows()}
-    for batch in (1, 2):
-        assert status[("none", batch)][0] == "ok"
-        assert status[("raise", batch)] == ("failed", "RuntimeError: injected failure")
-        assert status[("oom", batch)][0] == "oom"
-        assert status[("kill", batch)][0] == "failed" and "killed by signal SIGKILL" in status[("kill", batch)][1]
+    assert len(df) == 4 and df.point_key.nunique() == 4
+    status = {r["engine.fault"]: (r.status, r.error) for _, r in df.iterrows()}
+    assert status["none"][0] == "ok"
+    assert status["raise"] == ("failed", "RuntimeError: injected failure")
+    assert status["oom"][0] == "oom" and "can't allocate memory" in status["oom"][1]
+    assert status["kill"][0] == "failed" and "killed by signal SIGKILL" in status["kill"][1]
     counts = df.status.value_counts().to_dict()
     with capsys.disabled():
-        print(f"\nsubmitit_local fault injection, 8 points: {counts}")
-    assert counts == {"failed": 4, "ok": 2, "oom": 2}
+        print(f"\nsubmitit_local fault injection, 4 points: {counts}")
+    assert counts == {"failed": 2, "ok": 1, "oom": 1}
     assert "timings interfere" in proc.stdout + proc.stderr  # the launcher runs points at once: warned
 
 
@@ -205,11 +206,33 @@ def test_resume_reruns_only_the_missing_points(fault_env, tmp_path):
     assert len(df) == 4 and (df.status == "ok").all() and sorted(df.seed) == [1, 2, 3, 4]
 
 
-def test_points_without_a_record_are_recorded_as_missing(run_harness, tmp_path):
+@pytest.fixture(scope="module")
+def three_points(tmp_path_factory) -> Path:
+    """One real in-process sweep of three points (batch 1, 2, 3), run once for the tests that delete a record
+    from it: each takes its own copy (`_sweep_copy`)."""
+    import torch
+    from conftest import _reset_process_state, _run_in_process
+
+    sweep = tmp_path_factory.mktemp("three-points") / "sweep"
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HYDRA_FULL_ERROR", "1")
+        code = _run_in_process("run", "-m", "workload.batch_size=1,2,3", *QUICK, f"hydra.sweep.dir={sweep}")
+    _reset_process_state(threads)
+    assert code == 0
+    return sweep
+
+
+def _sweep_copy(sweep: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(sweep, tmp_path / "sweep"))
+
+
+def test_points_without_a_record_are_recorded_as_missing(three_points, tmp_path):
     from harness.progress import missing_points
 
-    sweep = tmp_path / "sweep"
-    assert run_harness("run", "-m", "workload.batch_size=1,2", *QUICK, f"hydra.sweep.dir={sweep}") == 0
+    sweep = _sweep_copy(three_points, tmp_path)
     assert missing_points(sweep) == []
     (sweep / "1" / RECORD_NAME).unlink()  # as if point 2's process had died before writing
     missing = missing_points(sweep)
@@ -259,15 +282,16 @@ def test_slurm_preset_and_parallel_warnings(run_harness, capsys, monkeypatch):
     )
 
 
-def test_report_of_a_stopped_sweep_lists_its_missing_points(run_harness, tmp_path, capsys):
+def test_report_of_a_stopped_sweep_lists_its_missing_points(run_harness, three_points, tmp_path, capsys):
     """A sweep whose process was killed never reached its end: `harness report` still names what is missing."""
-    sweep = tmp_path / "sweep"
-    assert run_harness("run", "-m", "workload.batch_size=1,2,3", *QUICK, f"hydra.sweep.dir={sweep}") == 0
+    sweep = _sweep_copy(three_points, tmp_path)
     (sweep / "2" / RECORD_NAME).unlink()
     capsys.readouterr()
     assert run_harness("report", str(sweep), "-o", str(tmp_path / "r.html")) == 0
     html = (tmp_path / "r.html").read_text()
-    assert "missing" in html and "workload.batch_size=3" in html and "job 2" in html
+    failed = html[html.index('<section id="failed">') :]  # the inlined plotly.js says "missing" too
+    failed = failed[: failed.index("</section>")]
+    assert "missing" in failed and "workload.batch_size=3" in failed and "job 2" in failed
 
 
 def test_nested_deadlines_keep_the_outer_one():

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import FAST_POINT
 
 from harness.records import RECORD_NAME, forget_ok_index, load, measured_ok, write_record
 
-QUICK = ["measure=quick", "workload.prompt_len=16", "workload.gen_len=4", "model.weights=random",
-         "quality.enabled=false", "roofline.enabled=false"]  # fmt: skip
+QUICK = [*FAST_POINT, "roofline.enabled=false"]
 FAILING_POINT = ["engine.name=failing-test", *QUICK]  # fails in prepare: a point costs a tiny model build, no timing
 
 
@@ -166,3 +166,83 @@ def test_a_missing_point_names_the_log_of_its_own_job(tmp_path, synthetic_point)
     torch.set_num_threads(threads)
     assert rec["error"].endswith(f"its log, if any: {sweep / '0'}/harness.log")
     assert missing_points(sweep) == []
+
+
+def _config_record(tmp_path, synthetic_point, config, quality=None, env_id="env-a", sha="0123abc"):
+    rec = synthetic_point(tmp_path, ttft=[5.0] * 3, tpot=[1.0] * 3, env_id=env_id, quality=quality)
+    rec.update(config=config)
+    rec["env"]["git"]["sha"] = sha
+    write_record(tmp_path, rec)
+    return rec["point_key"]
+
+
+def test_resume_reuses_a_record_only_when_it_was_measured_the_same_way(tmp_path, synthetic_point, caplog):
+    """Same point key, but another policy, quality setting, environment or code version: measured again, with one
+    line naming what differs. Fields that cannot change the numbers (note, resume, isolate, cache_dir, the
+    timeout) do not count, and a record without quality never stands for a point that measures it."""
+    import logging
+
+    config = {"measure": {"name": "quick", "min_reps": 3, "timeout_s": None}, "quality": {"enabled": False},
+              "note": "first", "resume": False, "isolate": False, "cache_dir": "/a"}  # fmt: skip
+    env = {"id": "env-a", "git": {"sha": "0123abc", "dirty": False}}
+    forget_ok_index()
+    key = _config_record(tmp_path / "0", synthetic_point, config)
+    ok = (tmp_path / "0" / RECORD_NAME).resolve()
+    same = {**config, "note": "again", "resume": True, "isolate": True, "cache_dir": "/b",
+            "measure": {**config["measure"], "timeout_s": 60}}  # fmt: skip
+    assert measured_ok(tmp_path, key, same, env) == ok
+    assert measured_ok(tmp_path, key) == ok  # no config to compare: the key alone, as before
+    with caplog.at_level(logging.INFO, logger="harness.records"):
+        assert measured_ok(tmp_path, key, {**config, "measure": {**config["measure"], "min_reps": 6}}, env) is None
+        assert measured_ok(tmp_path, key, config, {**env, "id": "env-b"}) is None
+        assert measured_ok(tmp_path, key, config, {**env, "git": {"sha": "fedcba9"}}) is None
+        assert measured_ok(tmp_path, key, {**config, "quality": {"enabled": True}}, env) is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4 and all(f"{ok} was measured with another " in line for line in lines), lines
+    assert [line.split("another ")[1].split(":")[0] for line in lines] == [
+        "measure.min_reps", "env.id", "env.git.sha", "quality.enabled, quality (the record has none)"
+    ]
+    # a record whose config says quality was on, but that holds no quality section, does not stand for it either
+    forget_ok_index()
+    on = {**config, "quality": {"enabled": True}}
+    key = _config_record(tmp_path / "1", synthetic_point, on)
+    assert measured_ok(tmp_path / "1", key, on, env) is None
+    key = _config_record(tmp_path / "2", synthetic_point, on, quality={"top1_agreement": 1.0})
+    assert measured_ok(tmp_path / "2", key, on, env) == (tmp_path / "2" / RECORD_NAME).resolve()
+    forget_ok_index()
+
+
+def test_a_resumed_sweep_measures_again_what_was_measured_without_quality(run_harness, tmp_path, capsys):
+    """The audit's case: the first sweep ran with quality off, the resumed one asks for quality: its point is
+    measured again (its record then holds fidelity), and a third run with the same config skips it."""
+    sweep = tmp_path / "sweep"
+    base = ["run", "-m", "engine=eager", *QUICK, f"hydra.sweep.dir={sweep}",
+            f"cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    quality = ["quality.n_seqs=2", "quality.seq_len=32", "quality.greedy_prompts=1", "quality.greedy_prompt_len=8",
+               "quality.greedy_len=4", "quality.decode_positions=4"]  # fmt: skip
+    assert run_harness(*base, "quality.enabled=false", *quality) == 0
+    assert load(sweep).fidelity_top1.isna().all()
+    capsys.readouterr()
+    assert run_harness(*base, "quality.enabled=true", *quality, "resume=true") == 0
+    text = "".join(capsys.readouterr())
+    expected = "was measured with another quality.enabled, quality (the record has none): measured again"
+    assert expected in text, text[-3000:]
+    assert "already measured ok" not in text
+    df = load(sweep)
+    assert len(df) == 1 and df.status.tolist() == ["ok"] and df.fidelity_top1.notna().all()
+    assert run_harness(*base, "quality.enabled=true", *quality, "resume=true", "+note=third") == 0
+    assert "already measured ok" in "".join(capsys.readouterr())
+
+
+def test_an_isolated_point_under_job_chdir_reads_a_relative_corpus_path(run_harness, tmp_path, monkeypatch):
+    """The child validates the config again from the job's folder: corpus.path is written back resolved, so it
+    reads the file the parent checked (it used to fail: "corpus.path: '<job dir>/corp.txt' is not a readable file")."""
+    from harness.corpus import load_corpus
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corp.txt").write_bytes(load_corpus().train[: 20 * 4096])
+    code = run_harness("run", "-m", "engine=eager", *QUICK, "isolate=true", "hydra.job.chdir=true",
+                       "corpus.path=corp.txt", f"cache_dir={tmp_path / 'cache'}", "hydra.sweep.dir=rel")  # fmt: skip
+    rec = json.loads((tmp_path / "rel" / "0" / RECORD_NAME).read_text())
+    assert code == 0 and rec["status"] == "ok", rec.get("error")
+    assert rec["config"]["corpus"]["path"] == str(tmp_path / "corp.txt")

@@ -8,13 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import FAST_POINT
 from report_records import make_record
 
 from harness.progress import SWEEP_META
 from harness.records import RECORD_NAME, find_records, load, write_record
 
-QUICK = ["measure=quick", "workload.prompt_len=16", "workload.gen_len=4", "model.weights=random",
-         "quality.enabled=false", "roofline.enabled=false"]  # fmt: skip
+QUICK = [*FAST_POINT, "roofline.enabled=false"]
 
 
 def _one_line_error(err: str) -> str:

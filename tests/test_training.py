@@ -121,3 +121,35 @@ def test_bf16_training_keeps_fp32_weights_learns_and_is_keyed_apart(tmp_path):
         "micro", MICRO, corpus, TrainConfig(**{**FEW.__dict__, "precision": resolved}), 0, cpu, tmp_path
     )
     assert p_auto == p_named and info["cached"] is True and info["train"]["precision"] == resolved
+
+
+MICRO_OVERRIDES = [
+    "device=cpu", "model=tiny", "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
+    "model.intermediate_size=48", "model.max_seq_len=512", "train.steps=2", "train.batch_size=2", "train.seq_len=32",
+    "train.warmup_steps=1", "train.precision=fp32",
+]  # fmt: skip
+
+
+def test_harness_train_caches_the_checkpoint_hits_the_cache_and_retrains_with_force(run_harness, tmp_path, capsys):
+    """`harness train` on a micro shape: the checkpoint lands in cache_dir, a second call loads it (no
+    training), and --force trains again into the same entry."""
+    cache = tmp_path / "cache"
+    args = ["train", *MICRO_OVERRIDES, f"cache_dir={cache}"]
+    assert run_harness(*args) == 0
+    out = capsys.readouterr().out
+    (ckpt,) = (cache / "checkpoints").glob("*.safetensors")
+    assert f"checkpoint: {ckpt}" in out and "loaded from cache" not in out
+    assert "2 steps of 2x32 tokens in fp32" in out and "held-out:" in out and "bits/byte" in out
+    summary = ckpt.with_suffix(".json")
+    first = (ckpt.stat().st_mtime_ns, summary.read_text())
+
+    assert run_harness(*args) == 0
+    out = capsys.readouterr().out
+    assert "loaded from cache, " in out and f"checkpoint: {ckpt}" in out
+    assert (ckpt.stat().st_mtime_ns, summary.read_text()) == first  # read, not written
+
+    assert run_harness(*args, "--force") == 0
+    out = capsys.readouterr().out
+    assert "loaded from cache" not in out and f"checkpoint: {ckpt}" in out
+    assert list((cache / "checkpoints").glob("*.safetensors")) == [ckpt]  # the same entry, trained again
+    assert ckpt.stat().st_mtime_ns > first[0]
