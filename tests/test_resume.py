@@ -213,7 +213,7 @@ def test_resume_reuses_a_record_only_when_it_was_measured_the_same_way(tmp_path,
 
 
 def test_a_resumed_sweep_measures_again_what_was_measured_without_quality(run_harness, tmp_path, capsys):
-    """The audit's case: the first sweep ran with quality off, the resumed one asks for quality: its point is
+    """The first sweep ran with quality off, the resumed one asks for quality: its point is
     measured again (its record then holds fidelity), and a third run with the same config skips it."""
     sweep = tmp_path / "sweep"
     base = ["run", "-m", "engine=eager", *QUICK, f"hydra.sweep.dir={sweep}",
