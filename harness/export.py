@@ -41,6 +41,7 @@ from harness.records import (
     TIMED_METRICS,
     RecordError,
     find_records,
+    json_safe,
     key_and_status,
     load,
     read_record,
@@ -221,15 +222,7 @@ def restore_nonfinite(rows: list[dict[str, Any]], marks: list[Any]) -> list[dict
 def strict_json(obj: Any) -> Any:
     """``obj`` as strict JSON (RFC 8259, what JavaScript and Go parsers accept): NaN becomes null and an infinity
     the string "inf" or "-inf" (an infinite change is the worst regression: it must not break the parser)."""
-    if isinstance(obj, dict):
-        return {str(k): strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [strict_json(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else _inf_text(obj)
-    return obj
+    return json_safe(obj, infinity_as_text=True)
 
 
 def _cell(value: Any) -> Any:

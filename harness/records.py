@@ -163,16 +163,17 @@ def model_id(identity: dict[str, Any]) -> str | None:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _json_safe(obj: Any) -> Any:
-    """NaN and infinities become null (JSON has no NaN); numpy scalars become Python numbers."""
+def json_safe(obj: Any, infinity_as_text: bool = False) -> Any:
+    """NaN and infinities become null (JSON has no NaN); numpy scalars become Python numbers. With
+    ``infinity_as_text`` an infinity is the string "inf" or "-inf" instead (where it must stay readable)."""
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v, infinity_as_text) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v, infinity_as_text) for v in obj]
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
-        return None
+        return ("inf" if obj > 0 else "-inf") if infinity_as_text and math.isinf(obj) else None
     return obj
 
 
@@ -210,7 +211,7 @@ def write_bytes_atomic(path: str | Path, data: bytes | str, encoding: str = "utf
 def write_json_atomic(path: Path, data: Any) -> Path:
     """Write to a temporary file in the same directory, fsync, then rename over ``path``: readers see the old
     file or the new one, never a partial one."""
-    return write_bytes_atomic(path, json.dumps(_json_safe(data), indent=1, allow_nan=False))
+    return write_bytes_atomic(path, json.dumps(json_safe(data), indent=1, allow_nan=False))
 
 
 def write_record(directory: Path, record: dict[str, Any]) -> Path:
