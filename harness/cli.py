@@ -175,8 +175,9 @@ def cmd_env(args: Sequence[str]) -> int:
     if "peaks" in fp:
         pk = fp["peaks"]
         lines += [
-            ("copy bandwidth", f"{pk['bandwidth_gbs']:.1f} GB/s (read + write, {pk['buffer_bytes'] / 2**20:.0f} MiB "
+            ("read bandwidth", f"{pk['bandwidth_gbs']:.1f} GB/s (the MBU roof; {pk['buffer_bytes'] / 2**20:.0f} MiB "
                                f"buffers; last-level cache {(pk.get('llc_bytes') or 0) / 2**20:.0f} MiB)"),
+            ("copy bandwidth", f"{pk['copy_gbs']:.1f} GB/s (read + write)" if pk.get("copy_gbs") else "not measured"),
             ("matmul", f"{pk['flops'] / 1e9:.1f} GFLOP/s {pk['dtype']} ({pk['matmul_n']}x{pk['matmul_n']})"),
             ("peaks cache", pk["cache"]),
         ]  # fmt: skip

@@ -1,8 +1,10 @@
 """Roofline: measured device peaks, and bytes and FLOPs per phase from the model's shape.
 
-Peaks are measured once per device fingerprint and dtype, then cached: copy bandwidth with buffers several
-times the last-level cache (STREAM convention: bytes read plus bytes written), and dense matmul FLOP/s in the
-run's dtype. A config can override either (``roofline.bandwidth_gbs``, ``roofline.tflops``).
+Peaks are measured once per device fingerprint and dtype, then cached: read bandwidth (a sum over a buffer
+several times the last-level cache: decode reads its weights and writes next to nothing, so a read is its roof),
+copy bandwidth beside it for reference (STREAM convention: bytes read plus bytes written; a write-allocating
+copy often reaches less), and dense matmul FLOP/s in the run's dtype. A config can override either roof
+(``roofline.bandwidth_gbs``, ``roofline.tflops``).
 
 Counts are the algorithmic minimum of a Llama step, so MBU and MFU say how close an engine comes to what the
 hardware allows for this model, whatever its implementation does in between:
@@ -13,7 +15,7 @@ hardware allows for this model, whatever its implementation does in between:
 * prefill of P tokens: the weights once, the KV cache written; linear FLOPs for B*P tokens plus causal
   attention (P^2/2 query-key pairs).
 
-MBU = achieved decode bytes/s over peak bandwidth (decode is bandwidth-bound); MFU = achieved prefill FLOP/s
+MBU = achieved decode bytes/s over peak read bandwidth (decode is bandwidth-bound); MFU = achieved prefill FLOP/s
 over peak FLOP/s (prefill is compute-bound).
 """
 
@@ -37,7 +39,7 @@ from harness.records import write_json_atomic
 log = logging.getLogger(__name__)
 
 MIN_BUFFER = 1 << 30  # bytes
-CACHE_VERSION = 2  # 2: GPU peaks from batches of launches after a warm-up
+CACHE_VERSION = 3  # 2: GPU peaks from batches of launches after a warm-up; 3: the bandwidth roof is a read
 
 
 def last_level_cache_bytes() -> int | None:
@@ -94,7 +96,8 @@ def _timed_cuda(fn, device: torch.device, reps: int) -> float:
 
 
 def measure_bandwidth(device: torch.device) -> dict[str, Any]:
-    """Copy bandwidth (GB/s, read + write bytes) over buffers of several times the last-level cache."""
+    """Read bandwidth (GB/s: the bytes of one fp32 sum over the buffer), the roof MBU stands on, and copy
+    bandwidth (read + write bytes), both over buffers of several times the last-level cache."""
     llc = last_level_cache_bytes() if device.type == "cpu" else None
     if device.type == "cuda":
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0
@@ -105,8 +108,10 @@ def measure_bandwidth(device: torch.device) -> dict[str, Any]:
     n = size // 4
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    seconds = _timed(lambda: dst.copy_(src), device, reps=5)
-    return {"bandwidth_gbs": 2 * n * 4 / seconds / 1e9, "buffer_bytes": n * 4, "llc_bytes": llc}
+    read_s = _timed(lambda: src.sum(), device, reps=5)
+    copy_s = _timed(lambda: dst.copy_(src), device, reps=5)
+    return {"bandwidth_gbs": n * 4 / read_s / 1e9, "bandwidth_kind": "read", "copy_gbs": 2 * n * 4 / copy_s / 1e9,
+            "buffer_bytes": n * 4, "llc_bytes": llc}  # fmt: skip
 
 
 def measure_flops(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -158,7 +163,7 @@ def device_peaks(
         cached = _read_peaks(path)
         measured: dict[str, Any] = {}
         if not bw_given and (remeasure or "bandwidth_gbs" not in cached):
-            log.info("measuring %s copy bandwidth once for this device", device.type)
+            log.info("measuring %s read and copy bandwidth once for this device", device.type)
             measured.update(measure_bandwidth(device))
         if not flops_given and (remeasure or "flops" not in cached):
             log.info("measuring %s %s matmul FLOP/s once for this device", device.type, dtype_name)
@@ -170,13 +175,17 @@ def device_peaks(
             write_json_atomic(path, peaks)
     peaks = {**peaks, "cache": str(path) if cached or measured else None}
     if bw_given:
-        peaks.update(bandwidth_gbs=float(overrides["bandwidth_gbs"]))
+        peaks.update(bandwidth_gbs=float(overrides["bandwidth_gbs"]), bandwidth_kind="config")
     if flops_given:
         peaks.update(flops=float(overrides["tflops"]) * 1e12)
     bw_source, flops_source = ("config" if given else "measured" for given in (bw_given, flops_given))
     # ``source`` names both where they agree; each peak's own says which a figure (MBU, MFU) stands on
     source = bw_source if bw_source == flops_source else f"bandwidth {bw_source}, flops {flops_source}"
     return {**peaks, "source": source, "bandwidth_source": bw_source, "flops_source": flops_source}
+
+
+PEAK_FIELDS = ("bandwidth_gbs", "bandwidth_kind", "copy_gbs", "flops", "source", "bandwidth_source", "flops_source",
+               "device", "dtype", "cache")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -263,8 +272,7 @@ def roofline(
     bw, flops = peaks["bandwidth_gbs"] * 1e9, peaks["flops"]
     dec_s, pre_s = tpot_ms / 1e3, ttft_ms / 1e3
     return {
-        "peaks": {k: peaks.get(k) for k in ("bandwidth_gbs", "flops", "source", "bandwidth_source", "flops_source",
-                                            "device", "dtype", "cache")},  # fmt: skip
+        "peaks": {k: peaks.get(k) for k in PEAK_FIELDS},
         "decode": {
             "bytes_per_step": dec.bytes,
             "flops_per_step": dec.flops,

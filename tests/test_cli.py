@@ -40,7 +40,7 @@ def fake_peaks(monkeypatch) -> list[str]:
 
     calls: list[str] = []
     monkeypatch.setattr(roof, "measure_bandwidth", lambda d: calls.append("bw") or {
-        "bandwidth_gbs": 20.0, "buffer_bytes": 8 << 20, "llc_bytes": 2 << 20})  # fmt: skip
+        "bandwidth_gbs": 20.0, "copy_gbs": 15.0, "buffer_bytes": 8 << 20, "llc_bytes": 2 << 20})  # fmt: skip
     monkeypatch.setattr(roof, "measure_flops", lambda d, t: calls.append("fl") or {"flops": 1e11, "matmul_n": 64})
     return calls
 
@@ -53,7 +53,8 @@ def test_env_prints_device_threads_versions_and_git(capsys, fake_peaks):
     for key in ("device", "torch threads", "version.torch", "git", "fingerprint", "cpu"):
         assert any(line.startswith(key) for line in out.splitlines()), key
     # the peaks, measured once into the default cache (the session's tmp one: tests never touch the user's)
-    assert _env_value(out, "copy bandwidth").startswith("20.0 GB/s (read + write, 8 MiB buffers; last-level cache 2")
+    assert _env_value(out, "read bandwidth").startswith("20.0 GB/s (the MBU roof; 8 MiB buffers; last-level cache 2")
+    assert _env_value(out, "copy bandwidth") == "15.0 GB/s (read + write)"
     assert _env_value(out, "matmul").startswith("100.0 GFLOP/s")
     cache = _env_value(out, "peaks cache")
     assert cache.startswith(str(harness.config.DEFAULT_CACHE_DIR / "peaks")) and os.path.isfile(cache)

@@ -116,6 +116,7 @@ def test_peaks_are_measured_once_cached_and_overridable(tmp_path, peak_calls):
     assert json.loads((tmp_path / "peaks" / "fp1-float32.json").read_text())["flops"] == 1e11
     over = device_peaks(cpu, torch.float32, "fp1", tmp_path, {"bandwidth_gbs": 50.0, "tflops": 2.0})
     assert over["bandwidth_gbs"] == 50.0 and over["flops"] == 2e12 and over["source"] == "config"
+    assert over["bandwidth_kind"] == "config"
     device_peaks(cpu, torch.float32, "fp1", tmp_path, {}, remeasure=True)
     device_peaks(cpu, torch.bfloat16, "fp1", tmp_path, {})  # another dtype is another matmul peak
     assert calls == ["bw", "fl"] * 3
@@ -182,6 +183,7 @@ def test_bandwidth_buffer_sizing_rule(monkeypatch, llc, available, expected):
     assert bw["buffer_bytes"] == expected and bw["llc_bytes"] == llc
     assert bw["buffer_bytes"] == min(max(4 * (llc or 0), 1 * MiB), available // 8)
     assert bw["bandwidth_gbs"] > 0 and math.isfinite(bw["bandwidth_gbs"])
+    assert bw["bandwidth_kind"] == "read" and bw["copy_gbs"] > 0  # the roof a read; the copy beside it
 
 
 @pytest.mark.slow
