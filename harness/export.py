@@ -35,6 +35,7 @@ import pandas as pd
 
 from harness.progress import SWEEP_META, missing_points
 from harness.records import (
+    FLAG_STATS,
     NUMERIC_COLUMNS,
     RECORD_NAME,
     STAT_COLUMNS,
@@ -110,7 +111,7 @@ def table_with_samples(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame
 
 def _normalize(df: pd.DataFrame) -> pd.DataFrame:
     """Column types as ``records.load`` gives them, for tables read back from a file."""
-    numeric = NUMERIC_COLUMNS | {f"{m}_{s}" for m in TIMED_METRICS for s in STAT_COLUMNS if s != "noisy"}
+    numeric = NUMERIC_COLUMNS | {f"{m}_{s}" for m in TIMED_METRICS for s in STAT_COLUMNS if s not in FLAG_STATS}
     for col in numeric & set(df.columns):
         df[col] = pd.to_numeric(df[col], errors="coerce")
     return df

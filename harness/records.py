@@ -29,8 +29,10 @@ STATUSES = ("ok", "failed", "skipped", "oom", "timeout")
 TIMED_METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
 # ci_coverage: the probability that [ci_low, ci_high] holds the median, at least the policy's confidence (95%)
 # from 6 samples on; below that the interval is the whole sample range and covers less (3 samples: 75%)
+# p99_thin: fewer than 100 samples, so the p99 is in effect the maximum (``stats.P99_MIN_SAMPLES``)
 STAT_COLUMNS = ("p50", "p90", "p95", "p99", "mean", "std", "min", "max", "iqr", "ci_low", "ci_high", "ci_coverage",
-                "n", "noisy")  # fmt: skip
+                "n", "noisy", "p99_thin")  # fmt: skip
+FLAG_STATS = frozenset({"noisy", "p99_thin"})  # boolean stats: not coerced to numbers
 
 # Table column -> path inside the record. Figures a later stage fills in are NaN until it does.
 SCALAR_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -425,7 +427,7 @@ def table(rows: list[dict[str, Any]], errors: Iterable[str] = ()) -> pd.DataFram
     """The table from rows made by ``flatten`` (also rows stored elsewhere, e.g. the history database): every
     scalar column present, numeric columns numeric, ``errors`` kept in ``df.attrs["errors"]``."""
     df = pd.DataFrame(rows)
-    numeric = NUMERIC_COLUMNS | {f"{m}_{s}" for m in TIMED_METRICS for s in STAT_COLUMNS if s != "noisy"}
+    numeric = NUMERIC_COLUMNS | {f"{m}_{s}" for m in TIMED_METRICS for s in STAT_COLUMNS if s not in FLAG_STATS}
     absent = [c for c in dict.fromkeys((*SCALAR_COLUMNS, "model_id", *sorted(numeric))) if c not in df.columns]
     if absent:  # added in one go: one insert per column fragments the frame
         filler = {c: np.nan if c in numeric else None for c in absent}

@@ -22,6 +22,9 @@ DRIFT_ALPHA = 0.01
 DRIFT_HALVES_REL = 0.02
 DRIFT_MIN_SAMPLES = 10
 PERCENTILES = (50, 90, 95, 99)
+# below this many samples none lies above the p99: it is an interpolation between the two largest, in effect
+# the maximum, and says little about the tail (``p99_thin``)
+P99_MIN_SAMPLES = 100
 BOOTSTRAP_RESAMPLES = 1000
 
 
@@ -101,6 +104,7 @@ def summarize(
         "ci_coverage": coverage,
         "ci_rel_halfwidth": ci_relative_halfwidth(lo, hi, median),
         "noisy": bool(median > 0 and iqr / median > NOISE_IQR_OVER_MEDIAN),
+        "p99_thin": n < P99_MIN_SAMPLES,
         **drift(np.median(x.reshape(-1, block), axis=1) if blocked else x),
     }
     for p, v in zip(PERCENTILES, q[2:], strict=True):

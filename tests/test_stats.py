@@ -57,6 +57,16 @@ def test_summarize_matches_numpy():
     assert s["ci_rel_halfwidth"] == pytest.approx((s["ci_high"] - s["ci_low"]) / 2 / s["median"])
 
 
+def test_p99_of_fewer_than_100_samples_is_flagged_thin():
+    """Under 100 samples none lies above the p99: it sits between the two largest, in effect the maximum."""
+    x = np.random.default_rng(1).gamma(2.0, 3.0, size=99)
+    thin = summarize(x)
+    top2 = np.sort(x)[-2:]
+    assert thin["p99_thin"] is True and top2[0] <= thin["p99"] <= top2[1]
+    full = summarize(np.append(x, 1.0))
+    assert full["p99_thin"] is False and (full["n"], np.sum(np.append(x, 1.0) > full["p99"])) == (100, 1)
+
+
 def test_noise_flag_follows_iqr_over_median():
     steady = summarize([10.0, 10.1, 9.9, 10.0, 10.2, 9.8])
     assert steady["noisy"] is False
