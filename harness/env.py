@@ -293,4 +293,9 @@ def fingerprint_id(fp: dict[str, Any]) -> str:
         key["cpu_id"] = fp["cpu"]
     if (fp.get("huge_pages") or {}).get("in_use"):  # only when on: ids of records from before this field hold
         key["huge_pages"] = True
+    cuda = fp.get("cuda") or {}
+    # a GPU capped at half its power, or with its clocks locked lower, is another machine for every timing
+    limits = {k: cuda[k] for k in ("power_limit_w", "max_sm_clock_mhz") if cuda.get(k) is not None}
+    if limits:
+        key["gpu_limits"] = limits
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
