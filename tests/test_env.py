@@ -58,8 +58,8 @@ def test_fingerprint_records_huge_pages_and_keeps_older_ids():
 def test_the_fingerprint_id_follows_the_gpu_power_limit_and_clock_cap_not_the_current_clock():
     """A GPU capped at 350 W (or clocks locked lower) is another machine for every timing; the clock it ran at
     the moment it was read is not."""
-    gpu = {"device_type": "cuda", "device_name": "NVIDIA H100", "versions": {"torch": "2.13.0"},
-           "cuda": {"driver": "570.1", "power_limit_w": 700.0, "max_sm_clock_mhz": 1980, "sm_clock_mhz": 1755}}  # fmt: skip
+    cuda = {"driver": "570.1", "power_limit_w": 700.0, "max_sm_clock_mhz": 1980, "sm_clock_mhz": 1755}
+    gpu = {"device_type": "cuda", "device_name": "NVIDIA H100", "versions": {"torch": "2.13.0"}, "cuda": cuda}
     base = fingerprint_id(gpu)
     assert fingerprint_id({**gpu, "cuda": {**gpu["cuda"], "power_limit_w": 350.0}}) != base
     assert fingerprint_id({**gpu, "cuda": {**gpu["cuda"], "max_sm_clock_mhz": 1400}}) != base
