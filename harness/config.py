@@ -124,6 +124,9 @@ class PointSpec:
 
 
 SEED_MAX = 2**32 - 1
+# 1M positions, eight times Llama 3.1's context: the rotary tables of every position are built with the model
+# (a typo's 10^8 takes tens of GB before anything runs), and fp32 positions lose integers past 2^24
+MAX_SEQ_LEN = 1 << 20
 
 
 def _int(value: Any, field: str, minimum: int) -> int:
@@ -197,7 +200,9 @@ def _model(m: dict[str, Any]) -> ModelSpec:
         raise ConfigError(f"model.{extra[0]}: unknown field; allowed: {', '.join(sorted(known))}")
     for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "max_seq_len"):
         if key in m:
-            _int(m[key], f"model.{key}", 1)
+            _int(m[key], f"model.{key}", 2 if key == "vocab_size" else 1)  # prompts draw ids 1..vocab_size - 1
+    if "max_seq_len" in m and m["max_seq_len"] > MAX_SEQ_LEN:  # rotary tables are built for every position
+        raise ConfigError(f"model.max_seq_len: must be an integer in 1..{MAX_SEQ_LEN}, got {m['max_seq_len']}")
     if m.get("head_dim") is not None:
         _int(m["head_dim"], "model.head_dim", 0)
     for key in ("rope_base", "norm_eps"):
@@ -457,6 +462,10 @@ def validate(cfg: DictConfig | dict[str, Any]) -> PointSpec:
         from harness.corpus_checks import check_corpus_fits  # it loads the corpus (and imports training)
 
         check_corpus_fits(model, corpus, train, quality, workload)
+    elif corpus.path is not None:  # every point loads the corpus it names (calibration, quality): refused up front
+        from harness.corpus_checks import check_corpus_loads
+
+        check_corpus_loads(corpus)
     if quality.enabled:
         longest = max(quality.seq_len, quality.greedy_prompt_len + quality.greedy_len)
         if longest > model.args.max_seq_len:

@@ -59,6 +59,15 @@ def check_corpus_fits(
         )
 
 
+def check_corpus_loads(corpus: CorpusSpec) -> None:
+    """The corpus a point of random weights names (calibration and quality read it) is readable and large
+    enough: refused before any work, not by every point of a sweep at set-up."""
+    try:
+        load_corpus(corpus.path, corpus.heldout_every)
+    except CorpusError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _check_train_split(c: Corpus, train: TrainConfig) -> None:
     window, have = train.seq_len + 1, len(c.train)  # inputs and their shifted targets
     if have <= window:

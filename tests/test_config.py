@@ -262,6 +262,28 @@ def test_unknown_train_field_does_not_list_seed(compose_cfg):
         validate(compose_cfg("+train.seed=1"))
 
 
+def test_a_corpus_too_small_is_refused_up_front_for_random_weights_too(compose_cfg, tmp_path):
+    """Every point loads the corpus it names (calibration, quality): refused before any work, not by each point of
+    a sweep at set-up."""
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"twelve bytes")
+    with pytest.raises(ConfigError, match=r"^corpus\.path: .*small\.txt.* has 12 bytes; at least 65536"):
+        validate(compose_cfg("model.weights=random", "quality.enabled=false", f"corpus.path={small}"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.vocab_size=1", "model.vocab_size: must be an integer >= 2, got 1"),
+        ("model.max_seq_len=100000000", "model.max_seq_len: must be an integer in 1..1048576, got 100000000"),
+    ],
+)
+def test_shapes_that_cannot_run_are_refused_naming_the_field(compose_cfg, override, message):
+    """A one-token vocabulary leaves prompts nothing to draw; 10^8 positions of rotary tables take tens of GB."""
+    with pytest.raises(ConfigError, match="^" + message.replace(".", r"\.") + "$"):
+        validate(compose_cfg("model.weights=random", "quality.enabled=false", override))
+
+
 def test_a_relative_corpus_path_is_written_back_resolved(compose_cfg, tmp_path, monkeypatch):
     """Like cache_dir: the validated config holds the resolved corpus.path, so a process that validates it again
     from another directory (an isolated child in its job folder under hydra.job.chdir=true) reads the same file."""
