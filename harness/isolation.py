@@ -14,9 +14,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing as mp
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -155,17 +159,45 @@ def wait_for(child: Any, timeout_s: float | None, shared: Any) -> bool:
     return False
 
 
-def _child(
-    cfg: dict[str, Any], out_dir: str, sweep: dict[str, Any], log_level: int, ready: Any, shared: Any
-) -> None:
-    """Entry point of the isolated process: validate again (nothing but plain data crosses) and run."""
-    logging.basicConfig(level=log_level, format="[%(asctime)s][%(levelname)s] %(message)s", datefmt="%H:%M:%S")
-    from harness.point import run_point
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    set_build_pause(lambda: _shared_pause(shared))
-    spec = validate(cfg)
-    ready.set()  # the deadline counts from here: interpreter start-up and imports are not the point's time
-    run_point(spec, Path(out_dir), sweep, timeout_s=None)
+
+def _end_with_parent(parent_pid: int) -> None:
+    """Be sent SIGTERM when the parent dies (Linux ``PR_SET_PDEATHSIG``; a no-op elsewhere) and take it as an
+    interruption: a parent killed by a CI timeout or ``docker stop`` must not leave its child measuring past
+    the deadline only the parent keeps. The parent may have died before the request: checked after it."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _child(
+    cfg: dict[str, Any], out_dir: str, sweep: dict[str, Any], log_level: int, ready: Any, shared: Any,
+    parent_pid: int,
+) -> None:
+    """Entry point of the isolated process: validate again (nothing but plain data crosses) and run. An
+    interruption (Ctrl-C reaches the whole process group; SIGTERM, the parent's death) is recorded by the point
+    itself and ends the child with 130, without multiprocessing's traceback."""
+    logging.basicConfig(level=log_level, format="[%(asctime)s][%(levelname)s] %(message)s", datefmt="%H:%M:%S")
+    try:
+        _end_with_parent(parent_pid)
+        from harness.point import run_point
+
+        set_build_pause(lambda: _shared_pause(shared))
+        spec = validate(cfg)
+        ready.set()  # the deadline counts from here: interpreter start-up and imports are not the point's time
+        run_point(spec, Path(out_dir), sweep, timeout_s=None)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def _death(exitcode: int | None) -> str:
@@ -188,7 +220,8 @@ def run_isolated(spec: PointSpec, out_dir: Path, sweep: dict[str, Any], timeout_
     started = time.time()
     ready, shared = ctx.Event(), ctx.Array("d", 2)  # shared: builds open in the child, seconds they took
     level = logging.getLogger().getEffectiveLevel()
-    child = ctx.Process(target=_child, args=(spec.cfg, str(out_dir), sweep, level, ready, shared), daemon=False)
+    args = (spec.cfg, str(out_dir), sweep, level, ready, shared, os.getpid())
+    child = ctx.Process(target=_child, args=args, daemon=False)
     child.start()
     startup_end = started + STARTUP_LIMIT_S
     while child.is_alive() and not ready.is_set() and time.time() < startup_end:

@@ -385,8 +385,9 @@ def guarded(record: dict[str, Any]) -> Iterator[None]:
     except Exception as exc:
         record["status"] = "oom" if is_oom(exc) else "failed"
         record["error"], record["traceback"] = _one_line(exc), traceback.format_exc()
-    except KeyboardInterrupt:
-        record["status"], record["error"] = "failed", "interrupted (KeyboardInterrupt)"
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a signal taken as one (its name the exception's argument)
+        cause = exc.args[0] if exc.args and isinstance(exc.args[0], str) else "KeyboardInterrupt"
+        record["status"], record["error"] = "failed", f"interrupted ({cause})"
         raise
     finally:
         if record["status"] in ("failed", "oom", "timeout"):

@@ -70,6 +70,33 @@ def test_isolated_hang_is_killed_at_its_timeout(run_harness, fault_env, tmp_path
     assert 5 <= waited < 2 * 5, rec["duration_s"]
 
 
+def test_an_isolated_child_ends_with_its_killed_parent_and_records_why(fault_env, tmp_path):
+    """A parent killed outright (a CI job's timeout, ``docker stop`` escalating to SIGKILL) takes its deadline with
+    it: the child is sent SIGTERM at its death, records itself as interrupted and ends, instead of hanging on."""
+    import psutil
+
+    counter, run_dir = tmp_path / "prepares", tmp_path / "run"
+    args = [sys.executable, "-m", "harness", "run", "isolate=true", "measure.timeout_s=600", "engine.name=fault-test",
+            "+engine.fault=hang", f"+engine.counter={counter}", *QUICK, f"hydra.run.dir={run_dir}"]  # fmt: skip
+    parent = subprocess.Popen(args, env=fault_env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = None
+    try:
+        deadline = time.monotonic() + 120
+        while not (counter.exists() and counter.read_text().strip()) and time.monotonic() < deadline:
+            assert parent.poll() is None, "the parent ended before its child hung"
+            time.sleep(0.2)
+        child = psutil.Process(int(counter.read_text().split()[0]))  # the child, hanging in prepare()
+        parent.kill()
+        parent.wait()
+        child.wait(timeout=30)  # psutil.TimeoutExpired here: the child outlived its parent
+    finally:
+        parent.kill()
+        if child is not None and child.is_running():  # a failure leaves no orphan measuring on
+            child.kill()
+    rec = json.loads((run_dir / RECORD_NAME).read_text())
+    assert rec["status"] == "failed" and rec["error"] == "interrupted (SIGTERM)"
+
+
 @pytest.mark.parametrize("timeout_s", [None, 30.0])
 def test_isolated_child_stuck_at_start_up_is_killed(compose_cfg, tmp_path, monkeypatch, timeout_s):
     """A child not ready when the start-up limit ends is killed and recorded as such, with or without a
