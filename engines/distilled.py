@@ -64,6 +64,10 @@ class DistilledParams:
             isinstance(i, int) and not isinstance(i, bool) for i in self.layers_kept
         ):
             raise ValueError(f"engine.layers_kept: layer indices must be integers, got {list(self.layers_kept)}")
+        if self.layers_kept is not None and list(self.layers_kept) != sorted(set(self.layers_kept)):
+            # a student keeps each layer once, in order: [3, 0] or [1, 1] would be [0, 3] or [1] under another key
+            raise ValueError(f"engine.layers_kept: give distinct layer indices in increasing order, got "
+                             f"{list(self.layers_kept)} (did you mean {sorted(set(self.layers_kept))}?)")  # fmt: skip
         if self.layers_kept is not None:  # depth is unused then: one student, one variant and one key
             object.__setattr__(self, "depth", DistilledParams.__dataclass_fields__["depth"].default)
 

@@ -62,6 +62,9 @@ class QuantizedParams:
                                  f"{', '.join(map(str, allowed))}")  # fmt: skip
         if self.scheme != "int4_weight_only":  # per-channel scales: no groups, the point is the same model
             object.__setattr__(self, "group_size", QuantizedParams.__dataclass_fields__["group_size"].default)
+        if self.backend == "triton" and self.scheme != "int8_weight_only":  # no device runs it: refused, not skipped
+            raise ValueError(f"engine.backend: triton runs scheme=int8_weight_only only, got scheme={self.scheme}; "
+                             "choose engine.backend=auto, aten or torchao for it")  # fmt: skip
         check_layers(self.layers)
 
 
@@ -180,9 +183,7 @@ class QuantizedEngine(Engine):
         p = self.params
         if p.scheme == "fp8" and (reason := fp8_unavailable(device)):
             return reason
-        if self.backend(device) == "triton":
-            if p.scheme != "int8_weight_only":
-                return f"engine.backend=triton runs int8_weight_only only (got scheme={p.scheme})"
+        if self.backend(device) == "triton":  # int8_weight_only (the other schemes are refused by the params)
             from engines import kernels
 
             return kernels.unavailable(device) or kernels.dtype_unavailable(dtype, device)

@@ -107,6 +107,10 @@ def test_invalid_params_are_refused():
         ({"temperature": float("inf")}, "engine.temperature must be a finite number > 0, got inf"),
         ({"layers_kept": ["a"]}, "engine.layers_kept[0]: expected an integer, got 'a'"),
         ({"layers_kept": [0, 0.5]}, "engine.layers_kept[1]: expected an integer, got 0.5"),
+        # the same student as [1] or [0, 3] under another variant and key: refused, with what was meant
+        ({"layers_kept": [1, 1]}, "engine.layers_kept: give distinct layer indices in increasing order, got [1, 1] "
+                                  "(did you mean [1]?)"),
+        ({"layers_kept": [3, 0]}, "did you mean [0, 3]?"),
     ],
 )
 def test_each_bad_param_is_named_with_its_value(params, message):

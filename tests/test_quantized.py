@@ -231,6 +231,9 @@ def test_params_are_validated_and_the_variant_names_the_scheme():
         ({"backend": "cuda"}, r"engine.backend: 'cuda' is not allowed; allowed: auto, aten, torchao"),
         ({"layers": []}, r"engine.layers: give all_but_head or all, or module-name patterns"),
         ({"layers": ["all", "attention"]}, r"engine.layers: all_but_head and all stand alone"),
+        # no device runs it: refused before the sweep, not recorded as skipped (unavailable here)
+        ({"backend": "triton", "scheme": "int8_dynamic"},
+         r"engine.backend: triton runs scheme=int8_weight_only only, got scheme=int8_dynamic; choose"),
     ]:
         with pytest.raises(EngineError, match=msg):
             make_engine({"name": "quantized", **params})
