@@ -110,18 +110,21 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_entry(path: Path, write: Callable[[Path], None], meta: dict[str, Any]) -> None:
-    """A cache entry: the file (``write(tmp)``) and its JSON sidecar, which holds ``meta`` and the file's sha256."""
+def write_entry(path: Path, write: Callable[[Path], None], meta: dict[str, Any]) -> str:
+    """A cache entry: the file (``write(tmp)``) and its JSON sidecar, which holds ``meta`` and the file's sha256
+    (returned: the writer then names the entry as a later reader of the sidecar does)."""
     atomic_write(path, write)
     sha = file_sha256(path)
     _verified[str(path)] = (_stat(path), sha)
     text = json.dumps({**meta, "sha256": sha}, indent=1, default=str)
     atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(text))
+    return sha
 
 
-def save_weights(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
-    """Weights as safetensors (tied tensors stored once) plus a JSON sidecar, each written atomically."""
-    write_entry(path, lambda tmp: save_model(model, str(tmp), metadata={"key": str(meta.get("key", ""))}), meta)
+def save_weights(model: nn.Module, path: Path, meta: dict[str, Any]) -> str:
+    """Weights as safetensors (tied tensors stored once) plus a JSON sidecar, each written atomically; their
+    sha256."""
+    return write_entry(path, lambda tmp: save_model(model, str(tmp), metadata={"key": str(meta.get("key", ""))}), meta)
 
 
 def load_weights(model: nn.Module, path: Path, device: str) -> dict[str, Any]:

@@ -122,7 +122,9 @@ def ensure_trained(
         with building() as build:
             model, info = train_reference(name, args, corpus, cfg, seed, device)
             info["key"] = key
-            save_weights(model, ckpt, info)
+            # as the sidecar holds it: the reference's name in engines' caches (``reference.weights_key``) is then
+            # the same in this process as in every later one, which reads it from there
+            info["sha256"] = save_weights(model, ckpt, info)
         log.info("checkpoint: %s (built in %s)", ckpt, format_duration(build.seconds))
     return ckpt, {**info, "build_s": build.seconds, "cached": False}
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import engines.train as train_module
+from engines.cache import file_sha256
 from engines.llama import ModelArgs, Transformer
 from engines.train import TrainConfig, fit, heldout_nll, lr_at, resolve_precision
 from harness import training
@@ -52,6 +53,9 @@ def test_checkpoint_cache_hit_and_invalidation(tmp_path, monkeypatch):
     assert calls == [6] and info["cached"] is False and path.exists()
     again, info2 = training.ensure_trained("micro", MICRO, corpus, FEW, 0, cpu, tmp_path)
     assert again == path and info2["cached"] is True and calls == [6]  # hit: no training
+    # the process that trained names the checkpoint by its content as every later one does (reference.weights_key:
+    # engines' calibration, masks and students are keyed by it, so a second run must not build them again)
+    assert info["sha256"] == info2["sha256"] == file_sha256(path)
     other_steps = TrainConfig(**{**FEW.__dict__, "steps": 7})
     p3, _ = training.ensure_trained("micro", MICRO, corpus, other_steps, 0, cpu, tmp_path)
     text = tmp_path / "text.txt"
