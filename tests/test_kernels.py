@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from engines import kernels
-from engines.base import PrepareContext, make_engine
+from engines.base import EngineError, PrepareContext, make_engine
 from engines.kernels.attention import decode_attention
 from engines.kernels.int8_gemv import Int8TritonLinear, int8_weight_only_matmul
 from engines.kernels.rmsnorm import add_rmsnorm, rmsnorm
@@ -190,8 +190,8 @@ def test_quantized_engine_reuses_the_int8_kernel_with_backend_triton():
     assert eng.available(DEV) is None
     assert eng.variant() == "quantized(scheme=int8_weight_only, backend=triton)"
     assert (eng.timing_caveat(DEV) is None) == (DEV.type == "cuda")
-    other = make_engine({"name": "quantized", "scheme": "int4_weight_only", "backend": "triton"})
-    assert other.available(DEV) == "engine.backend=triton runs int8_weight_only only (got scheme=int4_weight_only)"
+    with pytest.raises(EngineError, match=r"engine.backend: triton runs scheme=int8_weight_only only, got scheme=int4"):
+        make_engine({"name": "quantized", "scheme": "int4_weight_only", "backend": "triton"})  # on no device
     q = eng.prepare(ref, PrepareContext(DEV, torch.float32, 0, "t", args, "/nonexistent"))
     info = q.engine_info
     assert info["backend"] == "triton" and info["kernel"] == Int8TritonLinear.kernel and info["layers_quantized"] == 14
