@@ -21,7 +21,9 @@ from harness.preflight import (  # PreflightAbort: also the CLI's, from here
     compose_spec,
     launcher_warning,
     preflight,
+    refuse_dropped_points,
     refuse_reused_dir,
+    refuse_reused_run_dir,
     sweep_points,
 )
 from harness.progress import jobs_started, missing_points, read_sweep_meta, write_sweep_meta
@@ -157,6 +159,8 @@ def start_sweep(config: DictConfig) -> None:
     resume = any(p.spec.resume for p in plan) if plan else bool(config.get("resume"))
     sweep_dir = Path(config.hydra.sweep.dir)
     refuse_reused_dir(sweep_dir, resume)
+    if resume and plan is not None:
+        refuse_dropped_points(sweep_dir, read_sweep_meta(sweep_dir), [p.point_key for p in plan])
     warning, concurrent = launcher_warning(config, len(points) if points is not None else None)
     if warning:
         log.warning("%s", warning)
@@ -182,6 +186,7 @@ def start_sweep(config: DictConfig) -> None:
             "concurrent": concurrent,
         },
     )
+    _note_output(sweep_dir, sweep=True)
     choices = OmegaConf.select(config, "hydra.runtime.choices") or {}
     ACTIVE.update(
         config=config,
@@ -193,13 +198,23 @@ def start_sweep(config: DictConfig) -> None:
     )
 
 
+# Where this run or sweep writes its records: what the CLI names after an interruption.
+OUTPUT: dict[str, Any] = {}
+
+
+def _note_output(directory: Path, sweep: bool) -> None:
+    OUTPUT.update(dir=directory.resolve(), sweep=sweep)  # resolved: a job may chdir
+
+
 class HarnessCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from harness.hydra_errors import composition_error
 
         ACTIVE.clear()  # a single run: no sweep for a failure to finish
+        OUTPUT.clear()
         try:
-            validate(config)
+            spec = validate(config)
+            refuse_reused_run_dir(Path(config.hydra.run.dir), spec.resume)
         except ConfigError as exc:
             raise PreflightAbort(str(exc)) from None
         except Exception as exc:  # model.dim=${oops}: one line, as preflight says it
@@ -208,10 +223,12 @@ class HarnessCallback(Callback):
                 raise
             raise PreflightAbort(text) from None
         _make_output_dir("hydra.run.dir", Path(config.hydra.run.dir))
+        _note_output(Path(config.hydra.run.dir), sweep=False)
         forget_ok_index()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         ACTIVE.clear()
+        OUTPUT.clear()
         try:
             start_sweep(config)
         except PreflightAbort:

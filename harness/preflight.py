@@ -1,6 +1,7 @@
 """What a multirun settles before its first point: the points the basic sweeper will expand (``glob()`` and
 ``range()`` included), each composed and validated as its launcher will compose it, with the job folder it gets;
-duplicate points; a sweep folder that holds another sweep's records; launchers whose points interfere."""
+duplicate points; points that share a job folder; a sweep folder that holds another sweep's records (or, resumed,
+points this plan leaves out); launchers whose points interfere."""
 
 from __future__ import annotations
 
@@ -129,9 +130,26 @@ def preflight(config: DictConfig, points: list[list[str]]) -> list[Planned]:
             if text is None:
                 raise
             raise PreflightAbort(f"{text} (sweep point {i + 1}/{len(points)}: {' '.join(overrides)})") from None
+    shared = shared_job_dir([p.subdir for p in plan], list(range(len(plan))), len(plan))
+    if shared:
+        raise ConfigError(shared)
     for warning in duplicate_points(points, [p.point_key for p in plan]):
         log.warning("%s", warning)
     return plan
+
+
+def shared_job_dir(subdirs: list[str], jobs: list[int], total: int | None = None) -> str | None:
+    """Why two points would write into one job folder (each record would replace the other's, and the point
+    left without one would be reported as a crash), or None. ``jobs``: the points' numbers (from 0)."""
+    of = f"/{total}" if total else ""
+    first: dict[str, int] = {}
+    for job, subdir in zip(jobs, subdirs, strict=True):
+        other = first.setdefault(os.path.normpath(subdir), job)
+        if other != job:
+            return (f"hydra.sweep.subdir: points {other + 1}{of} and {job + 1}{of} both resolve to {subdir!r}, "
+                    "so one's record would replace the other's; make it unique per point (e.g. include "
+                    "${hydra.job.num})")  # fmt: skip
+    return None
 
 
 def duplicate_points(points: list[list[str]], keys: list[str]) -> list[str]:
@@ -150,15 +168,45 @@ def duplicate_points(points: list[list[str]], keys: list[str]) -> list[str]:
     return warnings
 
 
+def _records_to_overwrite(directory: Path, resume: bool) -> list[Path]:
+    """The records an earlier run left in ``directory`` (none counted with ``resume=true``, which continues it)."""
+    return find_records(directory) if not resume and directory.is_dir() else []
+
+
 def refuse_reused_dir(sweep_dir: Path, resume: bool) -> None:
     """A sweep folder that holds records already, without ``resume=true``: its summary and report would mix that
     earlier sweep's points in."""
-    held = find_records(sweep_dir) if not resume and sweep_dir.is_dir() else []
-    if held:
+    if held := _records_to_overwrite(sweep_dir, resume):
         raise ConfigError(
             f"hydra.sweep.dir: {sweep_dir} already holds {len(held)} record{'s' if len(held) > 1 else ''} of an "
             "earlier sweep, which this one's summary and report would mix in; add resume=true to continue that "
             "sweep (its ok points are kept) or choose a fresh hydra.sweep.dir"
+        )
+
+
+def refuse_reused_run_dir(run_dir: Path, resume: bool) -> None:
+    """A single run's folder that holds a record already, without ``resume=true``: the run would overwrite it
+    (``results/runs/${now:...}`` has one-second resolution: two runs started in the same second share one)."""
+    if held := _records_to_overwrite(run_dir, resume):
+        raise ConfigError(
+            f"hydra.run.dir: {run_dir} already holds the record of an earlier run ({held[0]}), which this run would "
+            "overwrite; add resume=true (an ok record of this point is kept, another point's is not overwritten) "
+            "or choose another hydra.run.dir"
+        )
+
+
+def refuse_dropped_points(sweep_dir: Path, earlier: dict[str, Any], keys: list[str]) -> None:
+    """``resume=true`` continues the sweep planned in ``sweep_dir``: a plan that leaves out some of its points
+    would mix their records into this sweep's summary and report. ``earlier``: its ``sweep.json``."""
+    before, planned = earlier.get("point_keys") or [], set(keys)
+    dropped = [i for i, key in enumerate(before) if key not in planned]
+    if dropped:
+        points = earlier.get("points") or []
+        first = " ".join(points[dropped[0]]) if dropped[0] < len(points) else before[dropped[0]]
+        raise ConfigError(
+            f"hydra.sweep.dir: resume=true continues the sweep planned in {sweep_dir}, but this plan leaves out "
+            f"{len(dropped)} of its {len(before)} points (e.g. {first}), whose records would be mixed in; resume "
+            "it with the same sweep (points may be added) or choose a fresh hydra.sweep.dir"
         )
 
 

@@ -49,6 +49,24 @@ def test_resume_in_another_order_keeps_every_good_record(run_harness, tmp_path, 
         assert f"already measured ok in {(sweep / str(job) / RECORD_NAME).resolve()}, skipped" in text
 
 
+def test_resume_with_a_plan_that_leaves_out_earlier_points_is_refused(run_harness, tmp_path, capsys):
+    """resume=true continues the sweep planned in the folder: a plan without some of its points would mix their
+    records into this sweep's summary and report. A plan that keeps them (in any order) and adds more is fine."""
+    sweep = tmp_path / "sweep"
+    assert run_harness("run", "-m", "workload.batch_size=1,2", *FAILING_POINT, f"hydra.sweep.dir={sweep}") == 1
+    meta = (sweep / "sweep.json").read_text()
+    capsys.readouterr()
+    resumed = ["resume=true", *FAILING_POINT, f"hydra.sweep.dir={sweep}"]
+    code = run_harness("run", "-m", "workload.batch_size=2,4", *resumed)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"harness run: error: hydra.sweep.dir: resume=true continues the sweep planned in "
+                             f"{sweep}, but this plan leaves out 1 of its 2 points (e.g. workload.batch_size=1")
+    assert (sweep / "sweep.json").read_text() == meta and len(load(sweep)) == 2  # refused before any work
+    assert run_harness("run", "-m", "workload.batch_size=4,2,1", *resumed) == 1
+    assert sorted(load(sweep).batch_size) == [1, 2, 4]
+
+
 def test_a_resumed_point_the_interleaved_launcher_measures_again_is_reported_measured(run_harness, tmp_path, capsys):
     """The launcher re-measures a point whose earlier record failed and writes it ok before the job's task runs:
     the task reports that measurement, it does not take its own fresh record for an earlier one to skip."""

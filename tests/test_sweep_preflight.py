@@ -1,6 +1,7 @@
 """What a multirun settles before its first point and after its launcher gives up: glob/range sweeps validated,
-empty and reused sweeps refused, launchers that never started, missing points under --config-dir and a custom
-hydra.sweep.subdir, and the parallel launchers' warning repeated in the final summary."""
+empty and reused sweeps refused (and reused single-run folders), points sharing a job folder refused, launchers
+that never started, missing points under --config-dir and a custom hydra.sweep.subdir, and the parallel
+launchers' warning repeated in the final summary."""
 
 from __future__ import annotations
 
@@ -150,6 +151,38 @@ def test_a_reused_sweep_dir_without_resume_is_refused(run_harness, tmp_path, cap
     assert not (sweep / SWEEP_META).exists()
 
 
+def test_a_reused_run_dir_without_resume_is_refused(run_harness, tmp_path, capsys):
+    """A single run into a folder that holds an earlier run's record: refused like a reused sweep folder (two runs
+    started in the same second share the default results/runs/<second>); resume=true keeps it."""
+    run = tmp_path / "run"
+    write_record(run, make_record("eager", "tiny", 2, 0))  # an earlier run's point
+    before = (run / RECORD_NAME).read_text()
+    assert run_harness("run", "workload.batch_size=4", *QUICK, f"hydra.run.dir={run}") == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert line.startswith(f"harness run: error: hydra.run.dir: {run} already holds the record of an earlier run"), line
+    assert "resume=true" in line and "another hydra.run.dir" in line
+    assert (run / RECORD_NAME).read_text() == before
+    # a point that fails in prepare (no timing): the other record is kept, this one is written beside it (exit 0)
+    assert run_harness("run", "engine.name=failing-test", *QUICK, "resume=true", f"hydra.run.dir={run}") == 0
+    assert (run / RECORD_NAME).read_text() == before
+    assert sorted(load(run).status) == ["failed", "ok"]
+
+
+@pytest.mark.parametrize("launcher", ["basic", "interleaved"])
+def test_points_that_share_a_job_folder_are_refused(run_harness, tmp_path, capsys, launcher):
+    """A hydra.sweep.subdir that resolves alike for two points: one record would replace the other, and the point
+    left without one would be reported as a crash. Refused before any work, under either launcher."""
+    sweep = tmp_path / "sweep"
+    code = run_harness("run", "-m", "engine=eager,quantized/int8_dynamic", "workload.batch_size=1,2", *QUICK,
+                       "hydra.sweep.subdir=${engine.name}", f"hydra/launcher={launcher}",
+                       f"hydra.sweep.dir={sweep}")  # fmt: skip
+    line = _one_line_error(capsys.readouterr().err)
+    assert code == 2
+    assert "hydra.sweep.subdir: points 1/4 and 2/4 both resolve to 'eager'" in line, line
+    assert "${hydra.job.num}" in line
+    assert not sweep.exists()
+
+
 def test_parallel_launchers_repeat_their_warning_in_the_summary(tmp_path, capsys, monkeypatch):
     from harness import callbacks
     from harness.progress import write_sweep_meta
@@ -203,6 +236,16 @@ def test_duplicate_points_are_named_by_what_varies():
     assert duplicate_points(points, ["k1", "k2", "k3"]) == []
     same = [["workload.batch_size=1"], ["workload.batch_size=1"]]  # nothing varies: the whole override lists
     assert duplicate_points(same, ["k", "k"])[0].endswith("workload.batch_size=1 | workload.batch_size=1")
+
+
+def test_shared_job_folders_are_named_by_their_points():
+    from harness.preflight import shared_job_dir
+
+    assert shared_job_dir(["0", "1", "2"], [0, 1, 2], 3) is None
+    assert shared_job_dir(["a/b", "x", "a/./b"], [0, 1, 2], 3).startswith(
+        "hydra.sweep.subdir: points 1/3 and 3/3 both resolve to 'a/./b'"
+    )
+    assert shared_job_dir(["/s/x", "/s/x"], [4, 7]).startswith("hydra.sweep.subdir: points 5 and 8 both resolve to")
 
 
 def test_the_job_folder_of_each_planned_point_is_where_the_launcher_puts_it(tmp_path):
