@@ -47,6 +47,7 @@ from harness.point import (
     roofline_peaks,
     setup,
 )
+from harness.preflight import shared_job_dir
 from harness.progress import format_duration
 from harness.stats import median_ci
 from harness.timing import Repetitions, RepFn, repeat_in_turns, warm_up
@@ -158,10 +159,16 @@ ISOLATE_REFUSED = (
 
 
 def check(jobs: Sequence[Job]) -> None:
-    """What cannot be timed in turns, as a one-line error before any work (the sweep's preflight says it first)."""
+    """What cannot be timed in turns, as a one-line error before any work (the sweep's preflight says it first):
+    isolation, and two jobs in one folder (``RESULTS`` holds one record per folder: the other's would be lost)."""
     for job in jobs:
         if job.spec.isolate:
             raise ConfigError(ISOLATE_REFUSED)
+    dirs = [str((j.job_dir or j.out_dir).resolve()) for j in jobs]
+    nums = [i if j.sweep.get("job") is None else int(j.sweep["job"]) for i, j in enumerate(jobs)]
+    shared = shared_job_dir(dirs, nums)
+    if shared:
+        raise ConfigError(shared)
 
 
 def run(jobs: Sequence[Job]) -> None:
@@ -192,8 +199,25 @@ def _workload(spec: PointSpec) -> str:
 
 
 def run_group(jobs: Sequence[Job]) -> list[dict[str, Any]]:
-    """Prepare and warm up each job of one group, time them in turns, and write their records."""
-    entries = [_prepare(job) for job in jobs]
+    """Prepare and warm up each job of one group, time them in turns, and write their records: every job's,
+    also when an interruption (Ctrl-C, SIGTERM) or an error of the harness's own ends the group early."""
+    entries: list[_Entry] = []
+    try:
+        _measure_group(jobs, entries)
+    except BaseException as exc:
+        _stopped(jobs, entries, exc)
+        raise
+    finally:
+        for e in entries:
+            close_record(e.record, e.job.spec, e.job.out_dir, e.started)
+            e.point = None  # the prepared engine goes with the group (unless held for the next one)
+    return [e.record for e in entries]
+
+
+def _measure_group(jobs: Sequence[Job], entries: list[_Entry]) -> None:
+    """The group's work; ``entries`` grows as each job is set up, so that an interruption finds them."""
+    for job in jobs:
+        entries.append(_prepare(job))
     ready = [e for e in entries if e.point is not None]
     reference.release_reference(keep=[e.point.prepared for e in ready])  # type: ignore[union-attr]
     for e in ready:
@@ -201,10 +225,26 @@ def run_group(jobs: Sequence[Job]) -> list[dict[str, Any]]:
     ready = [e for e in ready if e.point is not None]
     if ready:
         _time_in_turns(ready)
+
+
+def interrupted_reason(exc: BaseException) -> str:
+    """A record's error for the exception that stopped its group: ``interrupted (SIGTERM)`` for the CLI's
+    SIGTERM, ``interrupted (KeyboardInterrupt)`` for Ctrl-C (as a point's own guard says it)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return f"interrupted ({str(exc) or 'KeyboardInterrupt'})"
+    return f"the group stopped: {type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _stopped(jobs: Sequence[Job], entries: list[_Entry], exc: BaseException) -> None:
+    """Each job of a group that ``exc`` stopped gets a failed record with the samples it took: those measuring
+    or waiting their turn, and those not set up yet (a job that had finished, skipped or failed, keeps its own)."""
+    reason = interrupted_reason(exc)
+    for job in jobs[len(entries) :]:
+        entries.append(_Entry(job, new_record(job.spec, job.sweep), time.time()))
     for e in entries:
-        close_record(e.record, e.job.spec, e.job.out_dir, e.started)
-        e.point = None  # the prepared engine goes with the group (unless held for the next one)
-    return [e.record for e in entries]
+        if e.record["status"] is None or str(e.record.get("error") or "").startswith("interrupted ("):
+            e.record["status"], e.record["error"] = "failed", reason
+            keep_partial(e.record, e.warm)
 
 
 def _prepare(job: Job) -> _Entry:

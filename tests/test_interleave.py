@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -185,6 +187,97 @@ def test_interleaved_launcher_resumes_and_refuses_isolation(run_harness, tmp_pat
     assert run_harness(*args[:-1], f"hydra.sweep.dir={tmp_path / 'isolated'}", "isolate=true") == 2
     assert "isolate: true cannot be combined with hydra/launcher=interleaved" in capsys.readouterr().err
     assert not (tmp_path / "isolated").exists()  # refused before the sweep folder plans points nothing runs
+
+
+def _interrupt_in_round(monkeypatch, stop) -> None:
+    """The timed repetitions of the interleaved launcher call ``stop()`` in the third round (both points of the
+    first group have two samples each by then)."""
+    from harness import interleave
+
+    real, calls = interleave._budgeted_rep, []
+
+    def counted(entry):
+        rep = real(entry)
+
+        def within(i: int):
+            calls.append(i)
+            if len(calls) == 5:
+                stop()
+            return rep(i)
+
+        return within
+
+    monkeypatch.setattr(interleave, "_budgeted_rep", counted)
+
+
+def _raise_keyboard_interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    ("stop", "code", "reason", "said"),
+    [
+        (_raise_keyboard_interrupt, 130, "interrupted (KeyboardInterrupt)", "harness: interrupted; "),
+        (lambda: os.kill(os.getpid(), signal.SIGTERM), 143, "interrupted (SIGTERM)", "harness: terminated (SIGTERM); "),
+    ],
+)
+def test_an_interrupted_group_records_each_of_its_points(run_harness, tmp_path, capsys, monkeypatch, stop, code,
+                                                         reason, said):  # fmt: skip
+    """Ctrl-C or SIGTERM while a group is timed in turns: every point of the group gets its failed record with
+    the samples it took; the group not started has none (resume=true runs it)."""
+    _interrupt_in_round(monkeypatch, stop)
+    sweep = tmp_path / "sweep"
+    args = ["run", "-m", "engine.name=eager,unranked-test", "model=tiny", "model.weights=random", "model.n_layers=1",
+            "workload.batch_size=1,2", *QUICK, "measure.max_time_s=0.3", "hydra/launcher=interleaved",
+            f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_harness(*args) == code
+    assert signal.getsignal(signal.SIGTERM) == before  # the CLI's handler is gone once it returns
+    err = capsys.readouterr().err
+    assert f"{said}records so far in {sweep.resolve()} (add resume=true" in err, err[-2000:]
+    df = load(sweep)
+    assert sorted(df.job) == [0, 2] and (df.batch_size == 1).all()  # the first group's points, in their folders
+    assert df.status.eq("failed").all() and df.error.eq(reason).all(), df.error.tolist()
+    for job in (0, 2):
+        rec = json.loads((sweep / str(job) / "record.json").read_text())
+        assert rec["timing"]["partial"] and len(rec["samples"]["tpot_ms"]) == 2  # two rounds before the stop
+
+
+def test_a_group_stopped_while_preparing_records_the_points_not_set_up(tmp_path, compose_cfg, monkeypatch):
+    """An interruption while the group's engines are built: the points not set up yet are recorded as
+    interrupted too, and a point already settled (here skipped) keeps its own record."""
+    from harness import interleave
+    from harness.config import validate
+
+    spec = validate(compose_cfg(*QUICK))
+    jobs = [interleave.Job(spec, tmp_path / str(j), {"job": j}) for j in range(3)]
+
+    def prepare(job):
+        if job.sweep["job"] == 1:
+            raise KeyboardInterrupt("SIGTERM")  # as the CLI's SIGTERM handler raises it
+        entry = interleave._Entry(job, interleave.new_record(job.spec, job.sweep), time.time())
+        entry.record["status"], entry.record["error"] = "skipped", "not on this device"
+        return entry
+
+    monkeypatch.setattr(interleave, "_prepare", prepare)
+    with pytest.raises(KeyboardInterrupt):
+        interleave.run_group(jobs)
+    records = [json.loads((tmp_path / str(j) / "record.json").read_text()) for j in range(3)]
+    assert [(r["status"], r["error"]) for r in records] == [
+        ("skipped", "not on this device"), ("failed", "interrupted (SIGTERM)"), ("failed", "interrupted (SIGTERM)")
+    ]
+
+
+def test_jobs_that_share_a_folder_cannot_be_timed_in_turns(tmp_path, compose_cfg):
+    """The launcher keeps one record per job folder (``RESULTS``): two jobs there would lose one's record."""
+    from harness.config import ConfigError, validate
+    from harness.interleave import Job, check
+
+    spec = validate(compose_cfg(*QUICK))
+    jobs = [Job(spec, tmp_path / "x", {"job": j}) for j in (0, 1)]
+    with pytest.raises(ConfigError, match=r"^hydra\.sweep\.subdir: points 1 and 2 both resolve to .*hydra\.job\.num"):
+        check(jobs)
+    check([jobs[0], Job(spec, tmp_path / "y", {"job": 1})])
 
 
 def test_paired_speedups_are_medians_of_per_round_ratios_and_lead_the_report():
