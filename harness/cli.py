@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from harness.hydra_errors import (
     before_any_job,
+    choose_one,
     compose,
     composition_error,
     format_flag_error,
@@ -49,6 +52,7 @@ examples:
 """
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143: as a shell reports them
 
 
 class UsageError(Exception):
@@ -75,7 +79,9 @@ def cmd_run(args: Sequence[str]) -> int:
     from harness.config import ConfigError
 
     callbacks.LAST_RESULT.clear()
+    callbacks.OUTPUT.clear()  # an interruption before this run's folder is known names none
     _check_hydra_flags(args)
+    _refuse_group_lists(args)
     saved = sys.argv
     sys.argv = ["harness run", *args]
     try:
@@ -118,10 +124,43 @@ def _check_hydra_flags(args: Sequence[str]) -> None:
     parser = get_args_parser()
 
     def error(message: str) -> None:
+        flag = _flag_after_overrides(args, set(parser._option_string_actions))
+        if flag and message.startswith("unrecognized arguments"):
+            raise UsageError(f"{flag}: Hydra's flags (-m, --cfg, --config-dir, ...) go before the overrides, e.g. "
+                             f"`harness run {flag} key=value ...`; after them, argparse took the rest for "
+                             f"{message}")  # fmt: skip
         raise UsageError(message)
 
     parser.error = error  # type: ignore[method-assign]
-    parser.parse_args(list(args))
+    parsed = parser.parse_args(list(args))
+    if parsed.package is not None and parsed.cfg is None:
+        raise UsageError("-p/--package: only used with --cfg, to print one package of the composed config (e.g. "
+                         "`harness run --cfg job -p model`)")  # fmt: skip
+
+
+def _flag_after_overrides(args: Sequence[str], flags: set[str]) -> str | None:
+    """The first Hydra flag given after an override (``a=1 -m b=2``): argparse reads no override after it."""
+    seen = False
+    for arg in args:
+        if arg.startswith("-") and arg.partition("=")[0] in flags:
+            if seen:
+                return arg.partition("=")[0]
+        elif "=" in arg:
+            seen = True
+    return None
+
+
+def _refuse_group_lists(args: Sequence[str]) -> None:
+    """``engine=[eager,pruned]``: Hydra merges every option of the list into one point (the last wins) where the
+    user meant two; a group that chooses one option (model, engine, workload, measure) takes a single name."""
+    from harness.config import GROUPS
+
+    for arg in args:
+        key, eq, value = str(arg).partition("=")
+        value = value.strip()
+        if eq and key.lstrip("+") in GROUPS and value.startswith("[") and value.endswith("]"):
+            names = ",".join(v.strip() for v in value[1:-1].split(","))
+            raise UsageError(choose_one(key.lstrip("+"), names))
 
 
 def cmd_env(args: Sequence[str]) -> int:
@@ -312,6 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK if argv else EXIT_USAGE
     name, rest = argv[0], argv[1:]
     command = COMMANDS.get(name)
+    taken = _take_sigterm()
     try:
         if command is None:
             raise UsageError(f"unknown command {name!r}; allowed: {', '.join(COMMANDS)}")
@@ -319,10 +359,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         sys.stderr.write(f"harness {name}: error: {one_line(str(exc))}\n")
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        sys.stderr.write("harness: interrupted\n")
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): the running point recorded it
+        return _interrupted(exc)
     except BrokenPipeError:  # `harness env | head`: the reader left; say nothing more to it
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 128 + 13  # as a shell reports SIGPIPE
+    finally:
+        if taken:  # the handler before ours (None: not Python's own, i.e. the default)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if taken[0] is None else taken[0])
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI timeout, ``timeout(1)``, ``docker stop``, ``scancel``) taken as Ctrl-C: a point's guard
+    records the point it stops as interrupted, and the process exits with 143. A KeyboardInterrupt whose text is
+    the signal's name, as an isolated point's child raises it."""
+
+
+def _on_sigterm(signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated(signal.Signals(signum).name)
+
+
+def _take_sigterm() -> tuple[object] | None:
+    """Handle SIGTERM as an interruption while a command runs; returns the handler to restore (None: not the main
+    thread, where Python cannot set one)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return (signal.signal(signal.SIGTERM, _on_sigterm),)
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    """Say what stopped the command and where the records so far are (resume=true continues a sweep)."""
+    callbacks = sys.modules.get("harness.callbacks")  # imported only by `harness run`
+    terminated = isinstance(exc, Terminated)  # the point's guard recorded it as "interrupted (SIGTERM)"
+    output = callbacks.OUTPUT if callbacks is not None else {}
+    where = ""
+    if output.get("sweep"):
+        where = f"; records so far in {output['dir']} (add resume=true to the same command to continue the sweep)"
+    elif output.get("dir"):
+        where = f"; the point's record is in {output['dir']}"
+    sys.stderr.write(f"harness: {'terminated (SIGTERM)' if terminated else 'interrupted'}{where}\n")
+    return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED

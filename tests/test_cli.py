@@ -115,6 +115,55 @@ def test_run_composition_errors_name_what_is_allowed(run_harness, capsys):
         assert "prefix with +" not in err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # a launcher group's options: the configs on disk and the ConfigStore's (basic, interleaved, the plugins')
+        (["-m", "hydra/launcher=bogus"],
+         "hydra/launcher: unknown option 'bogus'; allowed: basic, interleaved, joblib, slurm, submitit_local, "
+         "submitit_slurm"),
+        # a field the validator accepts but the composed YAML lacks: how to add it, or the option that has it
+        (["model.head_dim=64"], "model.head_dim: not in the composed config; add it with +model.head_dim=64"),
+        (["engine.name=quantized", "engine.scheme=int4_weight_only"],
+         "engine.scheme: a parameter of engine 'quantized', which the config of engine=eager leaves out; choose "
+         "engine=quantized (or add it with +engine.scheme=int4_weight_only)"),
+        # an unknown field lists what the validator accepts, not only the YAML's keys
+        (["model.nosuch=1"], "model.nosuch: unknown field; allowed: dim, head_dim, intermediate_size, "),
+        # a structured config of Hydra's: its fields, and the launcher that has the key
+        (["-m", "hydra.launcher.n_jobs=2"],
+         "hydra.launcher.n_jobs: unknown field of BasicLauncherConf; allowed: _target_; choose a hydra/launcher that "
+         "has it: joblib (e.g. hydra/launcher=joblib hydra.launcher.n_jobs=2)"),
+        (["hydra.run.nodir=x"], "hydra.run.nodir: unknown field of RunDir; allowed: dir"),
+    ],
+)  # fmt: skip
+def test_unknown_options_and_fields_list_what_is_really_allowed(run_harness, tmp_path, capsys, args, message):
+    code = run_harness("run", *args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"harness run: error: {message}"), err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # a group that chooses one option: a list would merge its options into one point (the last wins)
+        (["engine=[eager, pruned]"], "engine: choose one option, or sweep with -m engine=eager,pruned"),
+        (["+model=[tiny,small]"], "model: choose one option, or sweep with -m model=tiny,small"),
+        (["engine=eager,pruned"], "engine: choose one option, or sweep with -m engine=eager,pruned"),  # no -m
+        # a Hydra flag after some overrides: argparse reads none of the overrides after it
+        (["model=tiny", "-m", "model.vocab_size=1,256"],
+         "-m: Hydra's flags (-m, --cfg, --config-dir, ...) go before the overrides, e.g. `harness run -m key=value "
+         "...`; after them, argparse took the rest for unrecognized arguments: model.vocab_size=1,256"),
+        (["-p", "model"], "-p/--package: only used with --cfg, to print one package of the composed config"),
+    ],
+)  # fmt: skip
+def test_command_lines_hydra_would_misread_are_refused(run_harness, tmp_path, capsys, args, message):
+    code = run_harness("run", *args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep")
+    io = capsys.readouterr()
+    assert code == 2 and io.err.count("\n") == 1 and io.err.startswith(f"harness run: error: {message}"), io.err
+    assert not io.out and not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
 def test_errors_and_train_see_the_users_config_dir(run_harness, tmp_path, capsys):
     """--config-dir options are listed in the messages that name what is allowed, and `harness train` takes the
     flag too."""

@@ -337,3 +337,50 @@ def test_nested_deadlines_keep_the_outer_one():
     assert time.perf_counter() - t0 < 1.5
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
     assert signal.getsignal(signal.SIGALRM) == before
+
+
+
+def _sigterm_on_generation(monkeypatch, batch_size: int = 1) -> None:
+    """SIGTERM (a CI timeout, `docker stop`) arrives at the third generation the harness times for the point of
+    ``batch_size``."""
+    import signal
+
+    from harness import point
+
+    real, calls = point.generate, []
+
+    def generate(model, prompt, *args, **kwargs):
+        calls.append(prompt.shape[0])
+        if calls.count(batch_size) == 3 and prompt.shape[0] == batch_size:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(point, "generate", generate)
+
+
+def test_sigterm_records_the_running_point_as_interrupted(run_harness, tmp_path, capsys, monkeypatch):
+    """SIGTERM is taken as Ctrl-C: the running point's record says interrupted (SIGTERM), the process exits with
+    143 and says where the record is; the CLI's handler is gone once it returns."""
+    import signal
+
+    _sigterm_on_generation(monkeypatch)
+    before = signal.getsignal(signal.SIGTERM)
+    run = tmp_path / "run"
+    assert run_harness("run", *QUICK, f"hydra.run.dir={run}") == 143
+    assert signal.getsignal(signal.SIGTERM) == before
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"harness: terminated (SIGTERM); the point's record is in {run.resolve()}", err[-3:]
+    rec = json.loads((run / RECORD_NAME).read_text())
+    assert rec["status"] == "failed" and rec["error"] == "interrupted (SIGTERM)"
+
+
+def test_sigterm_mid_sweep_keeps_what_was_measured_and_says_how_to_resume(run_harness, tmp_path, capsys,
+                                                                          monkeypatch):  # fmt: skip
+    _sigterm_on_generation(monkeypatch, batch_size=2)
+    sweep = tmp_path / "sweep"
+    assert run_harness("run", "-m", "workload.batch_size=1,2,3", *QUICK, f"hydra.sweep.dir={sweep}") == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"harness: terminated (SIGTERM); records so far in {sweep.resolve()} (add resume=true to the "
+                       "same command to continue the sweep)"), err[-3:]  # fmt: skip
+    status = {r.job: (r.status, r.error) for r in load(sweep).itertuples()}
+    assert status[0][0] == "ok" and status[1] == ("failed", "interrupted (SIGTERM)") and 2 not in status
