@@ -245,7 +245,7 @@ class QuantizedEngine(Engine):
             qmodel.set_submodule(name, cls(linear, p.group_size, **kwargs))
         if p.scheme == "int8_dynamic":
             bits = 8 if cpu.fbgemm_full_range() else 7
-            extra = {"activations": f"uint8 per token, {bits}-bit range, quantized on every call"}
+            extra = {"activations": f"uint8 per token (its own min..max), {bits}-bit range, quantized on every call"}
         else:
             extra = {"activations": f"{_DTYPE_NAMES[kwargs['dtype']]} (the kernel's input dtype)"}
             act, model = _DTYPE_NAMES[kwargs["dtype"]], _DTYPE_NAMES.get(dtype, str(dtype))

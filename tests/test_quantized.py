@@ -103,6 +103,79 @@ def test_cpu_kernels_stay_within_the_quantization_error_bound(scheme):
         assert 0 < err.max() < 0.1 * ref.abs().max()
 
 
+def token_rows(k: int) -> torch.Tensor:
+    """Activation rows that per-tensor quantization would couple: signed, non-negative, an outlier, one far from
+    zero (its span is a small part of its max), a constant one."""
+    g = torch.Generator().manual_seed(4)
+    signed, nonneg = torch.randn(k, generator=g), torch.rand(k, generator=g)
+    offset = 10 + 0.1 * torch.randn(k, generator=g)
+    return torch.stack([signed, nonneg, 50 * signed.roll(7), offset, torch.full((k,), -0.7)])
+
+
+def test_int8_dynamic_quantizes_each_token_alone_whatever_its_batch():
+    """One scheme at any row count: a row's output is the same alone (the single-row call of decode at batch 1),
+    batched with any other row, and inside a prefill; so one request's result never depends on its neighbours."""
+    lin = nn.Linear(256, 96, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(weights(96, 256, 5))
+    qlin, rows = cpu.DynamicInt8Linear(lin), token_rows(256)
+    with torch.inference_mode():
+        alone = torch.cat([qlin(r[None]) for r in rows])
+        for i, j in [(i, j) for i in range(len(rows)) for j in range(len(rows)) if i != j]:
+            pair = qlin(rows[[i, j]])
+            torch.testing.assert_close(pair[0], alone[i], rtol=1e-6, atol=1e-6 * alone[i].abs().max())
+        prefill = qlin(rows.flip(0).reshape(1, len(rows), 256))[0].flip(0)  # [B, T, K] as the model calls it
+    torch.testing.assert_close(prefill, alone, rtol=1e-6, atol=1e-6 * alone.abs().max())
+
+
+def test_int8_dynamic_error_is_within_each_tokens_own_asymmetric_step():
+    """Against the int8 weight the kernel holds, the only error left is the activations': at most half a step of
+    each row's own grid, (max - min) / levels / 2 per element. Symmetric per-row scaling would put the offset row
+    on a grid about 40 times coarser (its span is 5% of its max), per-tensor scaling beside the outlier far more."""
+    lin = nn.Linear(256, 96, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(weights(96, 256, 6))
+    qlin, rows = cpu.DynamicInt8Linear(lin), token_rows(256)
+    w_q = dequantize_int8(*quantize_int8(lin.weight.detach()))
+    levels = 255 if cpu.fbgemm_full_range() else 127
+    half_step = (rows.amax(1, keepdim=True) - rows.amin(1, keepdim=True)) / levels / 2
+    exact = rows.double() @ w_q.double().T
+    float_rounding = 1e-5 * (rows.abs() @ w_q.abs().T) + 1e-6
+    with torch.inference_mode():
+        batched, offset_alone = qlin(rows).double(), qlin(rows[3:4]).double()
+    for y, n in ((batched, slice(None)), (offset_alone, slice(3, 4))):
+        err = (y - exact[n]).abs()
+        bound = half_step[n] * w_q.abs().sum(1) + float_rounding[n]
+        assert (err <= bound).all(), f"worst excess {(err - bound).max():.3g}"
+        assert err.max() > 0  # and it is quantized
+
+
+def test_int8_dynamic_runs_scripted_with_the_python_functions_results():
+    """The timed path is the TorchScript kernel (README: it skips Python's per-op dispatch); it computes what the
+    Python function does, bit for bit, and the pinned torch scripts it, so no slower fallback goes unnoticed."""
+    kernel = cpu._per_token_kernel()
+    assert isinstance(kernel, torch.jit.ScriptFunction)
+    qlin, rows = cpu.DynamicInt8Linear(nn.Linear(256, 96, bias=False)), token_rows(256)
+    args = (qlin.packed, qlin.weight_row_sums, qlin.reduce_range)
+    with torch.inference_mode():
+        for x in (rows, rows[:1]):
+            assert torch.equal(kernel(x, *args), cpu.per_token_matmul(x, *args))
+
+
+def test_int8_dynamic_model_decodes_each_sequence_as_it_would_alone():
+    """End to end: a batch of prompts gives each sequence the logits (and tokens) it gets decoded alone."""
+    ref = Transformer.build(ARGS, seed=0)
+    q = make_engine({"name": "quantized", "scheme": "int8_dynamic"}).prepare(ref, ctx())
+    prompts = torch.randint(1, ARGS.vocab_size, (3, 10), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        q.setup_caches(3, 18)
+        batched, tokens = q(prompts, torch.arange(10)), greedy(q, prompts, 8)
+        for i in range(3):
+            q.setup_caches(1, 18)
+            torch.testing.assert_close(q(prompts[i : i + 1], torch.arange(10))[0], batched[i], rtol=1e-4, atol=1e-4)
+            assert torch.equal(greedy(q, prompts[i : i + 1], 8)[0], tokens[i])
+
+
 def test_packed_weights_are_the_expected_fraction_of_fp32():
     n, k, g = 256, 512, 64
     lin = nn.Linear(k, n, bias=False)
@@ -111,7 +184,7 @@ def test_packed_weights_are_the_expected_fraction_of_fp32():
     assert int8_wo.weight_int8.dtype == torch.int8 and int8_wo.stored_bytes() == n * k + n * 2  # bf16 scales
     assert int8_wo.stored_bytes() / fp32 == pytest.approx(0.25, abs=0.01)
     dyn = cpu.DynamicInt8Linear(lin)
-    assert dyn.stored_bytes() == n * k + 12 * n and dyn.stored_bytes() / fp32 == pytest.approx(0.25, abs=0.01)
+    assert dyn.stored_bytes() == n * k + 16 * n and dyn.stored_bytes() / fp32 == pytest.approx(0.25, abs=0.01)
     int4 = cpu.Int4WeightOnlyLinear(lin, g)
     assert int4.weight_int4.dtype == torch.uint8 and int4.weight_int4.numel() == n * k // 2  # two per byte
     assert int4.scales_and_zeros.shape == (k // g, n, 2) and int4.scales_and_zeros.dtype == torch.bfloat16

@@ -4,8 +4,9 @@ Each keeps only its quantized storage (no fp32 copy of the weight is left) and s
 Chosen by measuring per-layer speed on this repository's shapes (README, "Quantized engine"):
 
 - ``DynamicInt8Linear``: fbgemm's ``quantized::linear_dynamic``. Per-channel int8 weights, prepacked; each call
-  quantizes the activations to uint8 (per token: rows are scaled to a unit max first, since fbgemm itself takes
-  one scale per tensor) and multiplies in int32 (VNNI where the CPU has it).
+  quantizes the activations to uint8 per token, asymmetric (each row on its own min..max grid, at one row or
+  many; fbgemm itself takes one range per tensor, so rows are mapped onto [0, 1] first) and multiplies in int32
+  (VNNI where the CPU has it).
 - ``Int8WeightOnlyLinear``: ``aten._weight_int8pack_mm``. Per-channel int8 weights read directly by the kernel,
   activations in bf16 (its fp32 path is not vectorized and is several times slower than fp32 eager).
 - ``Int4WeightOnlyLinear``: ``aten._weight_int4pack_mm_for_cpu``. Group-wise asymmetric int4 weights, two per
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import warnings
 from collections.abc import Iterator
 from typing import ClassVar
@@ -26,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engines.quant.formats import int4_kernel_scales, quantize_int4, quantize_int8
+from engines.quant.formats import dequantize_int8, int4_kernel_scales, quantize_int4, quantize_int8
 
+log = logging.getLogger(__name__)
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the CPU (and CUDA tinygemm) int4 kernels accept
 
 
@@ -75,10 +78,9 @@ def _quantized_engine(name: str) -> Iterator[None]:
         torch.backends.quantized.engine = previous
 
 
-def _fbgemm_pack(w: Tensor) -> torch.ScriptObject:
+def _fbgemm_pack(q: Tensor, scale: Tensor) -> torch.ScriptObject:
     """Per-channel symmetric int8 weight, prepacked for fbgemm (quantized tensors are deprecated upstream)."""
-    q, scale = quantize_int8(w)
-    zeros = torch.zeros(w.shape[0], dtype=torch.long)
+    zeros = torch.zeros(q.shape[0], dtype=torch.long)
     with warnings.catch_warnings(), _quantized_engine("fbgemm"):
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zeros, 0)
@@ -92,32 +94,60 @@ def fbgemm_full_range() -> bool:
     w = torch.ones(32, 64)
     x = torch.ones(1, 64)
     x[0, 0] = 0.0  # activations span [0, 1]: every other one quantizes to 255, pairs sum past int16
-    y = torch.ops.quantized.linear_dynamic(x, _fbgemm_pack(w), False)
+    y = torch.ops.quantized.linear_dynamic(x, _fbgemm_pack(*quantize_int8(w)), False)
     return bool(torch.allclose(y, F.linear(x, w), rtol=1e-3, atol=1e-3))
+
+
+def per_token_matmul(
+    x: Tensor, packed: torch.classes.quantized.LinearPackedParamsBase, row_sums: Tensor, reduce_range: bool
+) -> Tensor:
+    """x [M, K] fp32 @ W.T with each row quantized on its own asymmetric grid, the same alone or batched.
+
+    fbgemm picks one range for the whole tensor, so a row's grid would depend on its neighbours. Each row mapped
+    onto exactly [0, 1] by its own min and max (x' = (x - lo) / span) makes that range [0, 1] at any row count;
+    x = x' * span + lo, so x @ W.T = (x' @ W.T) * span + lo * W.sum(1)."""
+    lo = x.amin(dim=1, keepdim=True)
+    x = x - lo
+    span = x.amax(dim=1, keepdim=True).clamp_min_(1.1754943508222875e-38)  # fp32 tiny; a constant row is all 0
+    y = torch.ops.quantized.linear_dynamic(x.div_(span), packed, reduce_range)
+    return y.mul_(span).addcmul_(lo, row_sums)
+
+
+@functools.cache
+def _per_token_kernel():
+    """``per_token_matmul`` as TorchScript: its seven small ops and the fbgemm call then skip Python's per-op
+    dispatch, which costs more than the math (run from Python, tiny's decode TPOT at batch 1 was 30% above the
+    old per-tensor path; scripted, 4% below). TorchScript is deprecated upstream; where it cannot script the
+    function, the same function runs in Python."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            return torch.jit.script(per_token_matmul)
+    except Exception as exc:  # any failure of the deprecated compiler leaves the Python function, same results
+        log.warning("int8_dynamic runs its per-token matmul in Python (slower): TorchScript failed: %s", exc)
+        return per_token_matmul
 
 
 class DynamicInt8Linear(QuantLinear):
     scheme = "int8_dynamic"
-    kernel = "fbgemm quantized::linear_dynamic (int8 weights; activations quantized per token on every call)"
+    kernel = "fbgemm quantized::linear_dynamic (int8 weights; activations uint8 per token, asymmetric, every call)"
 
     def __init__(self, linear: nn.Linear, group_size: int = 0) -> None:
         super().__init__(linear.in_features, linear.out_features)
-        self.packed = _fbgemm_pack(linear.weight.detach().float())
+        q, scale = quantize_int8(linear.weight.detach())
+        self.packed = _fbgemm_pack(q, scale)
+        # W.sum(1) of the weight fbgemm multiplies by: adds back the per-row shift taken off the activations
+        self.register_buffer("weight_row_sums", dequantize_int8(q, scale).sum(1))
         self.reduce_range = not fbgemm_full_range()
+        _per_token_kernel()  # scripted once per process, while preparing
 
     def matmul(self, x: Tensor) -> Tensor:
-        # fbgemm quantizes activations per tensor: one outlier token would coarsen every other token of a
-        # prefill. Rows scaled to a unit max first make its one scale fit each token (per-token quantization).
-        x = x.float()
-        if x.shape[0] == 1:  # one token (decode at batch 1): its tensor is its row, nothing to rescale
-            return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
-        row_max = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
-        return torch.ops.quantized.linear_dynamic(x / row_max, self.packed, self.reduce_range) * row_max
+        return _per_token_kernel()(x.float(), self.packed, self.weight_row_sums, self.reduce_range)
 
     def stored_bytes(self) -> int:
-        """What fbgemm's packed weight holds: int8 values, and per channel an fp32 scale, an int32 zero point and
-        an int32 column offset."""
-        return self.out_features * self.in_features + 12 * self.out_features
+        """What fbgemm's packed weight holds (int8 values, and per channel an fp32 scale, an int32 zero point and
+        an int32 column offset) plus the fp32 row sums."""
+        return self.out_features * self.in_features + 16 * self.out_features
 
 
 class Int8WeightOnlyLinear(QuantLinear):
