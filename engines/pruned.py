@@ -64,6 +64,13 @@ STRUCTURED_PARTS = {
 MASKS_VERSION = 1
 
 
+def structured_layers(layers: tuple[str, ...]) -> tuple[str, ...]:
+    """The one spelling of a structured selection (both parts: the default [all_but_head]), so that synonyms
+    are one variant, one parameter set and one point key."""
+    parts = STRUCTURED_PARTS[tuple(layers)]
+    return ("all_but_head",) if len(parts) == 2 else parts
+
+
 def format_methods(fmt: str) -> tuple[str, ...]:
     """The methods a storage format can hold (csr: unstructured; semi_structured: 2:4; auto and dense: any)."""
     return {"csr": ("magnitude", "wanda"), "semi_structured": ("2:4",)}.get(fmt, METHODS)
@@ -110,6 +117,11 @@ class PrunedParams:
         for name in ("calibration_seqs", "calibration_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine.{name}: must be >= 1, got {getattr(self, name)}")
+        # one spelling per model: label, parameters and point key follow what is built, not how it was asked
+        if self.method == "2:4":
+            object.__setattr__(self, "score", self.resolved_score())  # null means wanda
+        if self.method == "structured":
+            object.__setattr__(self, "layers", structured_layers(layers))
         if not self.calibrates():
             # no calibration behind this method: the fields go back to their defaults, so that a sweep crossing
             # them with wanda (engine.method=magnitude,wanda engine.calibration_seqs=64) labels and keys the

@@ -11,7 +11,7 @@ from conftest import FAST_POINT
 from torch import nn
 
 from engines import pruning
-from engines.base import EngineError, PrepareContext, make_engine, weight_bytes
+from engines.base import PrepareContext, make_engine, weight_bytes
 from engines.generate import greedy
 from engines.llama import ModelArgs, Transformer
 from engines.sparse_formats import CSRLinear
@@ -394,43 +394,6 @@ def test_the_reference_is_left_untouched(corpus, ref):
         make_engine({"name": "pruned", **CAL, **params}).prepare(ref, ctx(corpus))
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in before.items())
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in ref.modules())
-
-
-def test_invalid_params_are_refused_naming_the_field():
-    cases = {
-        r"engine.sparsity: method=2:4 keeps two of every four": {"method": "2:4", "sparsity": 0.7},
-        r"engine.sparsity: must be in \[0, 1\)": {"sparsity": 1.0},
-        r"engine.format: csr is for method=magnitude or wanda; allowed for method=structured: auto, dense$": {
-            "method": "structured",
-            "format": "csr",
-        },
-        r"engine.format: semi_structured is for method=2:4; allowed for method=wanda: auto, dense, csr$": {
-            "method": "wanda",
-            "format": "semi_structured",
-        },
-        r"engine.format: csr is for method=magnitude or wanda; allowed for method=2:4: auto, dense, semi_structured$": {
-            "method": "2:4",
-            "format": "csr",
-        },
-        r"engine.score: picks the kept pair of method=2:4 only": {"method": "magnitude", "score": "wanda"},
-        r"engine.layers: method=structured prunes every block alike": {
-            "method": "structured",
-            "layers": ["layers.0.*"],
-        },
-        r"engine.method: 'l1' is not allowed; allowed: magnitude, wanda, 2:4, structured": {"method": "l1"},
-        r"engine.granularity: applies to method=magnitude or wanda only": {"method": "2:4", "granularity": "row"},
-    }
-    for pattern, params in cases.items():
-        with pytest.raises(EngineError, match=pattern):
-            make_engine({"name": "pruned", **params})
-    # calibration fields of a method without calibration stay out of its label and point key: a sweep that
-    # crosses them with wanda measures the magnitude point as the model it is
-    given = {"calibration_seqs": 8, "calibration_seq_len": 64, "calibration_seed": 1}
-    for params in ({"method": "magnitude"}, {"method": "2:4", "score": "magnitude"}):
-        plain = make_engine({"name": "pruned", **params})
-        assert make_engine({"name": "pruned", **params, **given}).param_dict() == plain.param_dict()
-    for method in ("wanda", "structured", "2:4"):  # these calibrate (2:4 by wanda unless told otherwise)
-        assert "calibration_seqs=8" in make_engine({"name": "pruned", "method": method, **given}).variant()
 
 
 def test_two_four_needs_sparse_tensor_cores_and_csr_needs_fp32(corpus, ref):
