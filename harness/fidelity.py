@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from engines.generate import greedy, setup_caches
 from harness.records import perplexity
 
+# Sequences scored per forward pass, whatever the point's batch size: quality is measured once per prepared
+# engine and shared by its batch sizes (recorded as ``quality.rows``; part of ``quality.inputs_id``).
 CHUNK_ROWS = 4
 
 
@@ -124,7 +126,7 @@ def teacher_forced(
     first = tokens.shape[1] - decode
     agree = kl = nll = 0.0
     dec_agree = dec_kl = 0.0
-    positions = nonfinite = 0
+    positions = nonfinite = ref_nonfinite = 0
     for i in range(0, tokens.shape[0], CHUNK_ROWS):
         x = tokens[i : i + CHUNK_ROWS]
         lp_ref = ref.log_probs(i, x)
@@ -136,11 +138,13 @@ def teacher_forced(
         dec_agree += float(same[:, first:].sum())
         dec_kl += float(div[:, first:].sum())
         nonfinite += int(lp.isnan().any(-1).sum())  # log_softmax is NaN where a logit is NaN or +inf
+        ref_nonfinite += int(lp_ref.isnan().any(-1).sum())
         if with_ppl:
             nll += float(F.nll_loss(lp[:, :-1].reshape(-1, lp.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
         positions += x.numel()
     out = {"top1_agreement": agree / positions, "kl": kl / positions, "n_tokens": positions,
-           "nonfinite_fraction": nonfinite / positions, "decode_positions": decode}  # fmt: skip
+           "nonfinite_fraction": nonfinite / positions, "reference_nonfinite_fraction": ref_nonfinite / positions,
+           "decode_positions": decode, "rows": CHUNK_ROWS}  # fmt: skip
     if decode:
         n_decode = tokens.shape[0] * decode
         out.update(decode_top1_agreement=dec_agree / n_decode, decode_kl=dec_kl / n_decode)

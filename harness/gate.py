@@ -106,8 +106,7 @@ def _paired(b: Mapping[str, Any], c: Mapping[str, Any]) -> bool:
 
 
 def _fingerprint(row: Mapping[str, Any]) -> str | None:
-    fp = row.get("fingerprint")
-    return None if fp is None or (isinstance(fp, float) and math.isnan(fp)) else str(fp)
+    return _text_or_none(row.get("fingerprint"))
 
 
 def _noise_floor(b: Mapping[str, Any], metric: Metric, threshold: float, settings: Settings,
@@ -168,7 +167,10 @@ def metric_verdict(b: Mapping[str, Any], c: Mapping[str, Any], metric: Metric, s
             v.threshold = threshold
     if v.verdict == UNKNOWN and INCONCLUSIVE not in v.reason:
         return v
-    if metric.timed and not (_representative(b) and _representative(c)):
+    other_inputs = _quality_inputs_differ(b, c) if metric.quality else None
+    if other_inputs:
+        v.verdict, v.reason = UNKNOWN, f"{other_inputs}; {v.reason}"
+    elif metric.timed and not (_representative(b) and _representative(c)):
         caveat = c.get("timing_caveat") if not _representative(c) else b.get("timing_caveat")
         v.verdict, v.reason = UNKNOWN, f"timings not representative ({caveat or 'marked by the engine'}); {v.reason}"
     elif metric.env_bound and _fingerprint(b) != _fingerprint(c):
@@ -178,6 +180,25 @@ def metric_verdict(b: Mapping[str, Any], c: Mapping[str, Any], metric: Metric, s
         else:
             v.verdict, v.reason = UNKNOWN, f"{envs}; {v.reason}"
     return v
+
+
+def _quality_inputs_differ(b: Mapping[str, Any], c: Mapping[str, Any]) -> str | None:
+    """Why the sides' quality figures cannot be compared: scored on other inputs (``quality.*``, the seed, the
+    corpus), or against a reference whose own logits were not finite. None when they can (or a side predates
+    ``quality_inputs``)."""
+    ib, ic = (_text_or_none(r.get("quality_inputs")) for r in (b, c))
+    if ib and ic and ib != ic:
+        return f"quality scored on other inputs ({ib} vs {ic}: quality.* settings, seed or corpus differ)"
+    bad = [(side, _num(r.get("fidelity_reference_nonfinite"))) for side, r in (("BASE", b), ("CAND", c))]
+    bad = [(side, x) for side, x in bad if x > 0]
+    if bad:
+        side, x = bad[0]
+        return f"the reference's logits are not finite at {x:.1%} of scored positions in {side}"
+    return None
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
 def status_verdict(b: Mapping[str, Any], c: Mapping[str, Any]) -> Verdict | None:

@@ -42,6 +42,7 @@ class Metric:
     unit: str
     timed: bool = True
     env_bound: bool = True
+    quality: bool = False  # scored on the quality inputs: unknown when the sides scored other ones
 
 
 METRICS: dict[str, Metric] = {
@@ -56,13 +57,15 @@ METRICS: dict[str, Metric] = {
         # one value per point; CPU peak RSS moves by allocator whims, hence a looser default than timings
         Metric("peak_memory_mb", "scalar", False, "peak_memory_mb", 0.10, "MB", timed=False),
         # quality against the eager reference on the same machine: comparable across environments
-        Metric("fidelity_top1", "absolute", True, "fidelity_top1", 0.01, "", timed=False, env_bound=False),
+        Metric("fidelity_top1", "absolute", True, "fidelity_top1", 0.01, "", timed=False, env_bound=False,
+               quality=True),  # fmt: skip
         # the positions scored through single-token decode steps: a broken decode path hides in the mean above
         Metric("fidelity_top1_decode", "absolute", True, "fidelity_top1_decode", 0.01, "", timed=False,
-               env_bound=False),  # fmt: skip
+               env_bound=False, quality=True),  # fmt: skip
         # NaN or +inf logits at any scored position: their KL and perplexity are not numbers, never "not measured"
-        Metric("fidelity_nonfinite", "absolute", False, "fidelity_nonfinite", 0.0, "", timed=False, env_bound=False),
-        Metric("ppl", "scalar", False, "ppl", 0.02, "", timed=False, env_bound=False),
+        Metric("fidelity_nonfinite", "absolute", False, "fidelity_nonfinite", 0.0, "", timed=False, env_bound=False,
+               quality=True),  # fmt: skip
+        Metric("ppl", "scalar", False, "ppl", 0.02, "", timed=False, env_bound=False, quality=True),
     )
 }
 DEFAULT_METRICS = ("tpot_ms", "ttft_ms", "fidelity_top1", "fidelity_top1_decode", "fidelity_nonfinite", "ppl")

@@ -7,6 +7,7 @@ message and traceback, and the record is written in every case.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -140,10 +141,26 @@ def _quality(spec: PointSpec, model, prepared, corpus: Corpus, trained: bool) ->
         _quality_key(spec), model, prepared, win.to(spec.device), prompts.to(spec.device), q.greedy_len, trained,
         reference_id=reference_id, decode=q.decode_positions,
     )  # fmt: skip
-    out["inputs"] = "corpus held-out text" if trained else "random token ids"
-    if trained:
-        out["corpus"] = corpus.identity()
     return out
+
+
+def _quality_inputs(spec: PointSpec, corpus: Corpus, trained: bool) -> dict[str, Any]:
+    """What the quality section says it scored (also on a point whose quality was memoized by an earlier one)."""
+    held = corpus.identity()
+    out: dict[str, Any] = {"inputs": "corpus held-out text" if trained else "random token ids"}
+    if trained:
+        out["corpus"] = held
+    out["inputs_id"] = quality_inputs_id(spec, [held["sha256"], held["heldout_bytes"]] if trained else None)
+    return out
+
+
+def quality_inputs_id(spec: PointSpec, corpus: Any) -> str:
+    """What a point's quality figures were scored on: the quality settings, the seed that draws the windows, the
+    corpus (trained weights) or the vocabulary (random ids), and the rows per pass. Two records whose ids differ
+    scored other text: their perplexities are not a regression of one another."""
+    q = {k: v for k, v in spec.quality.__dict__.items() if k != "enabled"}
+    inputs = [q, spec.seed, corpus if corpus is not None else spec.model.args.vocab_size, fidelity.CHUNK_ROWS]
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 CONVERGE_ON = ("ttft_ms", "tpot_ms")
@@ -198,7 +215,8 @@ def setup(spec: PointSpec, record: dict[str, Any], out_dir: Path, keep_reference
     record["reference"] = ref_info
     record["engine_info"] = engine_info(prepared)
     if spec.quality.enabled:
-        record["quality"] = quality or _quality(spec, model, prepared, corpus, trained)
+        record["quality"] = {**(quality or _quality(spec, model, prepared, corpus, trained)),
+                             **_quality_inputs(spec, corpus, trained)}  # fmt: skip
     del model
     if not keep_reference:
         reference.release_reference(keep=prepared)

@@ -82,7 +82,12 @@ SCALAR_COLUMNS: dict[str, tuple[str, ...]] = {
     "fidelity_kl_decode": ("quality", "decode_kl"),
     # fraction of scored positions whose logits were NaN or +inf: their KL and perplexity are not numbers
     "fidelity_nonfinite": ("quality", "nonfinite_fraction"),
+    # the same for the reference's logits: where it is not 0, agreement with the reference means little
+    "fidelity_reference_nonfinite": ("quality", "reference_nonfinite_fraction"),
     "ppl": ("quality", "ppl"),
+    # what the quality figures were scored on (quality settings, seed, corpus, rows per pass): the gate compares
+    # fidelity and perplexity only between points whose ids agree
+    "quality_inputs": ("quality", "inputs_id"),
     "timing_representative": ("timing", "representative"),
     "timing_caveat": ("timing", "caveat"),
     "n_reps": ("timing", "reps"),
@@ -134,6 +139,7 @@ NUMERIC_COLUMNS = {
     "fidelity_top1_decode",
     "fidelity_kl_decode",
     "fidelity_nonfinite",
+    "fidelity_reference_nonfinite",
     "ppl",
     "n_reps",
     "timed_in_turns",

@@ -62,3 +62,37 @@ def test_rebuilding_the_reference_for_quality_keeps_the_prepared_engines_of_that
     other = validate(compose_cfg(*SMALL, f"cache_dir={tmp_path}", "seed=1"))  # other weights: the engine goes
     reference.reference_model(other)
     assert reference.cached_prepared(spec) is None
+
+
+def test_quality_inputs_id_follows_what_quality_is_scored_on_and_nothing_else(compose_cfg):
+    """The gate compares fidelity only between records whose ``quality.inputs_id`` agree: it must change with the
+    quality settings, seed and corpus, and not with the engine, the batch size or whether quality is on."""
+    from harness.point import quality_inputs_id
+
+    def qid(*overrides, corpus=("c" * 64, 1000)):
+        return quality_inputs_id(validate(compose_cfg(*SMALL, *overrides)), list(corpus))
+
+    first = qid()
+    assert qid("workload.batch_size=8") == qid("engine=eager") == first
+    assert qid("quality.n_seqs=4") != first and qid("quality.decode_positions=8") != first
+    assert qid("seed=1") != first and qid(corpus=("d" * 64, 1000)) != first
+    assert quality_inputs_id(validate(compose_cfg(*SMALL)), None) != first  # random ids, not corpus text
+
+
+def test_memoized_quality_still_says_what_it_scored(compose_cfg, tmp_path, released):
+    """The second batch size of an engine reuses its quality (not recomputed) and still records its inputs."""
+    from harness.point import new_record, setup
+
+    overrides = (*SMALL, f"cache_dir={tmp_path}", "quality.n_seqs=2", "quality.seq_len=16", "quality.greedy_prompts=1",
+                 "quality.greedy_prompt_len=4", "quality.greedy_len=2", "quality.decode_positions=2")  # fmt: skip
+    sections = []
+    for batch in (1, 2):
+        spec = validate(compose_cfg(*overrides, f"workload.batch_size={batch}"))
+        record = new_record(spec, None)
+        setup(spec, record, tmp_path)
+        sections.append(record["quality"])
+    first, second = sections
+    assert first["cached"] is False and second["cached"] is True
+    for q in sections:
+        assert q["inputs"] == "random token ids" and q["rows"] == 4 and q["reference_nonfinite_fraction"] == 0.0
+    assert first["inputs_id"] == second["inputs_id"] and len(first["inputs_id"]) == 12

@@ -45,3 +45,36 @@ def test_nan_logits_and_an_infinite_perplexity_are_regressions_end_to_end(tmp_pa
     assert rows.loc[("eager · tiny · b1", "fidelity_nonfinite"), "verdict"] == REGRESSION
     assert rows.loc[("eager · tiny · b2", "ppl"), "verdict"] == REGRESSION
     assert rows.loc[("eager · tiny · b2", "fidelity_nonfinite"), "verdict"] == NO_CHANGE
+
+
+def test_quality_scored_on_other_inputs_is_unknown_not_a_regression(tmp_path, synthetic_point):
+    """Only quality.n_seqs changed: other held-out windows give another perplexity, which is no regression of the
+    engine; the timings are still gated. A side without ``inputs_id`` (an older record) is compared as before."""
+    good = {"top1_agreement": 0.99, "ppl": 10.0, "nll": math.log(10.0), "nonfinite_fraction": 0.0}
+    base = write_side(tmp_path, "base", synthetic_point, [
+        point_samples(2.0, batch_size=1, quality={**good, "inputs_id": "aaaa"}),
+        point_samples(2.0, batch_size=2, quality=good),
+    ])  # fmt: skip
+    cand = write_side(tmp_path, "cand", synthetic_point, [
+        point_samples(2.0, batch_size=1, quality={**good, "ppl": 11.0, "top1_agreement": 0.9, "inputs_id": "bbbb"}),
+        point_samples(2.0, batch_size=2, quality={**good, "ppl": 11.0, "inputs_id": "bbbb"}),
+    ])  # fmt: skip
+    rows = compare(base, cand, Settings()).rows.set_index(["label", "metric"])
+    for metric in ("ppl", "fidelity_top1"):
+        v = rows.loc[("eager · tiny · b1", metric)]
+        assert v["verdict"] == UNKNOWN and "quality scored on other inputs (aaaa vs bbbb" in v["reason"]
+    assert rows.loc[("eager · tiny · b1", "tpot_ms"), "verdict"] == NO_CHANGE
+    assert rows.loc[("eager · tiny · b2", "ppl"), "verdict"] == REGRESSION
+
+
+def test_quality_against_a_reference_with_nonfinite_logits_is_unknown(tmp_path, synthetic_point):
+    good = {"top1_agreement": 0.99, "ppl": 10.0, "nll": math.log(10.0), "nonfinite_fraction": 0.0}
+    base = write_side(tmp_path, "base", synthetic_point, [point_samples(2.0, quality=good)])
+    cand = write_side(tmp_path, "cand", synthetic_point, [
+        point_samples(2.0, quality={**good, "top1_agreement": 0.5, "reference_nonfinite_fraction": 0.25}),
+    ])  # fmt: skip
+    assert cand["fidelity_reference_nonfinite"].tolist() == [0.25]
+    rows = compare(base, cand, Settings()).rows.set_index("metric")
+    top1 = rows.loc["fidelity_top1"]
+    assert top1["verdict"] == UNKNOWN
+    assert "the reference's logits are not finite at 25.0% of scored positions in CAND" in top1["reason"]
