@@ -191,15 +191,23 @@ class PrunedEngine(Engine):
         return Path(ctx.cache_dir) / "pruning" / f"{kind}-{key}.safetensors" if ctx.reference_key else None
 
     def calibration(self, model: nn.Module, ctx: PrepareContext) -> pruning.Calibration:
-        """Activation statistics of the reference on calibration windows of the corpus (cached on disk)."""
+        """Activation statistics of the reference on calibration windows (cached on disk): of the corpus's train
+        split for trained weights; for random weights, seeded random ids over the whole vocabulary, the inputs
+        that quality is scored on and timing feeds (corpus bytes would reach 256 embedding rows only)."""
         p = self.params
-        if ctx.train_tokens is None:
+        if ctx.trained and ctx.train_tokens is None:
             raise ValueError(f"engine.method={p.method}: calibration needs corpus tokens, and the context has none")
         if p.calibration_seq_len > model.args.max_seq_len:
             raise ValueError(f"engine.calibration_seq_len: {p.calibration_seq_len} exceeds the model's context "
                              f"({model.args.max_seq_len})")  # fmt: skip
-        windows = pruning.calibration_windows(ctx.train_tokens, p.calibration_seqs, p.calibration_seq_len,
-                                              p.calibration_seed)  # fmt: skip
+        if ctx.trained:
+            windows = pruning.calibration_windows(ctx.train_tokens, p.calibration_seqs, p.calibration_seq_len,
+                                                  p.calibration_seed)  # fmt: skip
+            source = "corpus train split"
+        else:
+            windows = pruning.random_calibration_windows(model.args.vocab_size, p.calibration_seqs,
+                                                         p.calibration_seq_len, p.calibration_seed)  # fmt: skip
+            source = "random token ids"
         key = pruning.calibration_key(ctx.reference_key, windows, p.calibration_seed)
         path = self._cache_path(ctx, "calibration", key)
         if path is None:
@@ -208,7 +216,7 @@ class PrunedEngine(Engine):
             with file_lock(path.with_suffix(".lock")):
                 cal = pruning.calibrate(model, windows, key, path)
         cal.info = {
-            "source": "corpus train split", "seqs": p.calibration_seqs, "seq_len": p.calibration_seq_len,
+            "source": source, "seqs": p.calibration_seqs, "seq_len": p.calibration_seq_len,
             "tokens": cal.n_tokens, "seed": p.calibration_seed, "key": key, "cached": cal.cached,
             "reference_trained": ctx.trained,
         }  # fmt: skip

@@ -106,6 +106,13 @@ def calibration_windows(tokens: Tensor, seqs: int, seq_len: int, seed: int) -> T
     return random_windows(tokens, seqs, seq_len, torch.Generator().manual_seed(seed))
 
 
+def random_calibration_windows(vocab_size: int, seqs: int, seq_len: int, seed: int) -> Tensor:
+    """``seqs`` windows of token ids drawn uniformly from 1..vocab_size-1 by ``seed`` (as random-weight prompts
+    and quality windows are): [seqs, seq_len]."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(1, max(vocab_size, 2), (seqs, seq_len), generator=gen)
+
+
 def calibration_key(reference_key: str, windows: Tensor, seed: int) -> str:
     """Identity of a calibration: the reference weights and the exact tokens (hashed), their count, length and
     seed. Any change of corpus, seed or size gives another key, so another cache entry."""

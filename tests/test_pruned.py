@@ -40,10 +40,11 @@ def ref() -> Transformer:
     return Transformer.build(ARGS, seed=0)
 
 
-def ctx(corpus, tmp_path=None, key: str = "", args: ModelArgs = ARGS) -> PrepareContext:
-    """No reference key (or no directory): nothing is cached on disk."""
+def ctx(corpus, tmp_path=None, key: str = "", args: ModelArgs = ARGS, trained: bool = True) -> PrepareContext:
+    """No reference key (or no directory): nothing is cached on disk. ``trained``: calibrate on the corpus."""
     return PrepareContext(CPU, torch.float32, 0, "t", args, tmp_path or "/nonexistent", reference_key=key,
-                          train_tokens=corpus.tokens("train"), heldout_tokens=corpus.tokens("heldout"))  # fmt: skip
+                          train_tokens=corpus.tokens("train"), heldout_tokens=corpus.tokens("heldout"),
+                          trained=trained)  # fmt: skip
 
 
 def pruned(method: str, **params):
@@ -304,6 +305,18 @@ def test_wanda_removes_the_lowest_weight_times_input_norm(corpus, ref, granulari
             want[score.flatten().argsort()[: w.numel() // 2]] = True
             want = want.view(w.shape)
         assert int((got != want).sum()) == 0, name
+
+
+def test_random_weights_calibrate_on_the_ids_they_are_scored_and_timed_on(corpus, ref):
+    """A random-weight reference sees random ids over its whole vocabulary (prompts, quality windows), never
+    corpus bytes: its wanda statistics come from the same kind of ids."""
+    eng = pruned("wanda")
+    cal = eng.calibration(ref, ctx(corpus, trained=False))
+    assert cal.info["source"] == "random token ids" and cal.info["reference_trained"] is False
+    windows = pruning.random_calibration_windows(ARGS.vocab_size, CAL["calibration_seqs"],
+                                                 CAL["calibration_seq_len"], 0)  # fmt: skip
+    assert cal.key == pruning.calibration_key("", windows, 0)
+    assert eng.calibration(ref, ctx(corpus)).info["source"] == "corpus train split"
 
 
 def test_masks_are_cached_apart_for_every_parameter_that_changes_them(corpus, tmp_path, ref):
