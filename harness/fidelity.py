@@ -147,7 +147,7 @@ def teacher_forced(
            "decode_positions": decode, "rows": CHUNK_ROWS}  # fmt: skip
     if decode:
         n_decode = tokens.shape[0] * decode
-        out.update(decode_top1_agreement=dec_agree / n_decode, decode_kl=dec_kl / n_decode)
+        out.update(decode_top1_agreement=dec_agree / n_decode, decode_kl=dec_kl / n_decode, decode_n_tokens=n_decode)
     if with_ppl:
         mean_nll = nll / (positions - tokens.shape[0])
         out.update(nll=mean_nll, ppl=perplexity(mean_nll), bits_per_byte=mean_nll / math.log(2))

@@ -45,7 +45,7 @@ from harness.gate_decide import (  # noqa: F401  (re-exported: the gate's public
 )
 from harness.gate_match import dedupe, match_keys, pair_changed_keys, point_labels, unmatched
 from harness.gate_noise import Noise
-from harness.gate_settings import METRICS, GateInputError, Metric, Settings, check_metric
+from harness.gate_settings import METRICS, MIN_FLIPPED_POSITIONS, GateInputError, Metric, Settings, check_metric
 
 SAMPLE_PREFIX = "samples."
 FAILED_STATUSES = ("failed", "oom", "timeout")
@@ -157,7 +157,9 @@ def metric_verdict(b: Mapping[str, Any], c: Mapping[str, Any], metric: Metric, s
         base, cand = _num(b.get(metric.source)), _num(c.get(metric.source))
         if math.isnan(base) and math.isnan(cand):
             return None
+        threshold, raised = _position_floor(b, c, metric, threshold)
         v = decide_value(base, cand, metric, threshold)
+        v.reason += raised
         v.threshold = threshold
     else:
         v = _sample_verdict(b, c, metric, settings, threshold, noise)
@@ -180,6 +182,19 @@ def metric_verdict(b: Mapping[str, Any], c: Mapping[str, Any], metric: Metric, s
         else:
             v.verdict, v.reason = UNKNOWN, f"{envs}; {v.reason}"
     return v
+
+
+def _position_floor(b: Mapping[str, Any], c: Mapping[str, Any], metric: Metric, threshold: float) -> tuple[float, str]:
+    """An agreement's threshold, at least ``MIN_FLIPPED_POSITIONS`` of the positions it is over (the fewer side's);
+    and the words that say it was raised."""
+    n = min(_num(b.get(metric.positions)), _num(c.get(metric.positions))) if metric.positions else math.nan
+    if not n > 0:  # NaN: a side predates the count
+        return threshold, ""
+    floor = MIN_FLIPPED_POSITIONS / n
+    if floor <= threshold:
+        return threshold, ""
+    return floor, (f"; threshold {threshold:g} raised to {floor:.3g}: {MIN_FLIPPED_POSITIONS} of the {n:.0f} "
+                   "positions scored (a flip or two at near-ties is numerics, not a regression)")  # fmt: skip
 
 
 def _quality_inputs_differ(b: Mapping[str, Any], c: Mapping[str, Any]) -> str | None:

@@ -43,6 +43,7 @@ class Metric:
     timed: bool = True
     env_bound: bool = True
     quality: bool = False  # scored on the quality inputs: unknown when the sides scored other ones
+    positions: str | None = None  # the column counting the positions a fraction is over (its threshold's floor)
 
 
 METRICS: dict[str, Metric] = {
@@ -58,16 +59,19 @@ METRICS: dict[str, Metric] = {
         Metric("peak_memory_mb", "scalar", False, "peak_memory_mb", 0.10, "MB", timed=False),
         # quality against the eager reference on the same machine: comparable across environments
         Metric("fidelity_top1", "absolute", True, "fidelity_top1", 0.01, "", timed=False, env_bound=False,
-               quality=True),  # fmt: skip
+               quality=True, positions="fidelity_n"),  # fmt: skip
         # the positions scored through single-token decode steps: a broken decode path hides in the mean above
         Metric("fidelity_top1_decode", "absolute", True, "fidelity_top1_decode", 0.01, "", timed=False,
-               env_bound=False, quality=True),  # fmt: skip
+               env_bound=False, quality=True, positions="fidelity_n_decode"),  # fmt: skip
         # NaN or +inf logits at any scored position: their KL and perplexity are not numbers, never "not measured"
         Metric("fidelity_nonfinite", "absolute", False, "fidelity_nonfinite", 0.0, "", timed=False, env_bound=False,
                quality=True),  # fmt: skip
         Metric("ppl", "scalar", False, "ppl", 0.02, "", timed=False, env_bound=False, quality=True),
     )
 }
+# An agreement drop must amount to this many positions of those scored to count: one or two argmax flips at near-ties
+# come from benign numerics (another summation order); 0.01 of the 128 decode positions would be 1.3 of them.
+MIN_FLIPPED_POSITIONS = 3
 DEFAULT_METRICS = ("tpot_ms", "ttft_ms", "fidelity_top1", "fidelity_top1_decode", "fidelity_nonfinite", "ppl")
 
 

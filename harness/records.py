@@ -82,6 +82,9 @@ SCALAR_COLUMNS: dict[str, tuple[str, ...]] = {
     "fidelity_kl_decode": ("quality", "decode_kl"),
     # fraction of scored positions whose logits were NaN or +inf: their KL and perplexity are not numbers
     "fidelity_nonfinite": ("quality", "nonfinite_fraction"),
+    # how many positions those fractions are over (the gate's floor for a drop in agreement)
+    "fidelity_n": ("quality", "n_tokens"),
+    "fidelity_n_decode": ("quality", "decode_n_tokens"),
     # the same for the reference's logits: where it is not 0, agreement with the reference means little
     "fidelity_reference_nonfinite": ("quality", "reference_nonfinite_fraction"),
     "ppl": ("quality", "ppl"),
@@ -140,6 +143,8 @@ NUMERIC_COLUMNS = {
     "fidelity_kl_decode",
     "fidelity_nonfinite",
     "fidelity_reference_nonfinite",
+    "fidelity_n",
+    "fidelity_n_decode",
     "ppl",
     "n_reps",
     "timed_in_turns",

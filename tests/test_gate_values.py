@@ -78,3 +78,25 @@ def test_quality_against_a_reference_with_nonfinite_logits_is_unknown(tmp_path, 
     top1 = rows.loc["fidelity_top1"]
     assert top1["verdict"] == UNKNOWN
     assert "the reference's logits are not finite at 25.0% of scored positions in CAND" in top1["reason"]
+
+
+def test_an_agreement_drop_must_be_more_than_a_flip_or_two_of_the_positions_scored(tmp_path, synthetic_point):
+    """128 decode positions: 0.01 would be 1.3 of them, so two argmax flips at near-ties (benign numerics) would
+    fail the gate; the threshold is raised to 3 positions there. Over 2,048 positions 0.01 stands."""
+    good = {"top1_agreement": 0.99, "decode_top1_agreement": 1.0, "n_tokens": 2048, "decode_n_tokens": 128,
+            "nonfinite_fraction": 0.0}  # fmt: skip
+    base = write_side(tmp_path, "base", synthetic_point,
+                      [point_samples(2.0, batch_size=b, quality=good) for b in (1, 2)])  # fmt: skip
+    cand = write_side(tmp_path, "cand", synthetic_point, [
+        point_samples(2.0, batch_size=1, quality={**good, "decode_top1_agreement": 126 / 128}),
+        point_samples(2.0, batch_size=2, quality={**good, "decode_top1_agreement": 124 / 128,
+                                                  "top1_agreement": 0.975}),
+    ])  # fmt: skip
+    assert cand["fidelity_n_decode"].tolist() == [128, 128] and cand["fidelity_n"].tolist() == [2048, 2048]
+    rows = compare(base, cand, Settings()).rows.set_index(["label", "metric"])
+    two = rows.loc[("eager · tiny · b1", "fidelity_top1_decode")]
+    assert two["verdict"] == NO_CHANGE and math.isclose(two["threshold"], 3 / 128)
+    assert "raised to 0.0234: 3 of the 128 positions scored" in two["reason"]
+    assert rows.loc[("eager · tiny · b2", "fidelity_top1_decode"), "verdict"] == REGRESSION  # four flips
+    full = rows.loc[("eager · tiny · b2", "fidelity_top1")]
+    assert full["verdict"] == REGRESSION and full["threshold"] == 0.01 and "raised" not in full["reason"]
