@@ -186,7 +186,7 @@ def refuse_reused_dir(sweep_dir: Path, resume: bool) -> None:
 
 def refuse_reused_run_dir(run_dir: Path, resume: bool) -> None:
     """A single run's folder that holds a record already, without ``resume=true``: the run would overwrite it
-    (``results/runs/${now:...}`` has one-second resolution: two runs started in the same second share one)."""
+    (a ``hydra.run.dir=`` given twice; the default's name has microseconds, so two runs never share it)."""
     if held := _records_to_overwrite(run_dir, resume):
         raise ConfigError(
             f"hydra.run.dir: {run_dir} already holds the record of an earlier run ({held[0]}), which this run would "

@@ -6,6 +6,7 @@ launchers' warning repeated in the final summary."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -152,8 +153,8 @@ def test_a_reused_sweep_dir_without_resume_is_refused(run_harness, tmp_path, cap
 
 
 def test_a_reused_run_dir_without_resume_is_refused(run_harness, tmp_path, capsys):
-    """A single run into a folder that holds an earlier run's record: refused like a reused sweep folder (two runs
-    started in the same second share the default results/runs/<second>); resume=true keeps it."""
+    """A single run into a folder that holds an earlier run's record (a hydra.run.dir chosen twice): refused like a
+    reused sweep folder; resume=true keeps it."""
     run = tmp_path / "run"
     write_record(run, make_record("eager", "tiny", 2, 0))  # an earlier run's point
     before = (run / RECORD_NAME).read_text()
@@ -255,3 +256,13 @@ def test_the_job_folder_of_each_planned_point_is_where_the_launcher_puts_it(tmp_
     assert [m["job_dir"] for m in missing_points(tmp_path)] == [str(tmp_path / "x/0"), str(tmp_path / "y")]
     write_sweep_meta(tmp_path, {"points": [["a=1"]], "point_keys": ["k1"]})  # a sweep.json of before
     assert [m["job_dir"] for m in missing_points(tmp_path)] == [str(tmp_path / "0")]
+
+
+def test_default_output_folders_tell_apart_runs_started_in_one_second(run_harness, capsys):
+    """Two runs launched together (one per GPU, from a script) must not share results/runs/<second>: each record
+    would replace the other's, since neither exists yet when the other checks. The default names hold microseconds."""
+    assert run_harness("run", "--cfg", "hydra", "--resolve") == 0
+    dirs = re.findall(r"^    dir: (results/(?:runs|sweeps)/\S+)$", capsys.readouterr().out, flags=re.M)
+    assert len(dirs) == 2
+    for d in dirs:
+        assert re.fullmatch(r"results/(runs|sweeps)/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d{6}", d), d
