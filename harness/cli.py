@@ -136,6 +136,32 @@ def _check_hydra_flags(args: Sequence[str]) -> None:
     if parsed.package is not None and parsed.cfg is None:
         raise UsageError("-p/--package: only used with --cfg, to print one package of the composed config (e.g. "
                          "`harness run --cfg job -p model`)")  # fmt: skip
+    if parsed.package not in (None, "_global_"):
+        _check_package(parsed.package, parsed.cfg, parsed.overrides, parsed.config_dir)
+
+
+def _check_package(package: str, cfg_type: str, overrides: Sequence[str], config_dir: str | None) -> None:
+    """``--cfg job -p bogus``: Hydra's own message is a bare line and exit 1; name what ``-p`` can print."""
+    from omegaconf import OmegaConf
+
+    from harness.hydra_errors import compose
+
+    try:
+        cfg = compose(overrides, [config_dir] if config_dir else (), with_hydra=True)
+    except Exception:  # a bad override: Hydra says it, as without -p
+        return
+    view = {"job": [k for k in cfg if k != "hydra"], "hydra": ["hydra"], "all": list(cfg)}[cfg_type]
+    absent = object()
+    value = OmegaConf.select(cfg, package, default=absent) if package.split(".")[0] in view else absent
+    if value is None:
+        raise UsageError(f"-p/--package: {package} is null in the composed config, which Hydra's -p does not print; "
+                         f"print its parent instead (-p {package.rpartition('.')[0] or package})")  # fmt: skip
+    if value is absent:
+        first = cfg[view[0]] if view else None
+        example = f" (or a dotted path inside one, e.g. {view[0]}.{next(iter(first))})" if OmegaConf.is_dict(first) \
+            and len(first) else ""  # fmt: skip
+        raise UsageError(f"-p/--package: {package!r} is not in the composed --cfg {cfg_type} config; allowed: "
+                         f"{', '.join(view)}{example}")  # fmt: skip
 
 
 def _flag_after_overrides(args: Sequence[str], flags: set[str]) -> str | None:

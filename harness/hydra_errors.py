@@ -325,9 +325,9 @@ def _hydra_commands(args: Sequence[str]) -> list[str]:
     return [name for name, on in flags if on]
 
 
-def compose(overrides: Sequence[str], extra_dirs: Sequence[Path] = ()):
+def compose(overrides: Sequence[str], extra_dirs: Sequence[Path | str] = (), with_hydra: bool = False):
     """The job config for ``overrides`` composed from the config tree (and ``extra_dirs``, as --config-dir adds
-    them), without running a job."""
+    them), without running a job; ``with_hydra``: with the ``hydra`` node too."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -338,6 +338,6 @@ def compose(overrides: Sequence[str], extra_dirs: Sequence[Path] = ()):
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=[*search, *overrides])
+            return hydra_compose(config_name="config", overrides=[*search, *overrides], return_hydra_config=with_hydra)
     finally:
         GlobalHydra.instance().clear()

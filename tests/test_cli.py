@@ -155,6 +155,13 @@ def test_unknown_options_and_fields_list_what_is_really_allowed(run_harness, tmp
          "-m: Hydra's flags (-m, --cfg, --config-dir, ...) go before the overrides, e.g. `harness run -m key=value "
          "...`; after them, argparse took the rest for unrecognized arguments: model.vocab_size=1,256"),
         (["-p", "model"], "-p/--package: only used with --cfg, to print one package of the composed config"),
+        # what -p can print, named (Hydra's own: a bare "package ... not found" and exit 1)
+        (["--cfg", "job", "-p", "modle"], "-p/--package: 'modle' is not in the composed --cfg job config; allowed: "
+         "model, engine, workload,"),
+        (["--cfg", "hydra", "-p", "model"], "-p/--package: 'model' is not in the composed --cfg hydra config; "
+         "allowed: hydra (or a dotted path inside one, e.g. hydra."),
+        (["--cfg", "job", "-p", "roofline.tflops"], "-p/--package: roofline.tflops is null in the composed config, "
+         "which Hydra's -p does not print; print its parent instead (-p roofline)"),
     ],
 )  # fmt: skip
 def test_command_lines_hydra_would_misread_are_refused(run_harness, tmp_path, capsys, args, message):
