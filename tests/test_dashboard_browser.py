@@ -90,3 +90,34 @@ def test_regressions_are_coloured_in_the_verdict_and_step_columns(browser, synth
     assert page.evaluate(color, "#steps tr.regression td:nth-child(1)") != red
     assert errors == [] and len(shas) > 0
     page.close()
+
+
+def test_marks_of_failures_environments_and_quality_inputs_draw(browser, synthetic_point, run_harness, tmp_path):  # noqa: F811
+    """A history with an oom sweep, a second environment, a lone point and fidelity on other inputs: every chart
+    draws without console errors, with the ✕ of the oom sweep and the new environment's line and label."""
+    from test_dashboard_marks import _history
+
+    def point(i):
+        env = {"env_id": "env-a" if i < 4 else "env-b", "quality": {"top1_agreement": 0.99, "kl": 0.01}}
+        return {**env, "status": "oom", "error": "out of memory"} if i == 2 else env
+
+    def inputs(i, rec):
+        if rec["status"] == "ok":
+            rec["quality"]["inputs_id"] = "inputs-a" if i < 3 else "inputs-b"
+        return rec
+
+    db = _history(tmp_path, synthetic_point, run_harness, 5, point, inputs)  # env-b: one sweep, a lone point
+    out, _ = write_dashboard(db, tmp_path / "site")
+    page, errors, _ = open_report(browser, out)
+    assert errors == []
+    traces = "id => [...document.getElementById(id).querySelector('.plot').data].map(t => t.name)"
+    names = page.evaluate(traces, "trend-tpot")
+    assert sum(n.endswith(": not measured") for n in names) == 1
+    assert page.locator("#trend-tpot .errorbar").count() >= 1  # the lone env-b point's CI
+    assert page.locator("#trend-tpot .shapelayer path").count() >= 1
+    fidelity = page.evaluate(traces, "trend-fidelity")  # env-a scored other inputs from sweep 3: two lines
+    assert fidelity.count("eager · tiny · b1 · env env-a") == 2 and page.evaluate(traces, "trend-tpot").count(
+        "eager · tiny · b1 · env env-a") == 1  # fmt: skip
+    assert "env env-b" in page.locator("#trend-tpot .annotation").all_text_contents()
+    assert errors == []
+    page.close()

@@ -20,7 +20,7 @@ import pandas as pd
 
 from harness import history
 from harness.dashboard import figures, page
-from harness.dashboard.data import TRENDS, find_steps, history_frame
+from harness.dashboard.data import TRENDS, failed_points, find_steps, history_frame
 from harness.records import write_bytes_atomic
 from harness.report import figures as report_figures
 from harness.report.data import prepare
@@ -85,14 +85,18 @@ def build_html(
     if data.empty:
         raise DashboardError(f"{db}: no measured (ok) point in {len(sweeps)} stored sweep(s)")
     steps = find_steps(data)
+    failed = failed_points(points, data)
     colors = figures.series_colors(list(data["series"]))
     notes = [
         "One line per point and environment fingerprint (measurements from different machines or software stacks "
         "are never joined), over the start time of each sweep; bands are the 95% CI of the median (of fewer than 6 "
         "samples: the sample range, its coverage in the hover). A step needs a "
         "change beyond the gate's threshold that lasts at least 3 sweeps at a consistent level, is at least 3.5× "
-        "the sweep-to-sweep noise, and is significant (p < 0.001) between sweeps and on the raw samples. Click a "
-        "point to open its sweep's report."
+        "the sweep-to-sweep noise, and is significant (p < 0.001) between sweeps and on the raw samples. ✕: the "
+        "point was not measured in that sweep (failed, oom, timeout or skipped; the hover says why), drawn at its "
+        "level before. A dashed vertical line marks where an environment fingerprint is first measured. Fidelity "
+        "scored on other inputs (quality.* settings, seed or corpus) starts a new line and is never a step. Click "
+        "a point to open its sweep's report."
     ]
     sections = [Section("filters", "Filters", page.filter_bar(data))]
     n_reg = int(steps["kind"].eq("regression").sum()) if len(steps) else 0
@@ -107,7 +111,7 @@ def build_html(
         note = "No gate verdicts stored (harness history add --gate gate.json, or harness dashboard --gate FILE)."
         sections.append(Section("gate", "Latest gate verdicts", note=note))
     for spec in TRENDS:
-        fig = figures.trend(data, spec, steps, colors, urls)
+        fig = figures.trend(data, spec, steps, colors, urls, failed)
         under = f"<p class='note'>{esc(spec.note)}</p>" if fig is not None and spec.note else ""
         sections.append(Section(f"trend-{spec.id}", spec.title, under, figure=fig,
                                 note="" if fig is not None else "Not measured in any stored sweep."))  # fmt: skip

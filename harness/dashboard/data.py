@@ -90,7 +90,8 @@ def short_sha(sha: object) -> str:
 
 def history_frame(points: pd.DataFrame) -> pd.DataFrame:
     """The ok points of the history (``harness.history.points``), prepared as the report prepares a table, with
-    ``series``, ``series_label``, ``t`` (the sweep's start), ``commit`` and the filter columns. Only the ok points
+    ``series``, ``series_label``, ``t`` (the sweep's start), ``commit``, ``quality_segment``
+    (``quality_segments``) and the filter columns. Only the ok points
     are prepared: a failed sweep on another workload does not rename the measured series."""
     data = points[points["status"].eq("ok")]
     if data.empty:
@@ -111,7 +112,51 @@ def history_frame(points: pd.DataFrame) -> pd.DataFrame:
     data["mbu_ci_high"] = data["mbu"] * data["tpot_ms_p50"] / data["tpot_ms_ci_low"]
     # a point re-run into one sweep: the latest record is the sweep's value
     data = data.sort_values(["t", "sweep_id", "started_at"]).drop_duplicates(["series", "sweep_id"], keep="last")
-    return data.sort_values(["series_label", "series", "t", "sweep_id"]).reset_index(drop=True)
+    data = data.sort_values(["series_label", "series", "t", "sweep_id"]).reset_index(drop=True)
+    data["quality_segment"] = quality_segments(data)
+    return data
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def quality_segments(data: pd.DataFrame) -> pd.Series:
+    """Per series, in time order: 0, one more at each sweep whose ``quality_inputs`` (what the quality figures were
+    scored on: quality settings, seed, corpus) differs from the last one known. Quality figures of two segments
+    scored other text: never joined into one line, never a step. A record predating ``quality_inputs`` (or without
+    quality) continues its segment, as the gate compares it."""
+    out = pd.Series(0, index=data.index, dtype=int)
+    column = data["quality_inputs"] if "quality_inputs" in data else pd.Series(None, index=data.index)
+    for _, g in data.groupby("series", sort=False):
+        last, segment = None, 0
+        for i, value in zip(g.index, column[g.index].tolist(), strict=True):
+            q = _text(value)
+            if q is not None:
+                segment += last is not None and q != last
+                last = q
+            out[i] = segment
+    return out
+
+
+def failed_points(points: pd.DataFrame, data: pd.DataFrame) -> pd.DataFrame:
+    """The points of the history that were not measured (failed, oom, timeout, skipped) in a sweep, of the series
+    that ``data`` (``history_frame``) draws: ``series``, ``t``, ``sweep_id``, ``commit``, ``status`` and ``error``,
+    in time order. A sweep that also holds an ok record of the point is left out (its value is drawn)."""
+    columns = ["series", "t", "sweep_id", "commit", "status", "error"]
+    bad = points[points["status"].ne("ok")]
+    if bad.empty or data.empty:
+        return pd.DataFrame(columns=columns)
+    bad = bad.assign(fingerprint=bad["fingerprint"].fillna("unknown"))
+    bad = bad.assign(series=bad["point_key"].astype(str) + "@" + bad["fingerprint"].astype(str),
+                     t=pd.to_datetime(bad["sweep_started_at"], utc=True, format="ISO8601"),
+                     commit=bad["sweep_git_sha"].map(short_sha))  # fmt: skip
+    measured = set(zip(data["series"], data["sweep_id"], strict=True))
+    keep = bad["series"].isin(set(data["series"])) & ~pd.Series(
+        [(s, w) in measured for s, w in zip(bad["series"], bad["sweep_id"], strict=True)], index=bad.index
+    )
+    bad = bad[keep].sort_values(["t", "sweep_id"]).drop_duplicates(["series", "sweep_id"], keep="last")
+    return bad[columns].reset_index(drop=True)
 
 
 def series_steps(g: pd.DataFrame, metric: str, settings: StepSettings | None = None) -> pd.DataFrame:
@@ -146,10 +191,13 @@ def find_steps(data: pd.DataFrame, metrics: tuple[str, ...] = tuple(STEP_METRICS
     frames = []
     for _, g in data.groupby("series", sort=False):
         for m in metrics:
-            if g[STEP_METRICS[m][0]].notna().any():
-                found = series_steps(g, m)
-                if len(found):
-                    frames.append(found)
+            # quality figures scored on other inputs are not a step of one another: each segment on its own
+            parts = g.groupby("quality_segment", sort=False) if METRICS[m].quality else [(0, g)]
+            for _, part in parts:
+                if part[STEP_METRICS[m][0]].notna().any():
+                    found = series_steps(part, m)
+                    if len(found):
+                        frames.append(found)
     if not frames:
         return pd.DataFrame(columns=STEP_COLUMNS)
     return pd.concat(frames, ignore_index=True).sort_values(["first_bad_t", "series_label"], ascending=[False, True])

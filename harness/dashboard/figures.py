@@ -1,9 +1,13 @@
 """Trend charts: one figure per metric, one line per series over the sweeps' start times, the 95% CI of the
 median as a band, and the confirmed steps as markers (red up/down triangles: regressions, green: improvements).
 
+Points a series did not measure (failed, oom, timeout, skipped) are ✕ markers on its line; a dashed vertical
+line marks where each further environment fingerprint is first measured; quality figures scored on other inputs
+(``quality_inputs``) are separate lines.
+
 Every trace carries ``meta`` (series, device, model, variant, batch) for the page's filters; every point carries
-its commit, sweep and report link in ``customdata`` (a click opens the report). Text from configs is
-HTML-escaped with the report's ``esc``, and its colours and layout are the report's.
+its commit, sweep and report link in ``customdata`` (a click opens the report). Text from configs and records
+(labels, commits, errors) is HTML-escaped with the report's ``esc``, and its colours and layout are the report's.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from harness.dashboard.data import FILTER_COLUMNS, Trend, short_sha
+from harness.gate_settings import METRICS
 from harness.report.figures import NOT_REPR, PALETTE, esc
 from harness.report.tables import interval_note
 
@@ -40,10 +45,12 @@ def _iso(t: pd.Series) -> list[str]:
 
 
 def trend(
-    data: pd.DataFrame, spec: Trend, steps: pd.DataFrame, colors: dict[str, str], urls: dict[str, str]
-) -> go.Figure | None:
+    data: pd.DataFrame, spec: Trend, steps: pd.DataFrame, colors: dict[str, str], urls: dict[str, str],
+    failed: pd.DataFrame | None = None,
+) -> go.Figure | None:  # fmt: skip
     """The chart of ``spec.column`` for every series of ``data`` (``data.history_frame``), or None when no
-    stored point measured it. ``urls``: sweep id -> link to its report."""
+    stored point measured it. ``urls``: sweep id -> link to its report; ``failed``: the series' points that were
+    not measured (``data.failed_points``), marked ✕ on their line."""
     d = data[np.isfinite(data[spec.column].to_numpy(dtype=float))]
     if d.empty:
         return None
@@ -55,6 +62,7 @@ def trend(
         rep = bool(g["representative"].all()) or not spec.timed  # memory and quality are not timings
         name = esc(first["series_label"]) + ("" if rep else f" ({NOT_REPR})")
         x, y = _iso(g["t"]), g[spec.column].to_numpy(dtype=float)
+        error_y = None
         if spec.ci is not None:
             lo, hi = (g[c].to_numpy(dtype=float) for c in spec.ci)
             ok = np.isfinite(lo) & np.isfinite(hi)
@@ -65,20 +73,35 @@ def trend(
                     fillcolor=_rgba(color, 0.18), line={"width": 0}, hoverinfo="skip", showlegend=False,
                     legendgroup=sid, meta=meta, name=f"{name} (CI)",
                 ))  # fmt: skip
+            elif ok.any():  # one point with a CI makes no band: an error bar shows it
+                error_y = {"type": "data", "array": np.where(ok, hi - y, np.nan),
+                           "arrayminus": np.where(ok, y - lo, np.nan), "color": color, "thickness": 1.2}  # fmt: skip
         else:
             lo = hi = np.full(len(g), np.nan)
         ci_text = _ci_text(g, spec, lo, hi)
         link = [urls.get(s, "") for s in g["sweep_id"]]
-        custom = np.stack([g["commit"].to_numpy(), g["sweep_id"].to_numpy(), ci_text, link], axis=1)
+        custom = np.stack([g["commit"].map(esc).to_numpy(), g["sweep_id"].map(esc).to_numpy(), ci_text, link], axis=1)
         hint = ["<br>click: open the sweep's report" if u else "" for u in link]
-        fig.add_trace(go.Scatter(
-            x=x, y=y, mode="lines+markers", name=name, legendgroup=sid, meta=meta, customdata=custom, text=hint,
-            line={"color": color, "width": 1.6, "dash": "solid" if rep else "dot"},
-            marker={"size": 5, "symbol": "circle" if rep else "circle-open"},
-            hovertemplate=f"%{{fullData.name}}<br>%{{x|%Y-%m-%d %H:%M}} · commit %{{customdata[0]}}<br>"
-            f"{esc(spec.y_title)} %{{y:.4g}}<br>CI %{{customdata[2]}}<br>sweep %{{customdata[1]}}%{{text}}"
-            "<extra></extra>",
-        ))  # fmt: skip
+        # quality figures scored on other inputs (quality_inputs) are never joined: one line per segment
+        segments = g["quality_segment"].to_numpy() if METRICS[spec.steps_of].quality else np.zeros(len(g), int)
+        for n, seg in enumerate(dict.fromkeys(segments)):
+            at = segments == seg
+            text = list(np.array(hint, dtype=object)[at])
+            if n:
+                text[0] = _INPUTS_CHANGED + text[0]
+            fig.add_trace(go.Scatter(
+                x=[v for v, k in zip(x, at, strict=True) if k], y=y[at], mode="lines+markers", name=name,
+                legendgroup=sid, showlegend=n == 0, meta=meta, customdata=custom[at], text=text,
+                error_y=None if error_y is None else {**error_y, "array": error_y["array"][at],
+                                                      "arrayminus": error_y["arrayminus"][at]},
+                line={"color": color, "width": 1.6, "dash": "solid" if rep else "dot"},
+                marker={"size": 5, "symbol": "circle" if rep else "circle-open"},
+                hovertemplate=f"%{{fullData.name}}<br>%{{x|%Y-%m-%d %H:%M}} · commit %{{customdata[0]}}<br>"
+                f"{esc(spec.y_title)} %{{y:.4g}}<br>CI %{{customdata[2]}}<br>sweep %{{customdata[1]}}%{{text}}"
+                "<extra></extra>",
+            ))  # fmt: skip
+        if failed is not None and len(failed):
+            _failed_trace(fig, failed[failed["series"].eq(sid)], g, y, name, sid, meta, urls)
         mine = marks[marks["series"].eq(sid)] if len(marks) else marks
         if len(mine):
             by_sweep = dict(zip(g["sweep_id"], y, strict=True))
@@ -94,6 +117,7 @@ def trend(
                     text=[step_text(r) for _, r in at.iterrows()],
                     hovertemplate="%{text}<extra></extra>",
                 ))  # fmt: skip
+    _environment_marks(fig, d)
     fig.update_xaxes(type="date", title_text="sweep start (UTC)")
     fig.update_yaxes(title_text=esc(spec.y_title), type="log" if spec.log_y else "linear")
     band = "95% CI of the median; " if spec.ci is not None else ""
@@ -103,6 +127,44 @@ def trend(
         margin={"l": 70, "r": 20, "t": 60, "b": 50}, legend={"font": {"size": 11}}, hoverlabel={"align": "left"},
     )  # fmt: skip
     return fig
+
+
+_INPUTS_CHANGED = "<br><b>quality scored on other inputs from here</b> (quality.* settings, seed or corpus)"
+FAILED_COLOR = "#6d4c41"
+
+
+def _failed_trace(fig: go.Figure, bad: pd.DataFrame, g: pd.DataFrame, y: np.ndarray, name: str, sid: str,
+                  meta: dict[str, str], urls: dict[str, str]) -> None:  # fmt: skip
+    """✕ markers where the series was not measured (failed, oom, timeout, skipped), at the level of its latest
+    point before (or its first after): a point that stopped working is not a gap nobody sees."""
+    if bad.empty:
+        return
+    utc = [t.dt.tz_convert(None).to_numpy() for t in (g["t"], bad["t"])]
+    before = np.searchsorted(utc[0], utc[1], side="right") - 1
+    level = y[np.clip(before, 0, len(y) - 1)]
+    link = [urls.get(s, "") for s in bad["sweep_id"]]
+    errors = [esc(" ".join(str(e).split())[:160]) if isinstance(e, str) and e else "-" for e in bad["error"]]
+    custom = np.stack([bad["commit"].map(esc).to_numpy(), bad["sweep_id"].map(esc).to_numpy(),
+                       bad["status"].map(esc).to_numpy(), link, errors], axis=1)  # fmt: skip
+    fig.add_trace(go.Scatter(
+        x=_iso(bad["t"]), y=level, mode="markers", name=f"{name}: not measured", legendgroup=sid, showlegend=False,
+        meta=meta, customdata=custom, text=["<br>click: open the sweep's report" if u else "" for u in link],
+        marker={"size": 10, "symbol": "x", "color": FAILED_COLOR, "line": {"width": 1, "color": "#fff"}},
+        hovertemplate="%{fullData.name}<br><b>%{customdata[2]}</b>: %{customdata[4]}<br>%{x|%Y-%m-%d %H:%M} · "
+        "commit %{customdata[0]}<br>sweep %{customdata[1]}%{text}<extra></extra>",
+    ))  # fmt: skip
+
+
+def _environment_marks(fig: go.Figure, data: pd.DataFrame) -> None:
+    """A dashed vertical line where each environment fingerprint after the first is first measured: the lines of
+    another machine or software stack start there (they are never joined to the earlier ones)."""
+    firsts = data.groupby("fingerprint")["t"].min().sort_values()
+    for fp, t in list(firsts.items())[1:]:
+        x = t.strftime("%Y-%m-%dT%H:%M:%S")
+        fig.add_shape(type="line", xref="x", yref="paper", x0=x, x1=x, y0=0, y1=1,
+                      line={"color": "#888", "width": 1, "dash": "dash"})  # fmt: skip
+        fig.add_annotation(x=x, xref="x", y=1, yref="paper", yanchor="bottom", showarrow=False,
+                           text=esc(f"env {str(fp)[:8]}"), font={"size": 10, "color": "#666"})  # fmt: skip
 
 
 def _ci_text(g: pd.DataFrame, spec: Trend, lo: np.ndarray, hi: np.ndarray) -> list[str]:

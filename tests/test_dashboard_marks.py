@@ -1,0 +1,129 @@
+"""What the dashboard's trend charts mark besides the measured values: fidelity scored on other inputs is a new
+line and never a step, points that were not measured (failed, oom, …) are marked where they fell, a new
+environment is marked on the time axis, the CI of a lone point is an error bar, and commit text is escaped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from test_dashboard import figures, lines
+
+from harness.dashboard.data import quality_segments
+from harness.records import write_record
+
+
+def _history(tmp_path, synthetic_point, run_harness, n_sweeps: int, per_sweep=lambda i: {}, edit=lambda i, r: r):
+    """``n_sweeps`` sweeps of one point, a day and a commit apart (``per_sweep(i)``: point arguments,
+    ``edit(i, record)``: the record as stored); returns the database."""
+    dirs = []
+    for i in range(n_sweeps):
+        d = tmp_path / f"s{i:02d}"
+        rng = np.random.default_rng(i)
+        rec = synthetic_point(d / "0", ttft=list(rng.uniform(5, 6, 8)), tpot=list(rng.uniform(1, 1.1, 8)),
+                              **per_sweep(i))  # fmt: skip
+        rec = {**rec, "started_at": f"2026-11-{1 + i:02d}T12:00:00+00:00"}
+        rec["env"]["git"]["sha"] = f"{i:02d}" + "ab" * 19
+        write_record(d / "0", edit(i, rec))
+        dirs.append(d)
+    db = tmp_path / "h.sqlite"
+    assert run_harness("history", "add", *map(str, dirs), "--db", str(db)) == 0
+    return db
+
+
+def _page(tmp_path, db, run_harness, capsys) -> tuple[str, str]:
+    """The one-file dashboard of ``db`` and what `harness dashboard` printed."""
+    capsys.readouterr()
+    out = tmp_path / "site.html"
+    assert run_harness("dashboard", "--db", str(db), "-o", str(out)) == 0
+    return out.read_text(), capsys.readouterr().out
+
+
+def _fidelity_history(tmp_path, synthetic_point, run_harness, other_inputs: bool):
+    """12 sweeps whose top-1 agreement drops from 0.99 to 0.90 at sweep 6, where (with ``other_inputs``) the
+    quality was scored on other inputs from then on."""
+    noise = np.random.default_rng(3).normal(0, 0.002, 12)
+
+    def quality(i):
+        return {"quality": {"top1_agreement": float((0.99 if i < 6 else 0.90) + noise[i]), "kl": 0.01}}
+
+    def inputs(i, rec):
+        rec["quality"]["inputs_id"] = "inputs-b" if other_inputs and i >= 6 else "inputs-a"
+        return rec
+
+    return _history(tmp_path, synthetic_point, run_harness, 12, quality, inputs)
+
+
+def test_fidelity_scored_on_other_inputs_is_a_new_line_and_no_step(tmp_path, synthetic_point, run_harness, capsys):
+    same = _fidelity_history(tmp_path / "same", synthetic_point, run_harness, other_inputs=False)
+    text, out = _page(tmp_path / "same", same, run_harness, capsys)
+    assert out.startswith("1 regression(s)")  # the same drop on the same inputs is a step
+    assert len(lines(figures(text)["trend-fidelity"])) == 1
+
+    other = _fidelity_history(tmp_path / "other", synthetic_point, run_harness, other_inputs=True)
+    text, out = _page(tmp_path / "other", other, run_harness, capsys)
+    assert out.startswith("0 regression(s), 0 improvement(s)")  # another settings' figure is no regression
+    before, after = lines(figures(text)["trend-fidelity"])
+    assert len(before["x"]) == len(after["x"]) == 6 and after["x"][0] == "2026-11-07T12:00:00"
+    assert before["legendgroup"] == after["legendgroup"] and after["showlegend"] is False  # one series
+    assert "quality scored on other inputs from here" in after["text"][0]
+    assert len(lines(figures(text)["trend-tpot"])) == 1  # timings do not depend on the quality inputs
+
+
+def test_a_record_without_quality_inputs_continues_its_segment():
+    data = pd.DataFrame({"series": ["a"] * 5 + ["b"] * 2,
+                         "quality_inputs": ["x", None, "x", "y", np.nan, "z", "w"]})  # fmt: skip
+    assert quality_segments(data).tolist() == [0, 0, 0, 1, 1, 0, 1]
+
+
+def test_points_not_measured_are_marked_on_their_line(tmp_path, synthetic_point, run_harness, capsys):
+    def status(i):
+        return {"status": "oom", "error": "CUDA out of memory <tried 2 GiB>"} if i == 3 else {}
+
+    text, _ = _page(tmp_path, _history(tmp_path, synthetic_point, run_harness, 6, status), run_harness, capsys)
+    figs = figures(text)
+    for sid in ("trend-tpot", "trend-memory"):
+        (line,) = lines(figs[sid])
+        (mark,) = [t for t in figs[sid]["data"] if t["name"].endswith(": not measured")]
+        assert mark["x"] == ["2026-11-04T12:00:00"] and mark["meta"] == line["meta"]  # the filters hide it too
+        assert mark["x"][0] not in line["x"]
+        (custom,) = mark["customdata"]
+        assert custom[2] == "oom" and custom[4] == "CUDA out of memory &lt;tried 2 GiB&gt;"
+        assert custom[3].endswith(".html") is False  # no report.html in these sweeps: nothing to open
+        assert "%{customdata[2]}" in mark["hovertemplate"] and mark["marker"]["symbol"] == "x"
+
+
+def test_a_new_environment_is_marked_on_the_time_axis(tmp_path, synthetic_point, run_harness, capsys):
+    def env(i):
+        return {"env_id": "env-a" if i < 3 else "env-b"}
+
+    text, _ = _page(tmp_path, _history(tmp_path, synthetic_point, run_harness, 6, env), run_harness, capsys)
+    layout = figures(text)["trend-tpot"]["layout"]
+    (shape,) = layout["shapes"]
+    assert shape["x0"] == shape["x1"] == "2026-11-04T12:00:00" and shape["yref"] == "paper"
+    assert [a["text"] for a in layout["annotations"]] == ["env env-b"]
+
+    one = tmp_path / "one"
+    text, _ = _page(one, _history(one, synthetic_point, run_harness, 3), run_harness, capsys)
+    assert "shapes" not in figures(text)["trend-tpot"]["layout"]  # one environment: nothing to mark
+
+
+def test_the_ci_of_a_lone_point_is_an_error_bar(tmp_path, synthetic_point, run_harness, capsys):
+    text, _ = _page(tmp_path, _history(tmp_path, synthetic_point, run_harness, 1), run_harness, capsys)
+    figs = figures(text)
+    (line,) = lines(figs["trend-tpot"])
+    assert not [t for t in figs["trend-tpot"]["data"] if t.get("fill") == "toself"]  # one point makes no band
+    err = line["error_y"]
+    plus, minus = (np.frombuffer(__import__("base64").b64decode(err[k]["bdata"])) if isinstance(err[k], dict)
+                   else np.asarray(err[k]) for k in ("array", "arrayminus"))  # fmt: skip
+    assert plus[0] > 0 and minus[0] > 0  # the stored CI of the median around it
+    assert "error_y" not in lines(figs["trend-memory"])[0]  # memory stores no interval
+
+
+def test_commit_text_is_escaped_in_the_hover(tmp_path, synthetic_point, run_harness, capsys):
+    def sha(i, rec):
+        rec["env"]["git"]["sha"] = "<img src=x onerror=alert(1)>"
+        return rec
+
+    text, _ = _page(tmp_path, _history(tmp_path, synthetic_point, run_harness, 2, edit=sha), run_harness, capsys)
+    (line,) = lines(figures(text)["trend-tpot"])
+    assert [row[0] for row in line["customdata"]] == ["&lt;img src=x"] * 2  # short_sha keeps 10 characters
