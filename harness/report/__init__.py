@@ -63,7 +63,7 @@ def collect(paths: Sequence[Path]) -> tuple[pd.DataFrame, list[dict[str, Any]], 
     where = ", ".join(map(str, paths))
     if not found:
         raise ReportError(f"{where}: no record.json found (is this a sweep or run directory?)")
-    df = load(found)
+    df = load(found).copy()  # one block per dtype: the columns added below would fragment load's frame
     if df.empty:
         raise ReportError(f"{where}: none of the {len(found)} record(s) could be read")
     records = []
@@ -191,7 +191,13 @@ def build_html(
             note="" if memory is not None else "No memory measured.",
         ),
         fig_section("weights", "Weights per variant", figures.weights_bar(data), "No record carries its weight size."),
-        fig_section("quality", "Speed vs quality", quality_fig, quality_note, note=quality_note),
+        fig_section(
+            "quality",
+            "Speed vs quality",
+            quality_fig,
+            quality_note,
+            note=" ".join(filter(None, (quality_note, tables.ONCE_PER_ENGINE))),
+        ),
         fig_section(
             "utilization",
             "Utilization timelines",
@@ -216,7 +222,7 @@ def build_html(
             "points",
             "All measured points",
             f"<details><summary>{int(data['status'].eq('ok').sum())} points</summary><div class='scroll'>"
-            f"{tables.points_table(data)}</div></details>",
+            f"{tables.points_table(data)}</div></details>{tables.quality_note(data)}",
         ),
         Section(
             "failed",

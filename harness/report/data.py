@@ -74,9 +74,10 @@ def prepare(df: pd.DataFrame, env_labels: bool = False, sweep_labels: bool = Fal
     if out.empty:
         for col in ("representative", "scenario", "label", "speedup_tpot", "speedup_ttft", "speedup_tpot_ci_low",
                     "speedup_tpot_ci_high", "speedup_tpot_ci_coverage", "speedup_tpot_paired", "verdict",
-                    "bytes_speedup", "speedup_suspect", "tps_ci_low", "tps_ci_high"):  # fmt: skip
+                    "bytes_speedup", "speedup_suspect", "tps_ci_low", "tps_ci_high", "speedup_ttft_paired",
+                    "quality_other_inputs"):  # fmt: skip
             kinds = {"scenario": object, "label": object, "verdict": object, "speedup_tpot_paired": bool,
-                     "speedup_suspect": bool}  # fmt: skip
+                     "speedup_ttft_paired": bool, "speedup_suspect": bool, "quality_other_inputs": bool}  # fmt: skip
             out[col] = pd.Series(dtype=kinds.get(col, float))
         return out
     out["representative"] = representative(out)
@@ -88,7 +89,7 @@ def prepare(df: pd.DataFrame, env_labels: bool = False, sweep_labels: bool = Fal
     if eager["variant"].eq(BASELINE).any():  # an eager with non-default parameters is not the baseline
         eager = eager[eager["variant"].eq(BASELINE)]
     cols = [c for c in ("tpot_ms_p50", "ttft_ms_p50", "tpot_ms_ci_low", "tpot_ms_ci_high", "tpot_ms_ci_coverage",
-                        "decode_bytes_per_step") if c in out]  # fmt: skip
+                        "tpot_ms_n", "n_reps", "decode_bytes_per_step") if c in out]  # fmt: skip
     base = eager[cols].assign(_key=_key_text(eager)).groupby("_key")[cols].median()
     base = base.rename(columns={c: f"{BASELINE}_{c}" for c in cols})
     out = out.drop(columns=[c for c in base.columns if c in out.columns]).assign(_key=_key_text(out))
@@ -103,7 +104,9 @@ def prepare(df: pd.DataFrame, env_labels: bool = False, sweep_labels: bool = Fal
         paired = f"paired_speedup_{metric}"
         if paired in out:
             out[f"speedup_{metric}"] = out[paired].where(ok & out[paired].notna(), out[f"speedup_{metric}"])
-    out["speedup_tpot_paired"] = ok & out["paired_speedup_tpot"].notna() if "paired_speedup_tpot" in out else False
+    for metric in ("tpot", "ttft"):  # which speedups are medians of per-round ratios (timed in turns)
+        paired = f"paired_speedup_{metric}"
+        out[f"speedup_{metric}_paired"] = ok & out[paired].notna() if paired in out else False
     out = _speedup_ci(out)
     is_baseline = out["variant"].eq(BASELINE)
     out["verdict"] = [
@@ -117,7 +120,26 @@ def prepare(df: pd.DataFrame, env_labels: bool = False, sweep_labels: bool = Fal
     tps = out["decode_tokens_per_s"]
     out["tps_ci_low"] = tps * out["tpot_ms_p50"] / out["tpot_ms_ci_high"]
     out["tps_ci_high"] = tps * out["tpot_ms_p50"] / out["tpot_ms_ci_low"]
+    out["quality_other_inputs"] = quality_other_inputs(out)
     return out
+
+
+def quality_other_inputs(df: pd.DataFrame) -> pd.Series:
+    """True for an ok row whose quality was scored on other inputs (``quality_inputs``: quality settings, seed,
+    corpus, rows per pass) than eager's in its scenario (or, without an eager that names its inputs, than most
+    of the scenario's points): its top-1 agreement, KL and perplexity are not comparable with theirs. False
+    where either id is unknown (rows stored by older versions)."""
+    other = pd.Series(False, index=df.index, dtype=bool)
+    if "quality_inputs" not in df or df.empty:
+        return other
+    ids = df["quality_inputs"].map(cell_text)
+    ok = df["status"].eq("ok") & ids.ne("")
+    for _, part in df[ok].groupby("scenario", sort=False):
+        own = ids[part.index]
+        eager = own[part["variant"].eq(BASELINE)]
+        reference = set(eager) if len(eager) else set(own.mode().iloc[:1])
+        other[part.index] = ~own.isin(reference)
+    return other
 
 
 def _speedup_ci(out: pd.DataFrame) -> pd.DataFrame:

@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from harness.report.data import PROFILE_CATEGORIES, below_nominal, best_per_batch
+from harness.report.data import BASELINE, PROFILE_CATEGORIES, below_nominal, best_per_batch
 
 PALETTE = qualitative.Plotly + qualitative.D3 + qualitative.Dark24
 NOT_REPR = "timing not representative"
@@ -106,7 +106,8 @@ def by_batch(
     shown: set[tuple[str, bool]] = set()
     for scenario, (row, col) in zip(scenarios, cells, strict=True):
         part = data[data["scenario"].eq(scenario)]
-        for (variant, rep), g in part.groupby(["variant", "representative"], sort=True):
+        groups = part.groupby(["variant", "representative"], sort=True)
+        for (variant, rep), g in sorted(groups, key=lambda kv: (kv[0][0] != BASELINE, kv[0])):  # eager first
             g = g.sort_values("batch_size")
             name = esc(variant) + ("" if rep else f" ({NOT_REPR})")
             error = None
@@ -185,24 +186,37 @@ def weights_bar(df: pd.DataFrame) -> go.Figure | None:
 
 def speedup_heatmap(df: pd.DataFrame) -> go.Figure | None:
     """TPOT speedup vs eager, variant x batch, one heatmap per scenario on one shared colour scale (1 = eager).
-    ★ marks the fastest representative variant of a batch; † a timing that is shown but not ranked (uncoloured)."""
+    ★ marks the fastest representative variant of a batch; † a timing that is shown but not ranked (uncoloured);
+    a point of the grid that did not measure (failed, oom, timeout, skipped) shows its status, its error in the
+    hover, rather than an empty cell that reads as never run."""
     data = df[np.isfinite(df["speedup_tpot"])]
     if data.empty:
         return None
     scenarios = sorted(data["scenario"].unique())
     best = set(best_per_batch(df)["record_path"])
-    sizes = [data[data["scenario"].eq(s)]["variant"].nunique() for s in scenarios]
+    unmeasured = df[~df["status"].eq("ok") & df["scenario"].isin(scenarios) & np.isfinite(df["batch_size"])]
+    cells_of = pd.concat([data, unmeasured])
+    sizes = [cells_of[cells_of["scenario"].eq(s)]["variant"].nunique() for s in scenarios]
     fig, cells = facet_grid(scenarios)
     for scenario, (row, col) in zip(scenarios, cells, strict=True):
         part = data[data["scenario"].eq(scenario)]
-        variants = sorted(part["variant"].unique())
-        batches = sorted(part["batch_size"].unique())
+        bad = unmeasured[unmeasured["scenario"].eq(scenario)]
+        grid = pd.concat([part, bad])
+        variants = sorted(grid["variant"].astype(str).unique(), key=lambda v: (v != BASELINE, v))  # eager on top
+        batches = sorted(grid["batch_size"].unique())
         z = np.full((len(variants), len(batches)), np.nan)
         text = [["" for _ in batches] for _ in variants]
+        hover = [["" for _ in batches] for _ in variants]
+        for _, r in bad.iterrows():
+            i, j = variants.index(str(r["variant"])), batches.index(r["batch_size"])
+            text[i][j] = esc(r["status"])
+            error = str(r["error"]) if isinstance(r.get("error"), str) and r["error"] else "no error recorded"
+            hover[i][j] = f"{esc(r['status'])}: {esc(error[:200])}"
         for _, r in part.iterrows():
-            i, j = variants.index(r["variant"]), batches.index(r["batch_size"])
+            i, j = variants.index(str(r["variant"])), batches.index(r["batch_size"])
             mark = " ★" if r["record_path"] in best else ("" if r["representative"] else " †")
             text[i][j] = f"{r['speedup_tpot']:.2f}×{mark}"
+            hover[i][j] = f"TPOT speedup vs eager {text[i][j]}"
             if r["representative"]:
                 z[i, j] = r["speedup_tpot"]
         fig.add_trace(
@@ -211,11 +225,12 @@ def speedup_heatmap(df: pd.DataFrame) -> go.Figure | None:
                 y=[esc(v) for v in variants],
                 z=z,
                 text=text,
+                customdata=hover,
                 texttemplate="%{text}",
                 coloraxis="coloraxis",
                 xgap=2,
                 ygap=2,
-                hovertemplate="%{y}<br>batch %{x}<br>TPOT speedup vs eager %{text}<extra></extra>",
+                hovertemplate="%{y}<br>batch %{x}<br>%{customdata}<extra></extra>",
             ),
             row=row,
             col=col,
@@ -224,11 +239,12 @@ def speedup_heatmap(df: pd.DataFrame) -> go.Figure | None:
         coloraxis={"colorscale": "RdBu", "cmid": 1.0, "colorbar": {"title": {"text": "speedup"}}},
     )
     fig.update_xaxes(title_text="batch size", type="category")
+    fig.update_yaxes(autorange="reversed", title_text="variant")
     rows = math.ceil(len(scenarios) / FACET_COLS)
     tallest = max(sizes)
     return apply_layout(
         fig,
-        "TPOT speedup vs eager (★ fastest, † timing not representative: not ranked)",
+        "TPOT speedup vs eager (★ fastest, † timing not representative: not ranked; a status: not measured)",
         90 + rows * (110 + 32 * tallest),
     )
 

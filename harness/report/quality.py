@@ -14,6 +14,8 @@ import plotly.graph_objects as go
 
 from harness.report.data import pareto_front
 from harness.report.figures import FACET_COLS, NOT_REPR, apply_layout, esc, facet_grid, variant_colors
+from harness.report.labels import int_text
+from harness.report.tables import OTHER_INPUTS
 
 # (column, axis title, name in the hover, higher is better), in order of preference
 QUALITY_METRICS = (
@@ -49,6 +51,11 @@ def _facets(df: pd.DataFrame) -> tuple[list[tuple[str, tuple, pd.DataFrame]], li
     ok = df[df["status"].eq("ok")]
     facets, left = [], []
     for scenario, part in ok.groupby("scenario", sort=True):
+        if "quality_other_inputs" in part:  # scored on other text or settings: not on eager's axis
+            other = part["quality_other_inputs"].eq(True)
+            for variant in sorted(set(part.loc[other, "variant"])):
+                left.append(f"{variant} on {scenario} ({OTHER_INPUTS}: quality_inputs differ)")
+            part = part[~other]
         if quality_metric(part) is None:
             left.append(f"{scenario} ({NO_MEASURE})")
             continue
@@ -93,6 +100,19 @@ def _points(g: pd.DataFrame, rep: bool, scenario: str, hover_name: str, colors: 
     )
 
 
+def _partial_means(scenario: str, data: pd.DataFrame) -> list[str]:
+    """The variants of a facet whose speedup is a mean over fewer batch sizes than the facet holds (a point
+    that failed, or ran out of memory, at the others): their place on the speed axis is not like for like."""
+    every = sorted(set(data["batch_size"]))
+    out = []
+    for variant, batches in data.groupby("variant", sort=True)["batch_size"]:
+        own = sorted(set(batches))
+        if own != every:
+            out.append(f"{variant} on {scenario} over batch {', '.join(map(int_text, own))} only "
+                       f"(the others also over {', '.join(int_text(b) for b in every if b not in own)})")  # fmt: skip
+    return out
+
+
 def quality_scatter(df: pd.DataFrame) -> tuple[go.Figure | None, str]:
     """Speedup (geometric mean over batch sizes) against quality, one point per scenario and variant, one facet
     per scenario on its own quality measure (the axis names it), the Pareto front over representative points.
@@ -105,7 +125,9 @@ def quality_scatter(df: pd.DataFrame) -> tuple[go.Figure | None, str]:
         return None, NO_BASELINE if measured else ABSENT
     colors = variant_colors(df["variant"])
     fig, cells = facet_grid([s for s, _, _ in facets])
+    partial: list[str] = []
     for (scenario, (column, q_title, hover_name, higher), data), (row, col) in zip(facets, cells, strict=True):
+        partial += _partial_means(scenario, data)
         agg = (
             data.assign(log_speedup=np.log(data["speedup_tpot"]))
             .groupby(["variant", "representative"], as_index=False)
@@ -134,6 +156,10 @@ def quality_scatter(df: pd.DataFrame) -> tuple[go.Figure | None, str]:
         fig.update_xaxes(title_text=esc(q_title), range=_range(agg["quality"].to_numpy(float)), row=row, col=col)
         fig.update_yaxes(type="log", range=_range(agg["speedup"].to_numpy(float), log=True), row=row, col=col)
     fig.update_yaxes(title_text="TPOT speedup vs eager (geometric mean over batch sizes)")
-    note = f"Not drawn: {'; '.join(left)}." if left else ""
+    note = " ".join(
+        ([f"Not drawn: {'; '.join(left)}."] if left else [])
+        + ([f"Speedups averaged over fewer batch sizes than the others of their facet: {'; '.join(partial)}."]
+           if partial else [])
+    )  # fmt: skip
     rows = math.ceil(len(facets) / min(FACET_COLS, len(facets)))
     return apply_layout(fig, "Speed vs quality (Pareto front over representative timings)", 110 + ROW_PX * rows), note

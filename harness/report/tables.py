@@ -13,8 +13,15 @@ import numpy as np
 import pandas as pd
 
 from harness.report.data import BASELINE, NO_GAIN_BAND, NOMINAL_COVERAGE, SUSPECT_OVER_BOUND, below_nominal, ranked
+from harness.report.labels import cell_text
 
 NOT_RANKED = "timing not representative"
+OTHER_INPUTS = "other quality inputs than eager"
+ONCE_PER_ENGINE = (
+    "Top-1 agreement, KL and perplexity are measured once per engine, its quality settings and seed, on the same "
+    "rows per forward pass whatever the batch size: a variant shows the same figures at every batch size, over "
+    "the positions counted in 'quality positions scored'."
+)
 
 
 class Markup(str):
@@ -78,11 +85,18 @@ def verdict(row: pd.Series) -> str:
     v = row.get("verdict")
     if not isinstance(v, str):
         return "-"
+    interval = speedup_interval(row)
+    return f"{v} {interval}" if interval != "-" else v
+
+
+def speedup_interval(row: pd.Series) -> str:
+    """'[0.944, 1.17]': the TPOT speedup's CI, with its coverage where an interval behind it covers less than 95%;
+    '-' where unknown."""
     lo, hi = row.get("speedup_tpot_ci_low"), row.get("speedup_tpot_ci_high")
     if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
-        return v
+        return "-"
     coverage = row.get("speedup_tpot_ci_coverage")
-    return f"{v} [{lo:.3g}, {hi:.3g}]" + (f" ({percent(coverage)} CI)" if below_nominal(coverage) else "")
+    return f"[{lo:.3g}, {hi:.3g}]" + (f" ({percent(coverage)} CI)" if below_nominal(coverage) else "")
 
 
 def flag(row: pd.Series, column: str) -> bool:
@@ -151,6 +165,39 @@ def speedup_note(df: pd.DataFrame) -> str:
     return "".join(f"<p class='note'>{esc(line)}</p>" for line in lines)
 
 
+def ttft_speedup(row: pd.Series) -> str:
+    """'1.50× paired': the TTFT speedup, marked paired where it is the median of per-round ratios."""
+    return speedup(row.get("speedup_ttft")) + (" paired" if flag(row, "speedup_ttft_paired") else "")
+
+
+def baseline_first(df: pd.DataFrame, keys: Sequence[str] = ("scenario", "variant", "batch_size")) -> pd.DataFrame:
+    """``df`` sorted by ``keys``, eager before the other variants of its scenario (so the baseline heads them)."""
+    by: list[str] = []
+    for key in keys:
+        by += ["_not_baseline", key] if key == "variant" else [key]
+    order = df.assign(_not_baseline=~df["variant"].eq(BASELINE))
+    return order.sort_values(by, na_position="last").drop(columns="_not_baseline")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float | np.number) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _ci_n(row: pd.Series, metric: str = "tpot_ms", n: str = "n_reps") -> str:
+    """``_ci`` and the sample count (which an interval below 95% already names)."""
+    named = below_nominal(row.get(f"{metric}_ci_coverage")) and _finite(row.get(f"{metric}_ci_low"))
+    return _ci(row, metric) + (f", n={fmt(row.get(n))}" if _finite(row.get(n)) and not named else "")
+
+
+def _eager_tpot(row: pd.Series) -> str:
+    """Eager's TPOT p50 with its CI and n: the denominator of the speedup beside it."""
+    prefix = f"{BASELINE}_"
+    eager = pd.Series({str(k).removeprefix(prefix): v for k, v in row.items() if str(k).startswith(prefix)})
+    if not _finite(eager.get("tpot_ms_p50")):
+        return "-"
+    return _ci_n(eager)
+
+
 def _caveat(row: pd.Series) -> str:
     caveat = row.get("timing_caveat")
     return f"{NOT_RANKED}: {caveat}" if isinstance(caveat, str) and caveat else NOT_RANKED
@@ -169,7 +216,7 @@ def summary_table(df: pd.DataFrame) -> str:
         unranked = group[~group["representative"]]
         note = "; ".join(f"{r['variant']} {speedup(r['speedup_tpot'])} ({_caveat(r)})" for _, r in unranked.iterrows())
         if pool.empty:
-            rows.append([scenario, fmt(batch), "-", "-", "-", "-", "-", "-", "-", "-", note or "-"])
+            rows.append([scenario, fmt(batch), *["-"] * 9, note or "-"])
             continue
         best = pool.loc[pool["tpot_ms_p50"].idxmin()]
         flags = _timing_flags(best, group)
@@ -178,12 +225,13 @@ def summary_table(df: pd.DataFrame) -> str:
                 scenario,
                 fmt(batch),
                 best["variant"],
-                _ci(best, "tpot_ms"),
-                fmt(best["eager_tpot_ms_p50"]),
+                _ci_n(best),
+                _eager_tpot(best),
                 tpot_speedup(best, with_verdict=True) + (f"; {flags}" if flags else ""),
-                speedup(best["speedup_ttft"]),
-                fmt(best["decode_tokens_per_s"]),
-                fmt(best.get("fidelity_top1")),
+                "-" if best["variant"] == BASELINE else speedup_interval(best),
+                ttft_speedup(best),
+                _tps(best),
+                fmt(best.get("fidelity_top1")) + (f" ({OTHER_INPUTS})" if flag(best, "quality_other_inputs") else ""),
                 _ppl_cost(best, ok),
                 note or "-",
             ]
@@ -192,11 +240,12 @@ def summary_table(df: pd.DataFrame) -> str:
         "scenario",
         "batch",
         "best variant",
-        "TPOT p50 ms [95% CI]",
-        "eager TPOT p50 ms",
+        "TPOT p50 ms [95% CI], n",
+        "eager TPOT p50 ms [95% CI], n",
         "TPOT speedup",
+        "TPOT speedup 95% CI",
         "TTFT speedup",
-        "decode tok/s",
+        "decode tok/s [95% CI]",
         "top-1 agreement with eager",
         "perplexity (eager)",
         f"not ranked ({NOT_RANKED})",
@@ -207,7 +256,10 @@ def summary_table(df: pd.DataFrame) -> str:
 def _timing_flags(best: pd.Series, group: pd.DataFrame) -> str:
     """'noisy: eager; drifting: the variant': the flags of the two timings a speedup divides, where it is read."""
     eager = group[group["variant"].eq(BASELINE)]
-    sides = [("the variant", best)] + ([("eager", eager.iloc[0])] if len(eager) and best["variant"] != BASELINE else [])
+    if best["variant"] == BASELINE:  # eager is the fastest: one timing, eager's own
+        sides = [("eager", best)]
+    else:
+        sides = [("the variant", best)] + ([("eager", eager.iloc[0])] if len(eager) else [])
     parts = []
     for flag in ("noisy", "drifting"):
         who = [name for name, row in sides if isinstance(row.get(flag), bool | np.bool_) and bool(row.get(flag))]
@@ -218,17 +270,31 @@ def _timing_flags(best: pd.Series, group: pd.DataFrame) -> str:
 
 def _ppl_cost(best: pd.Series, ok: pd.DataFrame) -> str:
     """The best variant's held-out perplexity next to eager's in the same scenario (the same weights, seed and
-    shape: what the speed costs)."""
+    shape: what the speed costs), scored on the same quality inputs; where eager's were other text, said so."""
     ppl = best.get("ppl")
     if ppl is None or not np.isfinite(ppl):
         return "-"
-    base = ok[ok["variant"].eq("eager") & ok["scenario"].eq(best["scenario"])]["ppl"].dropna()
-    return f"{fmt(ppl)} ({fmt(base.iloc[0])})" if len(base) else fmt(ppl)
+    eager = ok[ok["variant"].eq(BASELINE) & ok["scenario"].eq(best["scenario"]) & np.isfinite(ok["ppl"])]
+    inputs = cell_text(best.get("quality_inputs"))
+    eager_inputs = eager.get("quality_inputs", pd.Series(None, index=eager.index, dtype=object)).map(cell_text)
+    same = eager[eager_inputs.isin({inputs, ""})] if inputs else eager  # an unknown id (older rows) is no mismatch
+    if len(same):
+        return f"{fmt(ppl)} ({fmt(same['ppl'].iloc[0])})"
+    return f"{fmt(ppl)} (eager: {OTHER_INPUTS})" if len(eager) else fmt(ppl)
+
+
+def _tps(row: pd.Series) -> str:
+    """Decode tokens/s with the CI mapped from the TPOT median's."""
+    lo, hi = row.get("tps_ci_low"), row.get("tps_ci_high")
+    value = fmt(row.get("decode_tokens_per_s"))
+    if not (_finite(lo) and _finite(hi)):
+        return value
+    return f"{value} [{fmt(lo)}, {fmt(hi)}]"
 
 
 def points_table(df: pd.DataFrame) -> str:
     """Every measured point with its main numbers; non-representative timings are greyed and say why."""
-    ok = df[df["status"].eq("ok")].sort_values(["scenario", "variant", "batch_size"])
+    ok = baseline_first(df[df["status"].eq("ok")])
     rows, classes = [], []
     for _, r in ok.iterrows():
         notes = [] if r["representative"] else [_caveat(r)]
@@ -241,6 +307,9 @@ def points_table(df: pd.DataFrame) -> str:
                          "(check eager's timing)")  # fmt: skip
         if isinstance(r.get("precision_caveat"), str):
             notes.append(r["precision_caveat"])
+        if flag(r, "quality_other_inputs"):
+            notes.append(f"{OTHER_INPUTS} (quality_inputs {cell_text(r.get('quality_inputs'))}): its top-1, KL "
+                         "and perplexity are not comparable with eager's")  # fmt: skip
         nonfinite = r.get("fidelity_nonfinite")
         if isinstance(nonfinite, float) and nonfinite > 0:
             notes.append(f"NaN/inf logits at {nonfinite:.2%} of the quality positions (KL, perplexity not numbers)")
@@ -251,7 +320,7 @@ def points_table(df: pd.DataFrame) -> str:
                 fmt(r["batch_size"]),
                 _ci(r, "ttft_ms"),
                 _ci(r, "tpot_ms"),
-                fmt(r["decode_tokens_per_s"]),
+                _tps(r),
                 tpot_speedup(r),
                 verdict(r),
                 "-" if r["variant"] == BASELINE else speedup(r.get("bytes_speedup")),
@@ -259,6 +328,8 @@ def points_table(df: pd.DataFrame) -> str:
                 _top1(r),
                 fmt(r.get("fidelity_kl")),
                 fmt(r.get("ppl")),
+                _positions(r),
+                fmt(r.get("sparsity")),
                 fmt(r["n_reps"]),
                 r.get("stop_reason") or "-",
                 "; ".join(notes) or "-",
@@ -271,7 +342,7 @@ def points_table(df: pd.DataFrame) -> str:
         "batch",
         "TTFT p50 ms [95% CI]",
         "TPOT p50 ms [95% CI]",
-        "decode tok/s",
+        "decode tok/s [95% CI]",
         "TPOT speedup",
         "vs eager [95% CI]",
         "memory-traffic bound (eager's decode bytes / the variant's)",
@@ -279,11 +350,32 @@ def points_table(df: pd.DataFrame) -> str:
         "top-1 agreement with eager (on decode steps)",
         "KL(eager ‖ variant) nats/token",
         "perplexity",
+        "quality positions scored (decode steps)",
+        "sparsity (measured)",
         "n",
         "stopped by",
         "notes",
     ]
     return table(headers, rows, classes)
+
+
+def _positions(row: pd.Series) -> str:
+    """How many positions the quality figures are over, and how many of them were decode steps."""
+    overall, decode = fmt(row.get("fidelity_n")), row.get("fidelity_n_decode")
+    return f"{overall} ({fmt(decode)})" if _finite(decode) else overall
+
+
+def quality_note(df: pd.DataFrame) -> str:
+    """That quality is measured once per engine (shared by its batch sizes), and which points scored other
+    inputs than eager; empty without a quality figure."""
+    ok = df[df["status"].eq("ok")]
+    cols = [c for c in ("fidelity_top1", "fidelity_kl", "ppl") if c in ok]
+    if ok.empty or not ok[cols].notna().any(axis=None):
+        return ""
+    text = ONCE_PER_ENGINE
+    if "quality_other_inputs" in ok and ok["quality_other_inputs"].eq(True).any():
+        text += f" Points marked '{OTHER_INPUTS}' scored other text or settings than eager (quality_inputs differ)."
+    return f"<p class='note'>{esc(text)}</p>"
 
 
 def _top1(row: pd.Series) -> str:
