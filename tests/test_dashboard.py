@@ -115,6 +115,11 @@ def test_environments_are_never_joined_and_gate_verdicts_are_shown(tmp_path, syn
     assert "REGRESSION: 1 of 1 points regressed" in gate_html and '<tr class="regression">' in gate_html
     assert "tpot_ms" in gate_html and "ttft_ms" in gate_html
     assert f"(from {gate}, given with --gate)" in gate_html and "stored )" not in gate_html
+    # a hand-edited file whose sides are null (history add checks headline and rows only): shown, not a crash
+    doc = json.loads(gate.read_text())
+    gate.write_text(json.dumps({**doc, "base": None, "cand": None}))
+    assert run_harness("dashboard", "--db", str(db), "-o", str(page), "--gate", str(gate)) == 0
+    assert "BASE ? vs CAND ?" in page.read_text()
 
 
 def test_dashboard_page_is_replaced_atomically(tmp_path, synthetic_point, run_harness, capsys):

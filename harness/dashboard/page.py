@@ -126,7 +126,8 @@ def steps_table(steps: pd.DataFrame, urls: dict[str, str]) -> str:
 def gate_section(doc: dict[str, Any]) -> str:
     """The latest `harness compare --json` verdicts: headline, then every verdict but "no change"."""
     rows = pd.DataFrame(doc.get("rows") or [])
-    where = f"BASE {doc.get('base', {}).get('path', '?')} vs CAND {doc.get('cand', {}).get('path', '?')}"
+    base, cand = (doc.get(side) if isinstance(doc.get(side), dict) else {} for side in ("base", "cand"))
+    where = f"BASE {base.get('path', '?')} vs CAND {cand.get('path', '?')}"  # a hand-made file may lack them
     source = doc.get("_source")
     head = f"<p><b>{esc(doc.get('headline', ''))}</b></p><p class='note'>{esc(where)}"
     added = doc.get("_added_at")
