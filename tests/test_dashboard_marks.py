@@ -1,8 +1,11 @@
 """What the dashboard's trend charts mark besides the measured values: fidelity scored on other inputs is a new
 line and never a step, points that were not measured (failed, oom, …) are marked where they fell, a new
-environment is marked on the time axis, the CI of a lone point is an error bar, and commit text is escaped."""
+environment is marked on the time axis, the CI of a lone point is an error bar, commit text is escaped, and a
+timing an engine marks unrepresentative is marked (and left unjudged) in its own sweep only."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pandas as pd
@@ -10,17 +13,18 @@ from test_dashboard import figures, lines
 
 from harness.dashboard.data import quality_segments
 from harness.records import write_record
+from harness.report.figures import NOT_REPR
 
 
 def _history(tmp_path, synthetic_point, run_harness, n_sweeps: int, per_sweep=lambda i: {}, edit=lambda i, r: r):
-    """``n_sweeps`` sweeps of one point, a day and a commit apart (``per_sweep(i)``: point arguments,
+    """``n_sweeps`` sweeps of one point, a day and a commit apart (``per_sweep(i)``: point arguments, samples too,
     ``edit(i, record)``: the record as stored); returns the database."""
     dirs = []
     for i in range(n_sweeps):
         d = tmp_path / f"s{i:02d}"
         rng = np.random.default_rng(i)
-        rec = synthetic_point(d / "0", ttft=list(rng.uniform(5, 6, 8)), tpot=list(rng.uniform(1, 1.1, 8)),
-                              **per_sweep(i))  # fmt: skip
+        point = {"ttft": list(rng.uniform(5, 6, 8)), "tpot": list(rng.uniform(1, 1.1, 8)), **per_sweep(i)}
+        rec = synthetic_point(d / "0", **point)
         rec = {**rec, "started_at": f"2026-11-{1 + i:02d}T12:00:00+00:00"}
         rec["env"]["git"]["sha"] = f"{i:02d}" + "ab" * 19
         write_record(d / "0", edit(i, rec))
@@ -127,3 +131,65 @@ def test_commit_text_is_escaped_in_the_hover(tmp_path, synthetic_point, run_harn
     text, _ = _page(tmp_path, _history(tmp_path, synthetic_point, run_harness, 2, edit=sha), run_harness, capsys)
     (line,) = lines(figures(text)["trend-tpot"])
     assert [row[0] for row in line["customdata"]] == ["&lt;img src=x"] * 2  # short_sha keeps 10 characters
+
+
+INTERPRETED = "Triton kernels ran in the interpreter <slow>"
+
+
+def _timed(i: int, level: float, caveat: str | None = None) -> dict:
+    """Sweep ``i``'s samples at ``level`` (2% log-normal noise from sweep to sweep and sample to sample, as
+    history_sweeps.synthetic_history), with the engine's ``caveat`` when its timing is not representative."""
+    rng = np.random.default_rng(100 + i)
+    level *= float(np.exp(rng.normal(0, 0.02)))
+    tpot = level * np.exp(rng.normal(0, 0.02, 10))
+    return {"ttft": list(5 * level * np.exp(rng.normal(0, 0.02, 10))), "tpot": list(tpot), "caveat": caveat}
+
+
+def _day(i: int) -> str:
+    return f"2026-11-{1 + i:02d}T12:00:00"
+
+
+def test_one_unrepresentative_sweep_is_marked_alone(tmp_path, synthetic_point, run_harness, capsys):
+    def sweep(i):
+        return _timed(i, 10.0, INTERPRETED) if i == 3 else _timed(i, 1.0)
+
+    text, _ = _page(tmp_path, _history(tmp_path, synthetic_point, run_harness, 8, sweep), run_harness, capsys)
+    figs = figures(text)
+    for sid in ("trend-tpot", "trend-ttft", "trend-throughput"):
+        line, odd = lines(figs[sid])
+        assert line["x"] == [_day(i) for i in range(8) if i != 3], sid  # the others keep their solid line
+        assert line["line"]["dash"] == "solid" and line["marker"]["symbol"] == "circle" and line["showlegend"]
+        assert NOT_REPR not in line["name"]
+        assert odd["x"] == [_day(3)] and odd["marker"]["symbol"] == "circle-open" and odd["line"]["dash"] == "dot"
+        assert odd["name"] == f"{line['name']}: {NOT_REPR}" and odd["showlegend"] is False
+        assert odd["legendgroup"] == line["legendgroup"] and odd["meta"] == line["meta"]  # the filters hide it too
+        assert odd["text"][0].startswith(f"<br>{NOT_REPR}: Triton kernels ran in the interpreter &lt;slow&gt;")
+        assert not any(NOT_REPR in t for t in line["text"])
+        bands = [t for t in figs[sid]["data"] if t.get("fill") == "toself"]
+        assert len(bands) == 1 and _day(3) not in bands[0]["x"]  # the band is the line's
+    assert [len(t["x"]) for t in lines(figs["trend-memory"])] == [8]  # its memory was measured as ever
+    assert lines(figs["trend-memory"])[0]["line"]["dash"] == "solid"
+
+
+def test_steps_are_judged_on_the_representative_sweeps(tmp_path, synthetic_point, run_harness, capsys):
+    def stepped(i):  # 30% slower from sweep 5 on; sweep 3 (before it) and sweep 9 (after it) interpreted
+        return _timed(i, 10.0, INTERPRETED) if i in (3, 9) else _timed(i, 1.3 if i >= 5 else 1.0)
+
+    db = _history(tmp_path / "a", synthetic_point, run_harness, 14, stepped)
+    text, out = _page(tmp_path / "a", db, run_harness, capsys)
+    assert out.startswith("2 regression(s), 0 improvement(s)")  # TPOT and TTFT: judged despite sweeps 3 and 9
+    (marks,) = [t for t in figures(text)["trend-tpot"]["data"] if t["name"].endswith(": steps")]
+    assert marks["x"] == [_day(5)]
+    steps = text[text.index('<section id="steps">') : text.index('<section id="gate">')]
+    assert steps.count(">04abababab (") == steps.count(">05abababab (") == 2  # last good, first bad
+    before, after = map(float, re.search(r"\(([\d.]+) → ([\d.]+)\)", marks["text"][0]).groups())
+    assert 0.9 < before < 1.1 and 1.2 < after < 1.4  # the levels: the interpreted sweeps are in neither
+
+    def outlier(i):  # three interpreted sweeps, 3x as slow: no step in either direction
+        return _timed(i, 3.0, INTERPRETED) if i in (5, 6, 7) else _timed(i, 1.0)
+
+    db = _history(tmp_path / "b", synthetic_point, run_harness, 12, outlier)
+    text, out = _page(tmp_path / "b", db, run_harness, capsys)
+    assert out.startswith("0 regression(s), 0 improvement(s)")
+    line, odd = lines(figures(text)["trend-tpot"])
+    assert len(line["x"]) == 9 and odd["x"] == [_day(i) for i in (5, 6, 7)]  # one dotted run of three

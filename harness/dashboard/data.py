@@ -160,11 +160,15 @@ def failed_points(points: pd.DataFrame, data: pd.DataFrame) -> pd.DataFrame:
 
 
 def series_steps(g: pd.DataFrame, metric: str, settings: StepSettings | None = None) -> pd.DataFrame:
-    """Confirmed steps of ``metric`` in one series (rows of one ``series``, in time order)."""
+    """Confirmed steps of ``metric`` in one series (rows of one ``series``, in time order). A timing an engine
+    marked unrepresentative is never judged: its sweep is left out of the levels, and is never the last good or
+    first bad sweep of a step (the others still are judged)."""
     column, sample_key = STEP_METRICS[metric]
-    if METRICS[metric].timed and not g["representative"].all():
-        return pd.DataFrame(columns=STEP_COLUMNS)  # timings an engine marks unrepresentative are never judged
+    if METRICS[metric].timed:
+        g = g[g["representative"].to_numpy(dtype=bool)]
     g = g[np.isfinite(g[column].to_numpy(dtype=float))]
+    if g.empty:
+        return pd.DataFrame(columns=STEP_COLUMNS)
     samples = None
     if sample_key is not None:
         raw = g[f"samples.{sample_key}"]

@@ -3,7 +3,8 @@ median as a band, and the confirmed steps as markers (red up/down triangles: reg
 
 Points a series did not measure (failed, oom, timeout, skipped) are ✕ markers on its line; a dashed vertical
 line marks where each further environment fingerprint is first measured; quality figures scored on other inputs
-(``quality_inputs``) are separate lines.
+(``quality_inputs``) are separate lines. A timing an engine marked unrepresentative is an open marker on a dotted
+line of its own sweeps beside its series' solid one (the whole series dotted only when none is representative).
 
 Every trace carries ``meta`` (series, device, model, variant, batch) for the page's filters; every point carries
 its commit, sweep and report link in ``customdata`` (a click opens the report). Text from configs and records
@@ -59,49 +60,49 @@ def trend(
     for sid, g in d.groupby("series", sort=False):
         first = g.iloc[0]
         meta, color = _meta(first), colors[sid]
-        rep = bool(g["representative"].all()) or not spec.timed  # memory and quality are not timings
-        name = esc(first["series_label"]) + ("" if rep else f" ({NOT_REPR})")
+        # memory and quality are not timings; a timing is judged per sweep: only the sweeps an engine marked
+        # unrepresentative are dotted (the series is named so only when all of them are)
+        unrep = ~g["representative"].to_numpy(dtype=bool) if spec.timed else np.zeros(len(g), dtype=bool)
+        everywhere = bool(unrep.all())
+        name = esc(first["series_label"]) + (f" ({NOT_REPR})" if everywhere else "")
+        solid = np.ones(len(g), dtype=bool) if everywhere else ~unrep  # the points of the series' own line
         x, y = _iso(g["t"]), g[spec.column].to_numpy(dtype=float)
         error_y = None
         if spec.ci is not None:
             lo, hi = (g[c].to_numpy(dtype=float) for c in spec.ci)
             ok = np.isfinite(lo) & np.isfinite(hi)
-            if ok.sum() > 1:
-                xs = [v for v, k in zip(x, ok, strict=True) if k]
+            band = ok & solid if (ok & solid).sum() > 1 else np.zeros(len(g), dtype=bool)
+            if band.any():
+                xs = [v for v, k in zip(x, band, strict=True) if k]
                 fig.add_trace(go.Scatter(
-                    x=xs + xs[::-1], y=np.r_[hi[ok], lo[ok][::-1]], mode="lines", fill="toself",
+                    x=xs + xs[::-1], y=np.r_[hi[band], lo[band][::-1]], mode="lines", fill="toself",
                     fillcolor=_rgba(color, 0.18), line={"width": 0}, hoverinfo="skip", showlegend=False,
                     legendgroup=sid, meta=meta, name=f"{name} (CI)",
                 ))  # fmt: skip
-            elif ok.any():  # one point with a CI makes no band: an error bar shows it
-                error_y = {"type": "data", "array": np.where(ok, hi - y, np.nan),
-                           "arrayminus": np.where(ok, y - lo, np.nan), "color": color, "thickness": 1.2}  # fmt: skip
+            bar = ok & ~band  # a point with a CI outside the band (a lone one, an unrepresentative one): an error bar
+            if bar.any():
+                error_y = {"type": "data", "array": np.where(bar, hi - y, np.nan),
+                           "arrayminus": np.where(bar, y - lo, np.nan), "color": color, "thickness": 1.2}  # fmt: skip
         else:
             lo = hi = np.full(len(g), np.nan)
         ci_text = _ci_text(g, spec, lo, hi)
         link = [urls.get(s, "") for s in g["sweep_id"]]
         custom = np.stack([g["commit"].map(esc).to_numpy(), g["sweep_id"].map(esc).to_numpy(), ci_text, link], axis=1)
-        hint = ["<br>click: open the sweep's report" if u else "" for u in link]
+        caveats = _caveat_text(g)
+        text = np.array([(c if u else "") + ("<br>click: open the sweep's report" if h else "")
+                         for c, u, h in zip(caveats, unrep, link, strict=True)], dtype=object)  # fmt: skip
+        pts = {"x": np.array(x, dtype=object), "y": y, "customdata": custom, "text": text, "error_y": error_y}
+        trace = {"legendgroup": sid, "meta": meta, "color": color, "y_title": spec.y_title}
         # quality figures scored on other inputs (quality_inputs) are never joined: one line per segment
         segments = g["quality_segment"].to_numpy() if METRICS[spec.steps_of].quality else np.zeros(len(g), int)
-        for n, seg in enumerate(dict.fromkeys(segments)):
-            at = segments == seg
-            text = list(np.array(hint, dtype=object)[at])
-            if n:
-                text[0] = _INPUTS_CHANGED + text[0]
-            fig.add_trace(go.Scatter(
-                x=[v for v, k in zip(x, at, strict=True) if k], y=y[at], mode="lines+markers", name=name,
-                legendgroup=sid, showlegend=n == 0, meta=meta, customdata=custom[at], text=text,
-                error_y=None if error_y is None else {**error_y, "array": error_y["array"][at],
-                                                      "arrayminus": error_y["arrayminus"][at]},
-                line={"color": color, "width": 1.6, "dash": "solid" if rep else "dot"},
-                marker={"size": 5, "symbol": "circle" if rep else "circle-open"},
-                hovertemplate=f"%{{fullData.name}}<br>%{{x|%Y-%m-%d %H:%M}} · commit %{{customdata[0]}}<br>"
-                f"{esc(spec.y_title)} %{{y:.4g}}<br>CI %{{customdata[2]}}<br>sweep %{{customdata[1]}}%{{text}}"
-                "<extra></extra>",
-            ))  # fmt: skip
+        for n, seg in enumerate(dict.fromkeys(segments[solid])):
+            _line(fig, pts, solid & (segments == seg), name, n == 0, everywhere, _INPUTS_CHANGED if n else "", **trace)
+        if not everywhere:  # each run of unrepresentative sweeps: a dotted line of open markers beside the line
+            runs = np.cumsum(np.r_[True, unrep[1:] != unrep[:-1]])
+            for run in dict.fromkeys(runs[unrep]):
+                _line(fig, pts, unrep & (runs == run), f"{name}: {NOT_REPR}", False, True, **trace)
         if failed is not None and len(failed):
-            _failed_trace(fig, failed[failed["series"].eq(sid)], g, y, name, sid, meta, urls)
+            _failed_trace(fig, failed[failed["series"].eq(sid)], g[solid], y[solid], name, sid, meta, urls)
         mine = marks[marks["series"].eq(sid)] if len(marks) else marks
         if len(mine):
             by_sweep = dict(zip(g["sweep_id"], y, strict=True))
@@ -127,6 +128,27 @@ def trend(
         margin={"l": 70, "r": 20, "t": 60, "b": 50}, legend={"font": {"size": 11}}, hoverlabel={"align": "left"},
     )  # fmt: skip
     return fig
+
+
+def _line(
+    fig: go.Figure, pts: dict, at: np.ndarray, name: str, showlegend: bool, dotted: bool, first_text: str = "", *,
+    legendgroup: str, meta: dict[str, str], color: str, y_title: str,
+) -> None:  # fmt: skip
+    """One line over the points ``at`` of a series (``pts``: its per-point x, y, customdata, text and error_y),
+    solid with filled markers, or dotted with open ones."""
+    text = list(pts["text"][at])
+    text[0] = first_text + text[0]
+    error_y = pts["error_y"]
+    fig.add_trace(go.Scatter(
+        x=list(pts["x"][at]), y=pts["y"][at], mode="lines+markers", name=name, legendgroup=legendgroup,
+        showlegend=showlegend, meta=meta, customdata=pts["customdata"][at], text=text,
+        error_y=None if error_y is None else {**error_y, "array": error_y["array"][at],
+                                              "arrayminus": error_y["arrayminus"][at]},
+        line={"color": color, "width": 1.6, "dash": "dot" if dotted else "solid"},
+        marker={"size": 7 if dotted else 5, "symbol": "circle-open" if dotted else "circle"},
+        hovertemplate=f"%{{fullData.name}}<br>%{{x|%Y-%m-%d %H:%M}} · commit %{{customdata[0]}}<br>"
+        f"{esc(y_title)} %{{y:.4g}}<br>CI %{{customdata[2]}}<br>sweep %{{customdata[1]}}%{{text}}<extra></extra>",
+    ))  # fmt: skip
 
 
 _INPUTS_CHANGED = "<br><b>quality scored on other inputs from here</b> (quality.* settings, seed or corpus)"
@@ -165,6 +187,12 @@ def _environment_marks(fig: go.Figure, data: pd.DataFrame) -> None:
                       line={"color": "#888", "width": 1, "dash": "dash"})  # fmt: skip
         fig.add_annotation(x=x, xref="x", y=1, yref="paper", yanchor="bottom", showarrow=False,
                            text=esc(f"env {str(fp)[:8]}"), font={"size": 10, "color": "#666"})  # fmt: skip
+
+
+def _caveat_text(g: pd.DataFrame) -> list[str]:
+    """Each point's hover line saying why its timing is not representative (the record's caveat, escaped)."""
+    caveats = g["timing_caveat"] if "timing_caveat" in g else pd.Series(None, index=g.index)
+    return [f"<br>{NOT_REPR}: {esc(c)}" if isinstance(c, str) and c else f"<br>{NOT_REPR}" for c in caveats]
 
 
 def _ci_text(g: pd.DataFrame, spec: Trend, lo: np.ndarray, hi: np.ndarray) -> list[str]:
