@@ -193,3 +193,14 @@ def test_steps_are_judged_on_the_representative_sweeps(tmp_path, synthetic_point
     assert out.startswith("0 regression(s), 0 improvement(s)")
     line, odd = lines(figures(text)["trend-tpot"])
     assert len(line["x"]) == 9 and odd["x"] == [_day(i) for i in (5, 6, 7)]  # one dotted run of three
+
+
+def test_sweeps_started_within_one_second_keep_their_own_positions(tmp_path, synthetic_point, run_harness, capsys):
+    def same_second(i, rec):  # three sweeps 0.25 s apart (run folders are named to the microsecond)
+        return {**rec, "started_at": f"2026-11-01T12:00:0{i // 4}.{250000 * (i % 4):06d}+00:00"}
+
+    text, _ = _page(tmp_path, _history(tmp_path, synthetic_point, run_harness, 3, edit=same_second), run_harness,
+                    capsys)  # fmt: skip
+    (line,) = lines(figures(text)["trend-tpot"])
+    assert line["x"] == ["2026-11-01T12:00:00", "2026-11-01T12:00:00.250000", "2026-11-01T12:00:00.500000"]
+    assert [row[0][:2] for row in line["customdata"]] == ["00", "01", "02"]  # each sweep's own commit, in order

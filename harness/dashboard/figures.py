@@ -42,7 +42,13 @@ def _meta(row: pd.Series) -> dict[str, str]:
 
 
 def _iso(t: pd.Series) -> list[str]:
-    return [x.strftime("%Y-%m-%dT%H:%M:%S") for x in t]
+    return [_iso_one(x) for x in t]
+
+
+def _iso_one(t: pd.Timestamp) -> str:
+    """A time for the x axis, to the microsecond where it has one: sweeps started within one second (run
+    folders are named to the microsecond) keep their own positions and order."""
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%f" if t.microsecond else "%Y-%m-%dT%H:%M:%S")
 
 
 def trend(
@@ -182,7 +188,7 @@ def _environment_marks(fig: go.Figure, data: pd.DataFrame) -> None:
     another machine or software stack start there (they are never joined to the earlier ones)."""
     firsts = data.groupby("fingerprint")["t"].min().sort_values()
     for fp, t in list(firsts.items())[1:]:
-        x = t.strftime("%Y-%m-%dT%H:%M:%S")
+        x = _iso_one(t)
         fig.add_shape(type="line", xref="x", yref="paper", x0=x, x1=x, y0=0, y1=1,
                       line={"color": "#888", "width": 1, "dash": "dash"})  # fmt: skip
         fig.add_annotation(x=x, xref="x", y=1, yref="paper", yanchor="bottom", showarrow=False,
