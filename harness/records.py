@@ -445,5 +445,7 @@ def table(rows: list[dict[str, Any]], errors: Iterable[str] = ()) -> pd.DataFram
         df = pd.concat([df, pd.DataFrame(filler, index=df.index, columns=absent)], axis=1)
     for col in numeric:
         df[col] = pd.to_numeric(df[col], errors="coerce")
+    # each replaced column is a block of its own: consolidate, or a caller's next column warns of fragmentation
+    df = df.copy()
     df.attrs["errors"] = list(errors)
     return df
