@@ -100,6 +100,38 @@ def test_decode_breakdown_resident_model_runs_the_same_ops_on_cached_weights():
     assert 0 < parts["linears"] < parts["step"]
 
 
+def test_gemv_layouts_times_the_shapes_both_models_run():
+    """The shapes it lists are the linears of the real models (eager and `first_of_width`, which times as
+    structured pruning does), both layouts compute the same product, and each step adds up its calls."""
+    import re
+    from collections import Counter
+
+    from engines.llama import Transformer
+    from engines.surgery import first_of_width
+
+    bench = load("gemv_layouts")
+    args = bench.model_shape("tiny")
+    eager = Transformer.build(args)
+    models = {"eager": args, "structured 0.5": bench.pruned_args(args, 0.5)}
+    for shape_args, model in zip(models.values(), (eager, first_of_width(eager, 0.5)), strict=True):
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        assert bench.linear_shapes(shape_args) == Counter(tuple(m.weight.shape) for m in linears)
+    with torch.inference_mode():
+        rows = bench.measure(models, rounds=2, cold_bytes=1 << 16)
+    assert {(r["out"], r["in"]) for r in rows} == set(bench.linear_shapes(args)) | set(
+        bench.linear_shapes(models["structured 0.5"])
+    )
+    assert all(r["max_abs_diff"] < 1e-4 and r["linear_s"] > 0 and r["in_out_s"] > 0 and r["ratio"] > 0 for r in rows)
+    step = bench.step_linears(rows, "eager")
+    assert step["bytes"] == sum(m.weight.numel() * 4 for m in eager.modules() if isinstance(m, torch.nn.Linear))
+    assert step["linear"][1] == pytest.approx(sum(r["count_eager"] * r["linear_rounds"][1] for r in rows))
+    faster = ["linear_rounds" if r["linear_s"] <= r["in_out_s"] else "in_out_rounds" for r in rows]
+    assert step["best"][0] == pytest.approx(sum(r["count_eager"] * r[f][0] for r, f in zip(rows, faster, strict=True)))
+    text = bench.report(rows, list(models), 1)
+    assert len([line for line in text.splitlines() if re.match(r"\s+\d+x\d+ ", line)]) == len(rows)
+    assert "eager / structured 0.5: bytes" in text
+
+
 def test_sampler_overhead_pairs_each_round_off_and_on(monkeypatch):
     bench = load("sampler_overhead")
     built = bench.models(["tiny"], structured=0.5)
