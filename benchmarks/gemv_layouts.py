@@ -17,7 +17,6 @@ gap between a pruned model's bytes and its speed is the GEMV kernel's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from collections import Counter
 
@@ -25,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engines.llama import ModelArgs
-from engines.surgery import kept_width
+from engines.llama import ModelArgs, Transformer
+from engines.surgery import kept_width, shrunk_args
 from harness.env import enable_huge_pages, huge_pages
 from harness.paths import model_shape
 
@@ -34,24 +33,16 @@ COLD_BYTES = 128 << 20  # copies of a weight per layout: four times the last-lev
 
 
 def pruned_args(args: ModelArgs, sparsity: float) -> ModelArgs:
-    """The shape ``engine=pruned engine.method=structured`` leaves: KV groups (with their query heads) and FFN
-    channels kept in proportion ``1 - sparsity``, head_dim unchanged."""
-    n_ffn, n_kv = kept_width(args, 1 - sparsity)
-    group = args.n_heads // args.n_kv_heads
-    return dataclasses.replace(
-        args, intermediate_size=n_ffn, n_kv_heads=n_kv, n_heads=n_kv * group, head_dim=args.head_dim
-    )
+    """The shape ``engine=pruned engine.method=structured`` leaves at this sparsity (``first_of_width``'s)."""
+    return shrunk_args(args, args.n_layers, *kept_width(args, 1 - sparsity))
 
 
 def linear_shapes(args: ModelArgs) -> Counter[tuple[int, int]]:
-    """(out, in) of every linear a decode step runs, with how many times: seven per block and the head."""
-    d, h, q, kv, f = args.dim, args.head_dim, args.n_heads, args.n_kv_heads, args.intermediate_size
-    block = [(q * h, d), (kv * h, d), (kv * h, d), (d, q * h), (f, d), (f, d), (d, f)]
-    shapes: Counter[tuple[int, int]] = Counter()
-    for shape in block:
-        shapes[shape] += args.n_layers
-    shapes[(args.vocab_size, d)] += 1
-    return shapes
+    """(out, in) of every linear a decode step runs, with how many times (each module runs once a step), read
+    from the model's modules built on the meta device: no weights are allocated."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return Counter(tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 class ShapeCopies:

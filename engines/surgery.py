@@ -49,6 +49,16 @@ def kept_width(args: ModelArgs, fraction: float) -> tuple[int, int]:
     return max(1, round(fraction * args.intermediate_size)), max(1, round(fraction * args.n_kv_heads))
 
 
+def shrunk_args(args: ModelArgs, n_layers: int, n_ffn: int, n_kv: int) -> ModelArgs:
+    """The shape ``shrink`` builds: ``n_kv`` KV groups, each with its query heads, and ``n_ffn`` FFN channels in
+    each of ``n_layers`` layers; head_dim unchanged (set explicitly, as dim // n_heads no longer gives it)."""
+    group = args.n_heads // args.n_kv_heads
+    return replace(
+        args, n_layers=n_layers, intermediate_size=n_ffn, n_kv_heads=n_kv, n_heads=n_kv * group,
+        head_dim=args.head_dim,
+    )  # fmt: skip
+
+
 def first_of_width(model: Transformer, fraction: float) -> Transformer:
     """The model's shape after structured pruning to ``fraction`` of its width, keeping the first channels and
     groups: for timing, where which ones are kept does not change the time (its outputs are not the pruned
@@ -79,10 +89,7 @@ def shrink(
     for name, keep in (("ffn_keep", ffn_keep), ("kv_keep", kv_keep)):
         if keep is not None and (len(keep) != len(layers) or len({len(k) for k in keep}) != 1):
             raise ValueError(f"{name}: one index set per kept layer, all of the same size")
-    new_args: ModelArgs = replace(
-        args, n_layers=len(layers), intermediate_size=n_ffn, n_kv_heads=n_kv, n_heads=n_kv * group,
-        head_dim=args.head_dim,
-    )  # fmt: skip
+    new_args = shrunk_args(args, len(layers), n_ffn, n_kv)
     w = model.output.weight
     small = Transformer.build(new_args, device=w.device, dtype=w.dtype, seed=0)
     small.tok_embeddings.weight.copy_(model.tok_embeddings.weight)
