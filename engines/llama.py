@@ -208,11 +208,19 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def _embedding_weight(args: ModelArgs) -> Tensor:
+    """nn.Embedding's N(0, 1) init, skipped on the meta device, where every model here is built before ``build``
+    or a checkpoint sets its weights: the meta kernel of ``normal_`` imports torch._dynamo (and with it inductor
+    and triton), a second and a half of the start of every process that builds a model."""
+    weight = torch.empty(args.vocab_size, args.dim)
+    return weight if weight.is_meta else nn.init.normal_(weight)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=_embedding_weight(args))
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)

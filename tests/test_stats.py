@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from harness.stats import ci_relative_halfwidth, median_ci, summarize
+from harness.stats import ci_relative_halfwidth, median_ci, spearman_trend_p, summarize
 
 
 @pytest.mark.parametrize("n", [6, 7, 10, 25, 50, 101, 1000])
@@ -18,6 +18,18 @@ def test_median_ci_matches_scipy_quantile_test(n):
     ci = sps.quantile_test(x, q=float(np.median(x)), p=0.5).confidence_interval(0.95)
     assert (lo, hi) == (ci.low, ci.high)
     assert coverage >= 0.95
+
+
+@pytest.mark.parametrize("n", [10, 11, 40, 333])
+@pytest.mark.parametrize("trend", [0.0, 0.003, 0.05, -0.05])
+@pytest.mark.parametrize("decimals", [None, 1])
+def test_drift_test_matches_scipy_spearmanr(n, trend, decimals):
+    """The drift test's p-value is scipy.stats.spearmanr's (average ranks for ties, Student's t)."""
+    x = np.random.default_rng(n).normal(size=n) + trend * np.arange(n)
+    x = x if decimals is None else np.round(x, decimals)
+    assert spearman_trend_p(x) == pytest.approx(sps.spearmanr(np.arange(n), x).pvalue, rel=1e-9, abs=1e-300)
+    falling = np.arange(n, 0, -1.0)  # a perfect trend
+    assert spearman_trend_p(falling) == pytest.approx(sps.spearmanr(np.arange(n), falling).pvalue, abs=1e-12)
 
 
 def test_median_ci_coverage_is_exact_binomial():
