@@ -111,6 +111,34 @@ def test_a_new_environment_is_marked_on_the_time_axis(tmp_path, synthetic_point,
     assert "shapes" not in figures(text)["trend-tpot"]["layout"]  # one environment: nothing to mark
 
 
+def test_where_the_commit_changes_is_marked_on_the_time_axis(tmp_path, synthetic_point, run_harness, capsys):
+    """Six sweeps of three commits (the third one's SHA with markup in it): a tick at the first sweep of each run
+    of one commit, its SHA escaped in the hover; one commit throughout marks nothing."""
+    shas = ["a" * 40, "a" * 40, "b" * 40, "b" * 40, "b" * 40, "<b>c" + "c" * 36]
+
+    def sha(i, rec):
+        rec["env"]["git"]["sha"] = shas[i]
+        return rec
+
+    text, _ = _page(tmp_path, _history(tmp_path, synthetic_point, run_harness, 6, edit=sha), run_harness, capsys)
+    figs = figures(text)
+    for sid in ("trend-tpot", "trend-memory"):
+        (ticks,) = [t for t in figs[sid]["data"] if t["name"] == "commits"]
+        assert ticks["x"] == ["2026-11-01T12:00:00", "2026-11-03T12:00:00", "2026-11-06T12:00:00"]
+        assert ticks["yaxis"] == "y2" and "meta" not in ticks  # on its own hidden axis, never filtered out
+        assert [t.split("<br>")[0] for t in ticks["text"]] == ["commit aaaaaaaaaa from here",
+                                                             "commit bbbbbbbbbb from here",
+                                                             "commit &lt;b&gt;ccccccc from here"]  # fmt: skip
+        assert [t.split(" · ")[1] for t in ticks["text"]] == ["2 sweeps of it in a row", "3 sweeps of it in a row",
+                                                            "1 sweep of it in a row"]  # fmt: skip
+        axis = figs[sid]["layout"]["yaxis2"]
+        assert axis["visible"] is False and axis["type"] == "linear" and axis["range"] == [0, 1]  # never log
+    one = tmp_path / "one"
+    text, _ = _page(one, _history(one, synthetic_point, run_harness, 3, edit=lambda i, r: sha(0, r)), run_harness,
+                    capsys)  # fmt: skip
+    assert not [t for t in figures(text)["trend-tpot"]["data"] if t["name"] == "commits"]
+
+
 def test_the_ci_of_a_lone_point_is_an_error_bar(tmp_path, synthetic_point, run_harness, capsys):
     text, _ = _page(tmp_path, _history(tmp_path, synthetic_point, run_harness, 1), run_harness, capsys)
     figs = figures(text)

@@ -94,9 +94,10 @@ def build_html(
         "change beyond the gate's threshold that lasts at least 3 sweeps at a consistent level, is at least 3.5× "
         "the sweep-to-sweep noise, and is significant (p < 0.001) between sweeps and on the raw samples. ✕: the "
         "point was not measured in that sweep (failed, oom, timeout or skipped; the hover says why), drawn at its "
-        "level before. A dashed vertical line marks where an environment fingerprint is first measured. Fidelity "
-        "scored on other inputs (quality.* settings, seed or corpus) starts a new line and is never a step. Click "
-        "a point to open its sweep's report."
+        "level before. A dashed vertical line marks where an environment fingerprint is first measured; grey ticks "
+        "along the bottom, where the measured commit changes (its SHA in the hover). Fidelity scored on other inputs "
+        "(quality.* settings, seed or corpus) starts a new line and is never a step. Click a point to open its "
+        "sweep's report."
     ]
     sections = [Section("filters", "Filters", page.filter_bar(data))]
     n_reg = int(steps["kind"].eq("regression").sum()) if len(steps) else 0

@@ -1,10 +1,12 @@
 """Trend charts: one figure per metric, one line per series over the sweeps' start times, the 95% CI of the
 median as a band, and the confirmed steps as markers (red up/down triangles: regressions, green: improvements).
 
-Points a series did not measure (failed, oom, timeout, skipped) are ✕ markers on its line; a dashed vertical
-line marks where each further environment fingerprint is first measured; quality figures scored on other inputs
-(``quality_inputs``) are separate lines. A timing an engine marked unrepresentative is an open marker on a dotted
-line of its own sweeps beside its series' solid one (the whole series dotted only when none is representative).
+Points a series did not measure (failed, oom, timeout, skipped) are ✕ markers on its line; a dashed vertical line
+marks where each further environment fingerprint is first measured, and grey ticks along the bottom where the
+measured commit changes (its SHA in the hover), so a step reads against the commits around it; quality figures
+scored on other inputs (``quality_inputs``) are separate lines. A timing an engine marked unrepresentative is an
+open marker on a dotted line of its own sweeps beside its series' solid one (the whole series dotted only when none
+is representative).
 
 Every trace carries ``meta`` (series, device, model, variant, batch) for the page's filters; every point carries
 its commit, sweep and report link in ``customdata`` (a click opens the report). Text from configs and records
@@ -127,6 +129,7 @@ def trend(
     _environment_marks(fig, d)
     fig.update_xaxes(type="date", title_text="sweep start (UTC)")
     fig.update_yaxes(title_text=esc(spec.y_title), type="log" if spec.log_y else "linear")
+    _commit_marks(fig, d)  # after the y axis settings, which would apply to its axis too
     band = "95% CI of the median; " if spec.ci is not None else ""
     fig.update_layout(
         title={"text": esc(f"{spec.title} over time ({band}▲▼ confirmed steps)"), "x": 0.01},
@@ -193,6 +196,30 @@ def _environment_marks(fig: go.Figure, data: pd.DataFrame) -> None:
                       line={"color": "#888", "width": 1, "dash": "dash"})  # fmt: skip
         fig.add_annotation(x=x, xref="x", y=1, yref="paper", yanchor="bottom", showarrow=False,
                            text=esc(f"env {str(fp)[:8]}"), font={"size": 10, "color": "#666"})  # fmt: skip
+
+
+COMMIT_COLOR = "#757575"
+
+
+def _commit_marks(fig: go.Figure, data: pd.DataFrame) -> None:
+    """A tick along the bottom of the chart at each sweep whose measured commit differs from the sweep before
+    (the first sweep too), on a hidden axis of its own: with the time axis, where each commit starts. Nothing
+    where every sweep measured one commit. The trace has no ``meta``, so the filters never hide it."""
+    sweeps = data.drop_duplicates("sweep_id").sort_values(["t", "sweep_id"])
+    if sweeps["commit"].nunique() < 2:
+        return
+    changed = sweeps[sweeps["commit"].ne(sweeps["commit"].shift())]
+    runs = np.cumsum(sweeps["commit"].ne(sweeps["commit"].shift()).to_numpy())
+    n_sweeps = np.bincount(runs)[1:]
+    text = [f"commit {esc(c)} from here<br>first sweep {esc(sid)} · {k} sweep{'s' if k > 1 else ''} of it in a row"
+            for c, sid, k in zip(changed["commit"], changed["sweep_id"], n_sweeps, strict=True)]  # fmt: skip
+    fig.add_trace(go.Scatter(
+        x=_iso(changed["t"]), y=np.full(len(changed), 0.02), yaxis="y2", mode="markers", name="commits",
+        showlegend=False, cliponaxis=False, text=text, hovertemplate="%{text}<br>%{x|%Y-%m-%d %H:%M}<extra></extra>",
+        marker={"symbol": "line-ns-open", "size": 12, "color": COMMIT_COLOR, "line": {"width": 1.5}},
+    ))  # fmt: skip
+    fig.update_layout(yaxis2={"overlaying": "y", "type": "linear", "range": [0, 1], "visible": False,
+                              "fixedrange": True})  # fmt: skip
 
 
 def _caveat_text(g: pd.DataFrame) -> list[str]:
