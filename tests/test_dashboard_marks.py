@@ -232,3 +232,31 @@ def test_sweeps_started_within_one_second_keep_their_own_positions(tmp_path, syn
     (line,) = lines(figures(text)["trend-tpot"])
     assert line["x"] == ["2026-11-01T12:00:00", "2026-11-01T12:00:00.250000", "2026-11-01T12:00:00.500000"]
     assert [row[0][:2] for row in line["customdata"]] == ["00", "01", "02"]  # each sweep's own commit, in order
+
+
+def test_a_point_no_sweep_measured_is_listed_as_never_measured(tmp_path, synthetic_point, run_harness, capsys):
+    """Batch 2 failed in each of three sweeps (it has no line to mark a ✕ on): it is listed with its latest error
+    and the number of sweeps that tried it; batch 1, measured, is not."""
+    dirs = []
+    for i in range(3):
+        d = tmp_path / f"s{i}"
+        rng = np.random.default_rng(i)
+        for b, status in ((1, {}), (2, {"status": "failed", "error": f"RuntimeError: <boom {i}>"})):
+            rec = synthetic_point(d / str(b), ttft=list(rng.uniform(5, 6, 8)), tpot=list(rng.uniform(1, 1.1, 8)),
+                                  batch_size=b, **status)  # fmt: skip
+            write_record(d / str(b), {**rec, "started_at": f"2026-11-{1 + i:02d}T12:00:00+00:00"})
+        dirs.append(d)
+    db = tmp_path / "h.sqlite"
+    assert run_harness("history", "add", *map(str, dirs), "--db", str(db)) == 0
+    text, _ = _page(tmp_path, db, run_harness, capsys)
+    section = re.search(r'<section id="never">(.*?)</section>', text, re.S).group(1)
+    assert "Never measured (1 point)" in section
+    (row,) = re.findall(r"<tr data-series=[^>]*>(.*?)</tr>", section)
+    cells = re.findall(r"<td>(.*?)</td>", row)
+    assert "b2" in cells[0] and "b1" not in cells[0]
+    assert cells[1:4] == ["failed", "RuntimeError: &lt;boom 2&gt;", "3"] and cells[4] == "2026-11-03 12:00"
+    assert 'data-batch="2"' in section and 'data-model="tiny"' in section  # the filters hide it too
+
+    measured = tmp_path / "measured"
+    text, _ = _page(measured, _history(measured, synthetic_point, run_harness, 2), run_harness, capsys)
+    assert 'id="never"' not in text

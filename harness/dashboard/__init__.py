@@ -20,7 +20,7 @@ import pandas as pd
 
 from harness import history
 from harness.dashboard import figures, page
-from harness.dashboard.data import TRENDS, failed_points, find_steps, history_frame
+from harness.dashboard.data import TRENDS, failed_points, find_steps, history_frame, never_measured
 from harness.records import write_bytes_atomic
 from harness.report import figures as report_figures
 from harness.report.data import prepare
@@ -94,8 +94,9 @@ def build_html(
         "change beyond the gate's threshold that lasts at least 3 sweeps at a consistent level, is at least 3.5× "
         "the sweep-to-sweep noise, and is significant (p < 0.001) between sweeps and on the raw samples. ✕: the "
         "point was not measured in that sweep (failed, oom, timeout or skipped; the hover says why), drawn at its "
-        "level before. A dashed vertical line marks where an environment fingerprint is first measured; grey ticks "
-        "along the bottom, where the measured commit changes (its SHA in the hover). Fidelity scored on other inputs "
+        "level before (a point never measured in its environment has no line: it is listed under Never measured). "
+        "A dashed vertical line marks where an environment fingerprint is first measured; grey ticks along the "
+        "bottom, where the measured commit changes (its SHA in the hover). Fidelity scored on other inputs "
         "(quality.* settings, seed or corpus) starts a new line and is never a step. Click a point to open its "
         "sweep's report."
     ]
@@ -124,6 +125,12 @@ def build_html(
         note = (f"The {len(newer)} sweep(s) stored after {newest_ok} have no measured (ok) point: "
                 f"{', '.join(map(str, newer['id']))}." if len(newer) else "")  # fmt: skip
         sections.append(Section("latest", "Newest sweep with measured points", figure=latest, note=note))
+    never = never_measured(points, data)
+    if len(never):  # no line to mark a ✕ on: listed, so a point that never worked is not a silent gap
+        title = f"Never measured ({len(never)} point{'s' if len(never) > 1 else ''})"
+        note = ("No stored sweep measured these points in their environment (each record failed, oom, timed out or "
+                "was skipped), so no trend has a line for them.")  # fmt: skip
+        sections.append(Section("never", title, page.never_measured_table(never, urls), note=note))
     sections.append(Section("sweeps", "Stored sweeps", page.sweeps_table(sweeps, urls)))
     return render(TITLE, page.header(db, sweeps, data, notes), sections), steps
 

@@ -159,6 +159,33 @@ def failed_points(points: pd.DataFrame, data: pd.DataFrame) -> pd.DataFrame:
     return bad[columns].reset_index(drop=True)
 
 
+def never_measured(points: pd.DataFrame, data: pd.DataFrame) -> pd.DataFrame:
+    """The points no stored sweep measured in their environment (every record failed, oom, timed out or was
+    skipped): they have no line to mark a ✕ on. One row per point and fingerprint: ``series``, ``label``, the filter
+    columns, ``tries`` (sweeps that tried it), and the latest try's ``t``, ``sweep_id``, ``commit``, ``status`` and
+    ``error``; newest first."""
+    columns = ["series", "label", *FILTER_COLUMNS, "tries", "t", "sweep_id", "commit", "status", "error"]
+    bad = points[points["status"].ne("ok")]
+    if bad.empty:
+        return pd.DataFrame(columns=columns)
+    bad = prepare(bad)
+    bad["fingerprint"] = bad["fingerprint"].fillna("unknown")
+    bad["series"] = bad["point_key"].astype(str) + "@" + bad["fingerprint"].astype(str)
+    bad = bad[~bad["series"].isin(set(data["series"]) if len(data) else set())]
+    if bad.empty:
+        return pd.DataFrame(columns=columns)
+    bad["t"] = pd.to_datetime(bad["sweep_started_at"], utc=True, format="ISO8601")
+    bad["commit"] = bad["sweep_git_sha"].map(short_sha)
+    bad["device"] = bad["device_name"].fillna(bad["device"]).astype(str)
+    bad["batch"] = bad["batch_size"].map(lambda b: str(int(b)) if math.isfinite(b) else str(b))
+    bad["model"], bad["variant"] = bad["model"].astype(str), bad["variant"].astype(str)
+    bad["label"] = bad["label"] + " · env " + bad["fingerprint"].str[:8]
+    bad = bad.sort_values(["t", "sweep_id"])
+    tries = bad.groupby("series")["sweep_id"].nunique().rename("tries")
+    latest = bad.drop_duplicates("series", keep="last").join(tries, on="series")
+    return latest.sort_values("t", ascending=False)[columns].reset_index(drop=True)
+
+
 def series_steps(g: pd.DataFrame, metric: str, settings: StepSettings | None = None) -> pd.DataFrame:
     """Confirmed steps of ``metric`` in one series (rows of one ``series``, in time order). A timing an engine
     marked unrepresentative is never judged: its sweep is left out of the levels, and is never the last good or

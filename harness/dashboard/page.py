@@ -145,6 +145,21 @@ def gate_section(doc: dict[str, Any]) -> str:
     )
 
 
+def never_measured_table(rows: pd.DataFrame, urls: dict[str, str]) -> str:
+    """The points that no stored sweep measured in their environment, newest try first: how many sweeps tried,
+    the latest status and error, and that sweep (linked to its report) and commit."""
+    body = []
+    for _, r in rows.iterrows():
+        error = " ".join(str(r["error"]).split())[:200] if isinstance(r["error"], str) and r["error"] else "-"
+        cells = [r["label"], r["status"], error, str(int(r["tries"])), _when(r["t"]), r["commit"],
+                 _link(r["sweep_id"], urls.get(r["sweep_id"]))]  # fmt: skip
+        tds = "".join(f"<td>{c if isinstance(c, Markup) else esc(c)}</td>" for c in cells)
+        body.append(f"<tr{_data_attrs(r)}>{tds}</tr>")
+    head = "".join(f"<th>{esc(h)}</th>" for h in ("point", "latest status", "latest error", "sweeps tried",
+                                                   "latest try (UTC)", "commit", "sweep (report)"))  # fmt: skip
+    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+
+
 def sweeps_table(sweeps: pd.DataFrame, urls: dict[str, str]) -> str:
     """Every stored sweep, newest first, linked to its report when it exists."""
     rows = []
