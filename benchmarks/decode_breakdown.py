@@ -9,10 +9,15 @@ linear before them has just streamed megabytes of weights through the caches, so
 splits each model's step into linears (with GB/s per shape) and the time between them.
 
     python benchmarks/decode_breakdown.py [--model medium] [--sparsity 0.5] [--threads 1 2] [--rounds 6] [--resident]
+                                          [--fused]
 
 ``--resident`` adds a third model that runs the same ops with weights that stay in the caches: every block is
 one block (its FFN 64 channels wide) and the head has 256 rows. Its "between linears" is what those ops cost
 when nothing has evicted them: the framework's part, apart from cache misses.
+
+``--fused`` adds both models with each block's q/k/v projections concatenated into one matrix and w1/w3 into
+another (gpt-fast's ``wqkv``; four linears a block instead of seven, fewer and larger products, one RoPE input),
+and prints their comparison too: whether fewer calls close the gap between the bytes ratio and the TPOT ratio.
 
 The pruned model is ``engines.surgery.first_of_width``, with the first KV groups and FFN channels kept: the
 shapes of ``engine=pruned engine.method=structured`` without calibrating (which ones are kept does not change
@@ -22,14 +27,17 @@ the time).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import time
 from collections import defaultdict
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from engines.llama import Transformer
+from engines.llama import Attention, FeedForward, Transformer, rotate_pairs
 from engines.surgery import first_of_width
 from harness.env import enable_huge_pages, huge_pages
 from harness.paths import model_shape
@@ -96,7 +104,64 @@ def resident_model(args) -> Transformer:
     return model
 
 
-def run(name: str, sparsity: float, threads: int, rounds: int, resident: bool = False) -> None:
+class FusedAttention(Attention):
+    """The reference attention with wq, wk and wv as one [q; k; v] matrix (built by ``fuse_projections``)."""
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None):
+        b, s, _ = x.shape
+        q, k, v = self.wqkv(x).split(self.split_sizes, dim=-1)
+        q = rotate_pairs(q.view(b, s, self.n_heads, self.head_dim), cos, sin)
+        k = rotate_pairs(k.view(b, s, self.n_kv_heads, self.head_dim), cos, sin)
+        return self.wo(self.attend(q, k, v.view(b, s, self.n_kv_heads, self.head_dim), mask, input_pos))
+
+
+class FusedFeedForward(FeedForward):
+    """SwiGLU with w1 and w3 as one [w1; w3] matrix."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+def _stacked(*linears: nn.Linear) -> nn.Linear:
+    weight = torch.cat([m.weight.detach() for m in linears])
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    out.weight = nn.Parameter(weight, requires_grad=False)
+    return out
+
+
+def fuse_projections(model: Transformer) -> Transformer:
+    """A copy of the model whose blocks run four linears instead of seven: [wq; wk; wv] and [w1; w3] stacked."""
+    model = copy.deepcopy(model)
+    for block in model.layers:
+        a, f = block.attention, block.feed_forward
+        a.split_sizes = [a.wq.out_features, a.wk.out_features, a.wv.out_features]
+        a.wqkv = _stacked(a.wq, a.wk, a.wv)
+        del a.wq, a.wk, a.wv
+        a.__class__ = FusedAttention
+        f.w13 = _stacked(f.w1, f.w3)
+        del f.w1, f.w3
+        f.__class__ = FusedFeedForward
+    return model
+
+
+def compare(samples: dict, models: dict, base: str, other: str) -> None:
+    """Print one model's step against another's: medians of each part, the paired TPOT ratio, GB/s by shape."""
+    med = {n: {k: float(np.median([s[k] for s in samples[n]])) for k in samples[n][0]} for n in (base, other)}
+    print(f"  {'ms a step':32s} {base:>24s} {other:>24s} {'ratio':>7s}")
+    for key in ("step", "linears", "between linears"):
+        print(f"  {key:32s} {med[base][key]:24.2f} {med[other][key]:24.2f} {med[base][key] / med[other][key]:7.3f}")
+    ratio = np.median([a["step"] / b["step"] for a, b in zip(samples[base], samples[other], strict=True)])
+    nbytes = {n: linear_bytes(models[n]) for n in (base, other)}
+    print(f"  TPOT ratio (median of per-round ratios) x{ratio:.3f}; linear weight bytes "
+          f"{sum(nbytes[base].values()) / sum(nbytes[other].values()):.3f}x fewer")  # fmt: skip
+    for n in (base, other):
+        shapes = [k for k in med[n] if "x" in k and k[0].isdigit()]
+        rates = ", ".join(f"{k} {nbytes[n][k] / med[n][k] / 1e6:.1f}" for k in shapes)
+        print(f"  {n} linears, GB/s by weight shape (out x in): {rates}")
+
+
+def run(name: str, sparsity: float, threads: int, rounds: int, resident: bool = False, fused: bool = False) -> None:
     torch.set_num_threads(threads)
     args = model_shape(name)
     eager = Transformer.build(args)
@@ -105,6 +170,9 @@ def run(name: str, sparsity: float, threads: int, rounds: int, resident: bool = 
     models = {"eager": eager, small: pruned}
     if resident:
         models["eager ops, cached weights"] = resident_model(args)
+    if fused:
+        models["eager, fused"] = fuse_projections(eager)
+        models[f"{small}, fused"] = fuse_projections(pruned)
     tokens = torch.randint(0, min(args.vocab_size, 256), (1, 1), generator=torch.Generator().manual_seed(0))
     start = 128
     for m in models.values():
@@ -116,24 +184,19 @@ def run(name: str, sparsity: float, threads: int, rounds: int, resident: bool = 
         for r in range(rounds):
             for n in list(models)[:: 1 if r % 2 == 0 else -1]:
                 samples[n].append(step_parts(models[n], clock, tokens, start))
-    med = {n: {k: float(np.median([s[k] for s in v])) for k in v[0]} for n, v in samples.items()}
-    base, other = med["eager"], med[small]
     print(f"\n{name}, batch 1, {threads} thread(s), {rounds} rounds in turns of {STEPS} decode steps")
-    print(f"  {'ms a step':32s} {'eager':>9s} {small:>16s} {'eager / pruned':>15s}")
-    for key in ("step", "linears", "between linears"):
-        print(f"  {key:32s} {base[key]:9.2f} {other[key]:16.2f} {base[key] / other[key]:15.3f}")
-    ratio = np.median([a["step"] / b["step"] for a, b in zip(samples["eager"], samples[small], strict=True)])
-    nbytes = {n: linear_bytes(models[n]) for n in ("eager", small)}
+    compare(samples, models, "eager", small)
     if resident:
-        r = med["eager ops, cached weights"]
+        parts = ("step", "linears", "between linears")
+        r = {k: float(np.median([s[k] for s in samples["eager ops, cached weights"]])) for k in parts}
         print(f"  {'eager ops on cached weights':32s} step {r['step']:.2f}, linears {r['linears']:.2f}, "
               f"between linears {r['between linears']:.2f}")  # fmt: skip
-    print(f"  TPOT ratio (median of per-round ratios) x{ratio:.3f}; linear weight bytes "
-          f"{sum(nbytes['eager'].values()) / sum(nbytes[small].values()):.3f}x fewer")  # fmt: skip
-    for n in ("eager", small):
-        shapes = [k for k in med[n] if "x" in k and k[0].isdigit()]
-        rates = ", ".join(f"{k} {nbytes[n][k] / med[n][k] / 1e6:.1f}" for k in shapes)
-        print(f"  {n} linears, GB/s by weight shape (out x in): {rates}")
+    if fused:
+        print("  with fused projections ([wq; wk; wv] and [w1; w3]):")
+        compare(samples, models, "eager, fused", f"{small}, fused")
+        for n in ("eager", small):
+            gain = np.median([a["step"] / b["step"] for a, b in zip(samples[n], samples[f"{n}, fused"], strict=True)])
+            print(f"  {n}: unfused / fused step x{gain:.3f}")
 
 
 def main() -> None:
@@ -143,12 +206,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--resident", action="store_true", help="also time the same ops on weights that stay cached")
+    ap.add_argument("--fused", action="store_true", help="also time both models with q/k/v and w1/w3 stacked")
     opts = ap.parse_args()
     enable_huge_pages()  # as `harness run` does, before any model is built
     print(f"torch {torch.__version__}, huge pages in use: {huge_pages()['in_use']}")
     with torch.inference_mode():
         for threads in opts.threads:
-            run(opts.model, opts.sparsity, threads, opts.rounds, opts.resident)
+            run(opts.model, opts.sparsity, threads, opts.rounds, opts.resident, opts.fused)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,30 @@ def test_decode_breakdown_resident_model_runs_the_same_ops_on_cached_weights():
     assert 0 < parts["linears"] < parts["step"]
 
 
+def test_decode_breakdown_fused_projections_compute_the_same_logits_with_four_linears_a_block():
+    from engines.surgery import first_of_width
+
+    bench = load("decode_breakdown")
+    args = bench.model_shape("tiny")
+    with torch.inference_mode():
+        for model in (bench.Transformer.build(args), first_of_width(bench.Transformer.build(args), 0.5)):
+            fused = bench.fuse_projections(model)
+            assert not hasattr(model.layers[0].attention, "wqkv")  # a copy: the original keeps its linears
+            tokens = torch.randint(0, args.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+            outputs = []
+            for m in (model, fused):
+                m.setup_caches(2, 8)
+                logits = [m(tokens[:, :5], torch.arange(5)), m(tokens[:, 5:], torch.tensor([5]))]
+                outputs.append(torch.cat(logits, dim=1))
+            torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+            fused.setup_caches(1, 16)
+            with bench.LinearClock() as clock:
+                bench.step_parts(fused, clock, tokens[:1, :1], 4)
+                assert len(clock.calls) == 4 * args.n_layers + 1
+    a = fused.layers[0].attention
+    assert a.wqkv.weight.shape == (sum(a.split_sizes), args.dim)
+
+
 def test_gemv_layouts_times_the_shapes_both_models_run():
     """The shapes it lists are the linears of the real models (eager and `first_of_width`, which times as
     structured pruning does), both layouts compute the same product, and each step adds up its calls."""
