@@ -145,13 +145,23 @@ def fuse_projections(model: Transformer) -> Transformer:
     return model
 
 
+def medians(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The median of every part over one model's rounds."""
+    return {k: float(np.median([row[k] for row in rows])) for k in rows[0]}
+
+
+def paired_ratio(base: list[dict[str, float]], other: list[dict[str, float]]) -> float:
+    """Median over rounds of base's step time over other's, each pair from the same round."""
+    return float(np.median([a["step"] / b["step"] for a, b in zip(base, other, strict=True)]))
+
+
 def compare(samples: dict, models: dict, base: str, other: str) -> None:
     """Print one model's step against another's: medians of each part, the paired TPOT ratio, GB/s by shape."""
-    med = {n: {k: float(np.median([s[k] for s in samples[n]])) for k in samples[n][0]} for n in (base, other)}
+    med = {n: medians(samples[n]) for n in (base, other)}
     print(f"  {'ms a step':32s} {base:>24s} {other:>24s} {'ratio':>7s}")
     for key in ("step", "linears", "between linears"):
         print(f"  {key:32s} {med[base][key]:24.2f} {med[other][key]:24.2f} {med[base][key] / med[other][key]:7.3f}")
-    ratio = np.median([a["step"] / b["step"] for a, b in zip(samples[base], samples[other], strict=True)])
+    ratio = paired_ratio(samples[base], samples[other])
     nbytes = {n: linear_bytes(models[n]) for n in (base, other)}
     print(f"  TPOT ratio (median of per-round ratios) x{ratio:.3f}; linear weight bytes "
           f"{sum(nbytes[base].values()) / sum(nbytes[other].values()):.3f}x fewer")  # fmt: skip
@@ -187,15 +197,14 @@ def run(name: str, sparsity: float, threads: int, rounds: int, resident: bool = 
     print(f"\n{name}, batch 1, {threads} thread(s), {rounds} rounds in turns of {STEPS} decode steps")
     compare(samples, models, "eager", small)
     if resident:
-        parts = ("step", "linears", "between linears")
-        r = {k: float(np.median([s[k] for s in samples["eager ops, cached weights"]])) for k in parts}
+        r = medians(samples["eager ops, cached weights"])
         print(f"  {'eager ops on cached weights':32s} step {r['step']:.2f}, linears {r['linears']:.2f}, "
               f"between linears {r['between linears']:.2f}")  # fmt: skip
     if fused:
         print("  with fused projections ([wq; wk; wv] and [w1; w3]):")
         compare(samples, models, "eager, fused", f"{small}, fused")
         for n in ("eager", small):
-            gain = np.median([a["step"] / b["step"] for a, b in zip(samples[n], samples[f"{n}, fused"], strict=True)])
+            gain = paired_ratio(samples[n], samples[f"{n}, fused"])
             print(f"  {n}: unfused / fused step x{gain:.3f}")
 
 
